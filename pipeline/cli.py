@@ -1,0 +1,205 @@
+"""``landcover <stage>``: one subcommand per pipeline stage, each a thin shell over one function.
+
+Snakemake rules only call these; the same command runs a stage by hand for debugging. Outputs
+default to the run's :class:`~pipeline.layout.Layout` paths; rules pass them explicitly.
+Bad input ends with one line ``error: <file>: <problem>`` on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from pipeline.config import Config, load_config
+from pipeline.errors import PipelineError
+from pipeline.layout import Layout
+
+log = logging.getLogger("pipeline")
+
+
+def _demo(cfg: Config, args: argparse.Namespace) -> None:
+    from pipeline.demo import generate
+
+    generate(cfg)
+
+
+def _ingest(cfg: Config, args: argparse.Namespace) -> None:
+    from pipeline.ingest import ingest_tile
+
+    spec = _tile_spec(cfg, args.tile)
+    out = args.out or Layout(cfg.workdir).ingest(args.tile)
+    ingest_tile(Path(spec["path"]), spec["format"], args.tile, out, threads=cfg.threads())
+
+
+def _gapfill(cfg: Config, args: argparse.Namespace) -> None:
+    from pipeline.gapfill import gapfill_tile
+
+    lay = Layout(cfg.workdir)
+    gapfill_tile(args.src or lay.ingest(args.tile), args.out or lay.gapfilled(args.tile), cfg.date_grid)
+
+
+def _histogram(cfg: Config, args: argparse.Namespace) -> None:
+    from pipeline.stats import tile_histogram
+
+    lay = Layout(cfg.workdir)
+    tile_histogram(args.src or lay.gapfilled(args.tile), args.out or lay.histogram(args.tile))
+
+
+def _percentiles(cfg: Config, args: argparse.Namespace) -> None:
+    from pipeline.stats import merge_percentiles
+
+    lay = Layout(cfg.workdir)
+    hists = args.hists or [lay.histogram(t) for t in cfg.tiles]
+    norm = cfg["normalisation"]
+    merge_percentiles(hists, norm["low_percentile"], norm["high_percentile"], args.out or lay.percentiles())
+
+
+def _split(cfg: Config, args: argparse.Namespace) -> None:
+    from pipeline.reference import split_polygons
+
+    lay = Layout(cfg.workdir)
+    grids = {t: lay.gapfilled(t) for t in cfg.tiles}
+    split_polygons(cfg, grids, args.out or lay.split())
+
+
+def _rasterise(cfg: Config, args: argparse.Namespace) -> None:
+    from pipeline.reference import rasterise_tile
+
+    lay = Layout(cfg.workdir)
+    rasterise_tile(
+        args.split or lay.split(), args.tile, args.grid or lay.gapfilled(args.tile), args.out or lay.labels(args.tile)
+    )
+
+
+def _train(cfg: Config, args: argparse.Namespace) -> None:
+    from pipeline.train import train
+
+    lay = Layout(cfg.workdir)
+    train(
+        cfg,
+        args.model,
+        gapfilled={t: lay.gapfilled(t) for t in cfg.tiles},
+        labels={t: lay.labels(t) for t in cfg.tiles},
+        percentiles=lay.percentiles(),
+        out_dir=args.out or lay.model_dir(args.model),
+    )
+
+
+def _predict(cfg: Config, args: argparse.Namespace) -> None:
+    from pipeline.infer import predict_tile
+
+    lay = Layout(cfg.workdir)
+    predict_tile(
+        cfg,
+        args.model_dir or lay.model_dir(args.model),
+        args.src or lay.gapfilled(args.tile),
+        args.out or lay.class_map(args.model, args.tile),
+    )
+
+
+def _validity(cfg: Config, args: argparse.Namespace) -> None:
+    from pipeline.io.cog import write_validity
+
+    lay = Layout(cfg.workdir)
+    write_validity(args.src or lay.gapfilled(args.tile), args.out or lay.validity(args.tile))
+
+
+def _validate(cfg: Config, args: argparse.Namespace) -> None:
+    from pipeline.metrics import validate_tile
+
+    lay = Layout(cfg.workdir)
+    validate_tile(
+        cfg,
+        args.map or lay.class_map(args.model, args.tile),
+        args.labels or lay.labels(args.tile),
+        args.out or lay.metrics(args.model, args.tile),
+    )
+
+
+def _summarise(cfg: Config, args: argparse.Namespace) -> None:
+    from pipeline.metrics import summarise
+
+    lay = Layout(cfg.workdir)
+    tiles = args.tile_metrics or [lay.metrics(args.model, t) for t in cfg.tiles]
+    summarise(cfg, tiles, args.out or lay.overall_metrics(args.model))
+
+
+def _tile_spec(cfg: Config, tile: str) -> dict:
+    try:
+        return cfg["inputs"]["tiles"][tile]
+    except KeyError:
+        raise PipelineError(None, f"tile {tile} is not listed in the config's inputs.tiles") from None
+
+
+Stage = Callable[[Config, argparse.Namespace], None]
+
+
+def _parser() -> tuple[argparse.ArgumentParser, dict[str, Stage]]:
+    parser = argparse.ArgumentParser(prog="landcover", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="stage", required=True, metavar="STAGE")
+    stages: dict[str, Stage] = {}
+
+    def add(name: str, fn: Stage, help: str, tile: bool = False, model: bool = False) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=help)
+        p.add_argument("--config", "-c", type=Path, default=Path("config.yaml"), help="run config (YAML)")
+        if tile:
+            p.add_argument("--tile", required=True, help="tile name, e.g. T31TCJ")
+        if model:
+            p.add_argument("--model", default="rf", help="classifier name from the registry")
+        p.add_argument("--out", type=Path, help="output path (default: the run layout)")
+        stages[name] = fn
+        return p
+
+    add("demo", _demo, "write the synthetic demo country (L2A products + reference polygons)")
+    add("ingest", _ingest, "L2A products of one tile -> 10 m cube + validity in a zarr store", tile=True)
+    add("gapfill", _gapfill, "gapfill and resample one tile to the regular date grid", tile=True).add_argument(
+        "--src", type=Path
+    )
+    add("histogram", _histogram, "exact per-channel int16 histograms of one tile", tile=True).add_argument(
+        "--src", type=Path
+    )
+    add("percentiles", _percentiles, "merge tile histograms into run-wide percentiles").add_argument(
+        "hists", nargs="*", type=Path
+    )
+    add("split", _split, "assign reference polygons to tiles and to train/validation")
+    p = add("rasterise", _rasterise, "rasterise one tile's train/validation labels", tile=True)
+    p.add_argument("--split", type=Path)
+    p.add_argument("--grid", type=Path, help="gapfilled store giving the tile grid")
+    add("train", _train, "train a classifier on all tiles", model=True)
+    p = add("predict", _predict, "map one tile with a trained classifier", tile=True, model=True)
+    p.add_argument("--model-dir", type=Path)
+    p.add_argument("--src", type=Path)
+    add("validity", _validity, "clear-observation count of one tile as a COG", tile=True).add_argument(
+        "--src", type=Path
+    )
+    p = add("validate", _validate, "confusion matrix and scores of one tile's map", tile=True, model=True)
+    p.add_argument("--map", type=Path)
+    p.add_argument("--labels", type=Path)
+    add("summarise", _summarise, "merge tile metrics into run-wide metrics", model=True).add_argument(
+        "tile_metrics", nargs="*", type=Path
+    )
+    return parser, stages
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser, stages = _parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        cfg = load_config(args.config)
+        stages[args.stage](cfg, args)
+    except PipelineError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,173 @@
+"""Run configuration: one YAML file validated against ``workflow/schema/config.schema.json``.
+
+The config is parsed once (safe loader), validated with defaults filled in, and handed to stages as
+a read-only :class:`Config`. Stages never re-read the file.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from functools import cached_property
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import numpy as np
+import yaml
+
+from pipeline.errors import PipelineError
+
+SCHEMA_PATH = Path(str(resources.files("pipeline") / "schema" / "config.schema.json"))
+
+
+def _schema() -> dict[str, Any]:
+    return json.loads(SCHEMA_PATH.read_text())
+
+
+def _with_defaults(validator_cls: type) -> type:
+    """A validator that fills schema defaults in as it validates (jsonschema FAQ recipe)."""
+    validate_props = validator_cls.VALIDATORS["properties"]
+
+    def set_defaults(validator, properties, instance, schema):
+        if isinstance(instance, dict):
+            for name, sub in properties.items():
+                if "default" in sub:
+                    instance.setdefault(name, sub["default"])
+        yield from validate_props(validator, properties, instance, schema)
+
+    return jsonschema.validators.extend(validator_cls, {"properties": set_defaults})
+
+
+def _plain(obj: Any) -> Any:
+    """YAML dates -> ISO strings, so the schema sees what a user typed."""
+    if isinstance(obj, dict):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_plain(v) for v in obj]
+    if isinstance(obj, dt.date):
+        return obj.isoformat()
+    return obj
+
+
+def validate(raw: dict[str, Any], source: str = "config") -> dict[str, Any]:
+    """Validate ``raw`` (a copy is made) and return it with defaults filled in."""
+    data = _plain(raw)
+    validator = _with_defaults(jsonschema.Draft202012Validator)(
+        _schema(), format_checker=jsonschema.Draft202012Validator.FORMAT_CHECKER
+    )
+    errors = sorted(validator.iter_errors(data), key=lambda e: list(e.absolute_path))
+    if errors:
+        err = errors[0]
+        where = "/".join(str(p) for p in err.absolute_path) or "(top level)"
+        raise PipelineError(source, f"invalid config at '{where}': {err.message}")
+    _check_semantics(data, source)
+    return data
+
+
+def _check_semantics(data: dict[str, Any], source: str) -> None:
+    """Rules a JSON schema cannot state."""
+    codes = [c["code"] for c in data["nomenclature"]]
+    names = [c["name"] for c in data["nomenclature"]]
+    if len(set(codes)) != len(codes):
+        raise PipelineError(source, "invalid config at 'nomenclature': duplicate class codes")
+    if len(set(names)) != len(names):
+        raise PipelineError(source, "invalid config at 'nomenclature': duplicate class names")
+    grid = data["date_grid"]
+    if dt.date.fromisoformat(grid["end"]) < dt.date.fromisoformat(grid["start"]):
+        raise PipelineError(source, "invalid config at 'date_grid': end is before start")
+    norm = data["normalisation"]
+    if norm["low_percentile"] >= norm["high_percentile"]:
+        raise PipelineError(source, "invalid config at 'normalisation': low_percentile must be < high_percentile")
+
+
+def load_config(path: str | os.PathLike[str]) -> Config:
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError as exc:
+        raise PipelineError(path, "config file not found") from exc
+    except yaml.YAMLError as exc:
+        raise PipelineError(path, f"not valid YAML ({exc})") from exc
+    if not isinstance(raw, dict):
+        raise PipelineError(path, "config must be a YAML mapping")
+    return Config(validate(raw, str(path)))
+
+
+@dataclass(frozen=True)
+class ClassDef:
+    code: int
+    name: str
+    label: str
+    colour: str
+
+    @property
+    def rgb(self) -> tuple[int, int, int]:
+        return tuple(int(self.colour[i : i + 2], 16) for i in (1, 3, 5))  # type: ignore[return-value]
+
+
+class Config:
+    """Validated, read-only view of a run's configuration."""
+
+    def __init__(self, data: dict[str, Any]) -> None:
+        self._data = data
+
+    def __getitem__(self, key: str) -> Any:
+        return self._data[key]
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self._data.get(key, default)
+
+    @property
+    def data(self) -> dict[str, Any]:
+        return self._data
+
+    @cached_property
+    def digest(self) -> str:
+        """Short hash of the validated config, recorded in every output's provenance."""
+        return hashlib.sha256(json.dumps(self._data, sort_keys=True).encode()).hexdigest()[:12]
+
+    @property
+    def workdir(self) -> Path:
+        return Path(self._data["run"]["workdir"])
+
+    @property
+    def seed(self) -> int:
+        return int(self._data["run"]["seed"])
+
+    @property
+    def tiles(self) -> list[str]:
+        return list(self._data["inputs"]["tiles"])
+
+    @cached_property
+    def classes(self) -> list[ClassDef]:
+        return [
+            ClassDef(int(c["code"]), c["name"], c.get("label", c["name"]), c["colour"])
+            for c in self._data["nomenclature"]
+        ]
+
+    @cached_property
+    def class_codes(self) -> np.ndarray:
+        return np.array([c.code for c in self.classes], dtype=np.uint8)
+
+    @cached_property
+    def date_grid(self) -> np.ndarray:
+        """The regular output date grid as ``datetime64[D]`` (start, start+step, ... <= end)."""
+        g = self._data["date_grid"]
+        start = np.datetime64(g["start"], "D")
+        end = np.datetime64(g["end"], "D")
+        return np.arange(start, end + np.timedelta64(1, "D"), np.timedelta64(int(g["step_days"]), "D"))
+
+    def threads(self) -> int:
+        """Threads for this job: config value, else the scheduler's allocation, else usable cores."""
+        n = int(self._data["run"].get("threads", 0))
+        if n > 0:
+            return n
+        env = os.environ.get("SLURM_CPUS_PER_TASK")
+        if env and env.isdigit():
+            return int(env)
+        return len(os.sched_getaffinity(0))

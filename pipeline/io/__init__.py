@@ -1,0 +1,1 @@
+"""Readers and writers: Sentinel-2 L2A products, tile zarr stores, COG maps, atomic outputs."""

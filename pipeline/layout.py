@@ -1,0 +1,61 @@
+"""Where each stage's outputs live under ``run.workdir``: the single source for the CLI defaults and
+the Snakemake rules (which import it), so paths are defined once.
+
+    <workdir>/ingest/<tile>.zarr            ingest: raw L2A cube at 10 m + validity per date
+    <workdir>/gapfilled/<tile>.zarr         gapfilled cube on the regular date grid + clear counts
+    <workdir>/stats/<tile>.hist.npz         per-tile exact int16 histograms (mergeable)
+    <workdir>/stats/percentiles.json        run-wide 3rd/97th percentiles per channel
+    <workdir>/reference/split.gpkg          polygons with their tile and train/validation split
+    <workdir>/reference/<tile>.zarr         rasterised train and validation labels
+    <workdir>/models/<name>/model.*         trained classifier + model.json (schema, normalisation)
+    <workdir>/maps/<name>/<tile>.tif        class map COG (uint8, colour table, nodata 0)
+    <workdir>/maps/validity/<tile>.tif      clear-observation count COG
+    <workdir>/metrics/<name>/<tile>.json    confusion matrix and scores on validation polygons
+    <workdir>/metrics/<name>/overall.json   same, whole run
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Layout:
+    workdir: Path
+
+    def ingest(self, tile: str) -> Path:
+        return self.workdir / "ingest" / f"{tile}.zarr"
+
+    def gapfilled(self, tile: str) -> Path:
+        return self.workdir / "gapfilled" / f"{tile}.zarr"
+
+    def histogram(self, tile: str) -> Path:
+        return self.workdir / "stats" / f"{tile}.hist.npz"
+
+    def percentiles(self) -> Path:
+        return self.workdir / "stats" / "percentiles.json"
+
+    def split(self) -> Path:
+        return self.workdir / "reference" / "split.gpkg"
+
+    def labels(self, tile: str) -> Path:
+        return self.workdir / "reference" / f"{tile}.zarr"
+
+    def model_dir(self, name: str) -> Path:
+        return self.workdir / "models" / name
+
+    def model_meta(self, name: str) -> Path:
+        return self.model_dir(name) / "model.json"
+
+    def class_map(self, name: str, tile: str) -> Path:
+        return self.workdir / "maps" / name / f"{tile}.tif"
+
+    def validity(self, tile: str) -> Path:
+        return self.workdir / "maps" / "validity" / f"{tile}.tif"
+
+    def metrics(self, name: str, tile: str) -> Path:
+        return self.workdir / "metrics" / name / f"{tile}.json"
+
+    def overall_metrics(self, name: str) -> Path:
+        return self.workdir / "metrics" / name / "overall.json"
