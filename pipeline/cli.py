@@ -61,7 +61,7 @@ def _split(cfg: Config, args: argparse.Namespace) -> None:
     from pipeline.reference import split_polygons
 
     lay = Layout(cfg.workdir)
-    grids = {t: lay.gapfilled(t) for t in cfg.tiles}
+    grids = {t: lay.ingest(t) for t in cfg.tiles}
     split_polygons(cfg, grids, args.out or lay.split())
 
 
@@ -70,7 +70,10 @@ def _rasterise(cfg: Config, args: argparse.Namespace) -> None:
 
     lay = Layout(cfg.workdir)
     rasterise_tile(
-        args.split or lay.split(), args.tile, args.grid or lay.gapfilled(args.tile), args.out or lay.labels(args.tile)
+        args.split or lay.split(),
+        args.tile,
+        args.grid or lay.ingest(args.tile),
+        args.out or lay.labels(args.tile),
     )
 
 
@@ -143,7 +146,9 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, Stage]]:
     sub = parser.add_subparsers(dest="stage", required=True, metavar="STAGE")
     stages: dict[str, Stage] = {}
 
-    def add(name: str, fn: Stage, help: str, tile: bool = False, model: bool = False) -> argparse.ArgumentParser:
+    def add(
+        name: str, fn: Stage, help: str, tile: bool = False, model: bool = False
+    ) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help, description=help)
         p.add_argument("--config", "-c", type=Path, default=Path("config.yaml"), help="run config (YAML)")
         if tile:
@@ -156,9 +161,9 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, Stage]]:
 
     add("demo", _demo, "write the synthetic demo country (L2A products + reference polygons)")
     add("ingest", _ingest, "L2A products of one tile -> 10 m cube + validity in a zarr store", tile=True)
-    add("gapfill", _gapfill, "gapfill and resample one tile to the regular date grid", tile=True).add_argument(
-        "--src", type=Path
-    )
+    add(
+        "gapfill", _gapfill, "gapfill and resample one tile to the regular date grid", tile=True
+    ).add_argument("--src", type=Path)
     add("histogram", _histogram, "exact per-channel int16 histograms of one tile", tile=True).add_argument(
         "--src", type=Path
     )
@@ -168,7 +173,7 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, Stage]]:
     add("split", _split, "assign reference polygons to tiles and to train/validation")
     p = add("rasterise", _rasterise, "rasterise one tile's train/validation labels", tile=True)
     p.add_argument("--split", type=Path)
-    p.add_argument("--grid", type=Path, help="gapfilled store giving the tile grid")
+    p.add_argument("--grid", type=Path, help="ingest store giving the tile grid")
     add("train", _train, "train a classifier on all tiles", model=True)
     p = add("predict", _predict, "map one tile with a trained classifier", tile=True, model=True)
     p.add_argument("--model-dir", type=Path)

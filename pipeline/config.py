@@ -82,7 +82,9 @@ def _check_semantics(data: dict[str, Any], source: str) -> None:
         raise PipelineError(source, "invalid config at 'date_grid': end is before start")
     norm = data["normalisation"]
     if norm["low_percentile"] >= norm["high_percentile"]:
-        raise PipelineError(source, "invalid config at 'normalisation': low_percentile must be < high_percentile")
+        raise PipelineError(
+            source, "invalid config at 'normalisation': low_percentile must be < high_percentile"
+        )
 
 
 def load_config(path: str | os.PathLike[str]) -> Config:

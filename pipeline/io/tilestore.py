@@ -77,7 +77,7 @@ def iter_windows(height: int, width: int, size: int = SHARD) -> Iterator[Window]
 
 
 def padded(win: Window, halo: int, height: int, width: int) -> tuple[Window, tuple[slice, slice]]:
-    """Grow ``win`` by ``halo`` px clipped to the image; return it and the slices that cut ``win`` back out."""
+    """Grow ``win`` by ``halo`` px (clipped to the image); also return the slices cutting ``win`` back out."""
     r0 = max(0, win.row_off - halo)
     c0 = max(0, win.col_off - halo)
     r1 = min(height, win.row_off + win.height + halo)
@@ -100,7 +100,9 @@ def create_store(path: str | Path, kind: str, grid: Grid, **attrs: Any) -> zarr.
     return group
 
 
-def add_array(group: zarr.Group, name: str, shape: tuple[int, ...], dtype: Any, fill_value: Any) -> zarr.Array:
+def add_array(
+    group: zarr.Group, name: str, shape: tuple[int, ...], dtype: Any, fill_value: Any
+) -> zarr.Array:
     """Add an array whose last two axes are (Y, X), chunked 64 px and sharded 512 px spatially."""
     lead = tuple(shape[:-2])
     chunks = lead + (min(CHUNK, shape[-2]), min(CHUNK, shape[-1]))

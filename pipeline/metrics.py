@@ -1,0 +1,162 @@
+"""Validation on the validation polygons only: confusion matrix (pixels and hectares), overall
+accuracy, Cohen's kappa and per-class precision / recall / F-score, per tile and for the run.
+
+Tile metrics keep the raw confusion matrix, so the run-wide figures are computed from the summed
+matrix (not averaged scores) and any later report can recompute whatever it needs.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import rasterio
+from tqdm import tqdm
+
+from pipeline.config import Config
+from pipeline.errors import PipelineError
+from pipeline.io.atomic import write_json
+from pipeline.io.tilestore import iter_windows, open_store, store_grid, win_slices
+
+NO_VALIDATION = "no validation data"
+
+
+def confusion(reference: np.ndarray, predicted: np.ndarray, codes: np.ndarray) -> np.ndarray:
+    """K x K counts, rows = reference class, columns = predicted class, in ``codes`` order.
+
+    Pixels whose reference or prediction is not one of ``codes`` (0 = unlabelled / no-data) are
+    not counted.
+    """
+    lut = np.full(256, -1, dtype=np.int64)
+    lut[codes] = np.arange(len(codes))
+    r = lut[reference.ravel()]
+    p = lut[predicted.ravel()]
+    keep = (r >= 0) & (p >= 0)
+    k = len(codes)
+    return np.bincount(r[keep] * k + p[keep], minlength=k * k).reshape(k, k)
+
+
+def scores(cm: np.ndarray) -> dict[str, Any]:
+    """OA, kappa and per-class precision/recall/F1 from a confusion matrix (rows = reference)."""
+    cm = np.asarray(cm, dtype=np.float64)
+    n = cm.sum()
+    if n == 0:
+        return {
+            "oa": None,
+            "kappa": None,
+            "precision": [None] * len(cm),
+            "recall": [None] * len(cm),
+            "f1": [None] * len(cm),
+        }
+    diag = np.diag(cm)
+    oa = diag.sum() / n
+    expected = (cm.sum(0) * cm.sum(1)).sum() / n**2
+    kappa = (oa - expected) / (1 - expected) if expected < 1 else 1.0
+    with np.errstate(invalid="ignore", divide="ignore"):
+        precision = diag / cm.sum(0)
+        recall = diag / cm.sum(1)
+        f1 = 2 * precision * recall / (precision + recall)
+    f1 = np.where((precision + recall) == 0, 0.0, f1)
+
+    def clean(v: np.ndarray) -> list[float | None]:
+        return [None if not np.isfinite(x) else float(x) for x in v]
+
+    return {
+        "oa": float(oa),
+        "kappa": float(kappa),
+        "precision": clean(precision),
+        "recall": clean(recall),
+        "f1": clean(f1),
+    }
+
+
+def report(cm: np.ndarray, cfg: Config, pixel_area_m2: float, **extra: Any) -> dict[str, Any]:
+    """A machine-readable metrics document for one tile or the whole run."""
+    s = scores(cm)
+    names = [c.name for c in cfg.classes]
+    support = cm.sum(1)
+    per_class = {
+        name: {
+            "precision": s["precision"][i],
+            "recall": s["recall"][i],
+            "f1": s["f1"][i],
+            "support_pixels": int(support[i]),
+        }
+        for i, name in enumerate(names)
+    }
+    return {
+        **extra,
+        "status": "ok" if cm.sum() else NO_VALIDATION,
+        "classes": names,
+        "codes": [c.code for c in cfg.classes],
+        "n_pixels": int(cm.sum()),
+        "pixel_area_m2": pixel_area_m2,
+        "oa": s["oa"],
+        "kappa": s["kappa"],
+        "per_class": per_class,
+        "confusion_pixels": cm.astype(int).tolist(),
+        "confusion_ha": (cm * pixel_area_m2 / 1e4).round(4).tolist(),
+        "config_digest": cfg.digest,
+    }
+
+
+def validate_tile(cfg: Config, class_map: Path, labels: Path, out: Path) -> None:
+    """Compare one tile's map with its validation labels, window by window."""
+    group = open_store(labels, "reference", ("validation",))
+    grid = store_grid(group)
+    try:
+        src = rasterio.open(class_map)
+    except rasterio.errors.RasterioIOError as exc:
+        raise PipelineError(class_map, f"cannot open the class map ({exc})") from exc
+    with src:
+        if (
+            src.crs != grid.crs
+            or (src.width, src.height) != (grid.width, grid.height)
+            or not (src.transform.almost_equals(grid.transform))
+        ):
+            raise PipelineError(
+                class_map,
+                f"map grid ({src.crs}, {src.width}x{src.height}) differs from the reference grid of {labels}",
+            )
+        cm = np.zeros((len(cfg.classes),) * 2, dtype=np.int64)
+        unmapped = 0
+        ref = group["validation"]
+        for win in tqdm(
+            list(iter_windows(grid.height, grid.width)), desc="validate", unit="win", leave=False
+        ):
+            truth = ref[win_slices(win)]
+            if not truth.any():
+                continue
+            pred = src.read(1, window=win)
+            cm += confusion(truth, pred, cfg.class_codes)
+            unmapped += int(((truth > 0) & (pred == 0)).sum())
+    area = abs(grid.transform.a * grid.transform.e)
+    write_json(
+        out, report(cm, cfg, area, tile=group.attrs.get("tile"), map=str(class_map), unmapped_pixels=unmapped)
+    )
+
+
+def summarise(cfg: Config, tile_metrics: Sequence[Path], out: Path) -> None:
+    """Run-wide metrics from the summed tile confusion matrices, plus each tile's OA and kappa."""
+    total = np.zeros((len(cfg.classes),) * 2, dtype=np.int64)
+    tiles = {}
+    area = None
+    for path in tile_metrics:
+        try:
+            doc = json.loads(Path(path).read_text())
+        except (OSError, ValueError) as exc:
+            raise PipelineError(path, f"cannot read tile metrics ({exc})") from exc
+        if doc.get("codes") != [c.code for c in cfg.classes]:
+            raise PipelineError(path, "tile metrics were computed with another nomenclature")
+        total += np.asarray(doc["confusion_pixels"], dtype=np.int64)
+        area = doc["pixel_area_m2"]
+        tiles[doc["tile"]] = {
+            "status": doc["status"],
+            "oa": doc["oa"],
+            "kappa": doc["kappa"],
+            "n_pixels": doc["n_pixels"],
+        }
+    write_json(out, report(total, cfg, area or 100.0, scope="run", tiles=tiles))

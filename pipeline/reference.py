@@ -1,0 +1,192 @@
+"""Reference polygons -> per-tile train/validation label rasters (seed §2.3, §3.3.1).
+
+Two stages so tiles stay independent: ``split`` reads the polygon layer once, checks it, assigns
+every polygon to a home tile and to train or validation (67/33 at polygon level, stratified per
+tile and class, seeded), and writes ``split.gpkg``; ``rasterise`` burns one tile's polygons. A
+polygon crossing two tiles keeps one split everywhere, so no polygon is ever on both sides.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+
+import geopandas as gpd
+import numpy as np
+import pyogrio
+import shapely
+from rasterio.features import rasterize
+from shapely import STRtree
+from shapely.geometry import box
+from tqdm import tqdm
+
+from pipeline.config import Config
+from pipeline.errors import PipelineError
+from pipeline.io.atomic import atomic_path
+from pipeline.io.tilestore import (
+    Grid,
+    add_array,
+    create_store,
+    iter_windows,
+    open_store,
+    store_grid,
+    win_slices,
+)
+
+log = logging.getLogger(__name__)
+
+SPLITS = {"train": 1, "validation": 2}
+
+
+def read_polygons(path: Path, class_field: str, codes: np.ndarray) -> gpd.GeoDataFrame:
+    """Read and check the reference layer: non-empty, valid polygons, known class codes."""
+    path = Path(path)
+    if not path.exists():
+        raise PipelineError(path, "reference polygon file not found")
+    try:
+        gdf = gpd.read_file(path, engine="pyogrio")
+    except Exception as exc:  # pyogrio/GDAL raise several types for unreadable files
+        raise PipelineError(path, f"cannot read polygons ({type(exc).__name__}: {exc})") from exc
+    if len(gdf) == 0:
+        raise PipelineError(path, "the polygon layer is empty")
+    if gdf.crs is None:
+        raise PipelineError(path, "the polygon layer has no CRS")
+    if class_field not in gdf.columns:
+        raise PipelineError(
+            path, f"no class field '{class_field}' (fields: {', '.join(map(str, gdf.columns))})"
+        )
+    ids = gdf["id"].to_numpy() if "id" in gdf.columns else np.arange(1, len(gdf) + 1)
+    gdf = gdf.assign(id=ids)
+    geom = gdf.geometry
+    bad = geom.isna() | geom.is_empty | ~geom.geom_type.isin(["Polygon", "MultiPolygon"])
+    if bad.any():
+        raise PipelineError(
+            path, f"{int(bad.sum())} feature(s) are not polygons (first id {ids[bad.to_numpy()][0]})"
+        )
+    invalid = ~geom.is_valid
+    if invalid.any():
+        first = int(np.flatnonzero(invalid.to_numpy())[0])
+        reason = shapely.is_valid_reason(geom.iloc[first])
+        raise PipelineError(
+            path, f"{int(invalid.sum())} invalid polygon geometries (first: id {ids[first]}, {reason})"
+        )
+    try:
+        code = gdf[class_field].astype("int64")
+    except (TypeError, ValueError) as exc:
+        raise PipelineError(path, f"class field '{class_field}' is not integer ({exc})") from exc
+    unknown = sorted(set(code.unique()) - {int(c) for c in codes})
+    if unknown:
+        raise PipelineError(path, f"class codes {unknown} are not in the config nomenclature")
+    return gpd.GeoDataFrame({"id": ids, "code": code.to_numpy()}, geometry=geom, crs=gdf.crs)
+
+
+def split_table(tile: np.ndarray, code: np.ndarray, train_ratio: float, seed: int) -> np.ndarray:
+    """Return 1 (train) / 2 (validation) per polygon, stratified by (tile, class).
+
+    Each stratum of n polygons gets round(n * ratio) training polygons (at least one when n >= 1),
+    drawn by a seeded permutation; the rest validate.
+    """
+    rng = np.random.default_rng(seed)
+    out = np.full(len(tile), SPLITS["validation"], dtype=np.uint8)
+    keys = np.rec.fromarrays([tile, code])
+    for key in np.unique(keys):
+        members = np.flatnonzero(keys == key)
+        n_train = max(1, int(np.floor(len(members) * train_ratio + 0.5)))
+        out[rng.permutation(members)[:n_train]] = SPLITS["train"]
+    return out
+
+
+def split_polygons(cfg: Config, grids: Mapping[str, Path], out: Path) -> None:
+    """Check the reference layer, erode it, give each polygon a home tile and a split, write ``out``."""
+    src = Path(cfg["inputs"]["reference"])
+    gdf = read_polygons(src, cfg["inputs"]["class_field"], cfg.class_codes)
+    erosion = float(cfg["reference"]["erosion_m"])
+    tiles = list(grids)
+    home = np.full(len(gdf), "", dtype=object)
+    kept_geom = gdf.geometry.copy()
+    for tile in tiles:
+        grid = store_grid(open_store(grids[tile], "ingest"))
+        local = gdf.geometry.to_crs(grid.crs)
+        if erosion > 0:
+            local = local.buffer(-erosion)
+        inside = (
+            (home == "") & local.centroid.within(box(*grid.bounds)).to_numpy() & ~local.is_empty.to_numpy()
+        )
+        home[inside] = tile
+        if erosion > 0:
+            kept_geom[inside] = local[inside].to_crs(gdf.crs)
+    outside = home == ""
+    if outside.all():
+        raise PipelineError(src, f"none of the {len(gdf)} polygons falls inside the tiles {', '.join(tiles)}")
+    if outside.any():
+        log.warning(
+            "%s: %d polygons outside every tile (or eroded away) are ignored", src, int(outside.sum())
+        )
+    gdf = gdf.set_geometry(kept_geom)[~outside].copy()
+    gdf["tile"] = home[~outside].astype(str)
+    split = split_table(
+        gdf["tile"].to_numpy(), gdf["code"].to_numpy(), cfg["reference"]["train_ratio"], cfg.seed
+    )
+    gdf["split"] = np.where(split == SPLITS["train"], "train", "validation")
+    _log_split(gdf, cfg)
+    with atomic_path(out) as tmp:
+        pyogrio.write_dataframe(
+            gdf[["id", "code", "tile", "split", "geometry"]], tmp, layer="reference", driver="GPKG"
+        )
+
+
+def _log_split(gdf: gpd.GeoDataFrame, cfg: Config) -> None:
+    names = {c.code: c.name for c in cfg.classes}
+    counts = gdf.groupby(["code", "split"]).size().unstack(fill_value=0)
+    for code, row in counts.iterrows():
+        log.info("reference %s: %s", names[int(code)], dict(row))
+    missing = sorted(set(names) - set(gdf["code"].unique()))
+    if missing:
+        log.warning("classes without any reference polygon: %s", ", ".join(names[c] for c in missing))
+
+
+def rasterise_tile(split: Path, tile: str, grid_store: Path, out: Path) -> None:
+    """Burn the train and validation polygons intersecting ``tile`` onto its 10 m grid, window by window."""
+    grid = store_grid(open_store(grid_store, "ingest"))
+    try:
+        gdf = gpd.read_file(split, engine="pyogrio")
+    except Exception as exc:
+        raise PipelineError(split, f"cannot read the split polygons ({exc})") from exc
+    gdf = gdf.to_crs(grid.crs)
+    gdf = gdf[gdf.intersects(box(*grid.bounds))]
+    geoms = gdf.geometry.to_numpy()
+    tree = STRtree(geoms)
+    codes = gdf["code"].to_numpy().astype(np.uint8)
+    splits = gdf["split"].to_numpy()
+    with atomic_path(out) as tmp:
+        group = create_store(tmp, "reference", grid, tile=tile, n_polygons=int(len(gdf)))
+        arrays = {name: add_array(group, name, (grid.height, grid.width), "uint8", 0) for name in SPLITS}
+        for win in tqdm(list(iter_windows(grid.height, grid.width)), desc=f"rasterise {tile}", unit="win"):
+            burnt = burn_window(grid, win, geoms, codes, splits, tree)
+            rows, cols = win_slices(win)
+            for name, arr in arrays.items():
+                arr[rows, cols] = burnt[name]
+
+
+def burn_window(grid: Grid, win, geoms, codes, splits, tree: STRtree) -> dict[str, np.ndarray]:
+    """Rasterise the polygons touching one window (pixel centres inside the polygon are burnt)."""
+    from rasterio.windows import bounds as win_bounds
+    from rasterio.windows import transform as win_transform
+
+    shape = (int(win.height), int(win.width))
+    hits = tree.query(box(*win_bounds(win, grid.transform)))
+    out = {}
+    for name in SPLITS:
+        idx = [i for i in hits if splits[i] == name]
+        if idx:
+            out[name] = rasterize(
+                zip(geoms[idx], codes[idx], strict=True),
+                out_shape=shape,
+                transform=win_transform(win, grid.transform),
+                fill=0,
+                dtype="uint8",
+            )
+        else:
+            out[name] = np.zeros(shape, np.uint8)
+    return out
