@@ -9,7 +9,7 @@ the Snakemake rules (which import it), so paths are defined once.
     <workdir>/reference/<tile>.zarr         rasterised train and validation labels
     <workdir>/models/<name>/model.*         trained classifier + model.json (schema, normalisation)
     <workdir>/maps/<name>/<tile>.tif        class map COG (uint8, colour table, nodata 0)
-    <workdir>/maps/validity/<tile>.tif      clear-observation count COG
+    <workdir>/quality/<tile>_clear.tif      clear-observation count COG (validity layer)
     <workdir>/metrics/<name>/<tile>.json    confusion matrix and scores on validation polygons
     <workdir>/metrics/<name>/overall.json   same, whole run
 """
@@ -52,7 +52,7 @@ class Layout:
         return self.workdir / "maps" / name / f"{tile}.tif"
 
     def validity(self, tile: str) -> Path:
-        return self.workdir / "maps" / "validity" / f"{tile}.tif"
+        return self.workdir / "quality" / f"{tile}_clear.tif"
 
     def metrics(self, name: str, tile: str) -> Path:
         return self.workdir / "metrics" / name / f"{tile}.json"

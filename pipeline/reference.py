@@ -75,7 +75,7 @@ def read_polygons(path: Path, class_field: str, codes: np.ndarray) -> gpd.GeoDat
         code = gdf[class_field].astype("int64")
     except (TypeError, ValueError) as exc:
         raise PipelineError(path, f"class field '{class_field}' is not integer ({exc})") from exc
-    unknown = sorted(set(code.unique()) - {int(c) for c in codes})
+    unknown = sorted({int(c) for c in code.unique()} - {int(c) for c in codes})
     if unknown:
         raise PipelineError(path, f"class codes {unknown} are not in the config nomenclature")
     return gpd.GeoDataFrame({"id": ids, "code": code.to_numpy()}, geometry=geom, crs=gdf.crs)

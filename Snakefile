@@ -1,0 +1,26 @@
+# Land-cover map production chain. Rules only wire files to `landcover <stage>` subcommands;
+# all logic lives in the `pipeline` package (see docs/architecture.md).
+#   snakemake --cores all                         # the whole run (default config: the demo country)
+#   snakemake --cores 2 results/demo/maps/rf/T31TCJ.tif   # one tile's map
+
+from snakemake.utils import min_version
+
+min_version("8.0")
+
+
+configfile: "config.yaml"
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/demo.smk"
+include: "workflow/rules/preprocess.smk"
+include: "workflow/rules/reference.smk"
+include: "workflow/rules/classify.smk"
+
+
+rule all:
+    input:
+        expand(str(LAYOUT.class_map("{model}", "{tile}")), model=CLASSIFIERS, tile=TILES),
+        expand(str(LAYOUT.validity("{tile}")), tile=TILES),
+        expand(str(LAYOUT.metrics("{model}", "{tile}")), model=CLASSIFIERS, tile=TILES),
+        expand(str(LAYOUT.overall_metrics("{model}")), model=CLASSIFIERS),

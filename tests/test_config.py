@@ -1,0 +1,101 @@
+"""Config: the default file validates, defaults fill in, and wrong types / ranges fail in one line."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import yaml
+
+from pipeline.config import load_config, validate
+from pipeline.errors import PipelineError
+from tests.conftest import REPO
+
+
+@pytest.fixture
+def raw() -> dict:
+    return yaml.safe_load((REPO / "config.yaml").read_text())
+
+
+def test_default_config_is_valid_and_complete(raw):
+    cfg = load_config(REPO / "config.yaml")
+    assert [c.name for c in cfg.classes] == [
+        "CUF", "DUF", "ICU", "RSF", "ASC", "AWC", "IGL", "ORC", "VIN", "BLF", "COF", "NGL", "WOM", "BDS", "BRO",
+        "GPS", "WAT",
+    ]  # fmt: skip
+    assert cfg.date_grid[0] == cfg.date_grid.dtype.type("2018-01-05")
+    assert (cfg.date_grid[1:] - cfg.date_grid[:-1] == 20).all()
+    assert cfg.date_grid[-1] <= cfg.date_grid.dtype.type("2018-12-31")
+
+
+def test_defaults_are_filled(raw):
+    del raw["rf"]["max_depth"]
+    out = validate(raw)
+    assert out["rf"]["max_depth"] == 20
+    assert "max_depth" not in raw["rf"], "validate must not mutate its input"
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "expected"),
+    [
+        (("rf", "n_estimators"), "many", "'rf/n_estimators'"),
+        (("rf", "n_estimators"), 0, "'rf/n_estimators'"),
+        (("date_grid", "step_days"), 0, "'date_grid/step_days'"),
+        (("reference", "train_ratio"), 1.5, "'reference/train_ratio'"),
+        (("inference", "window"), 500, "'inference/window'"),
+        (("classifiers",), ["svm"], "'classifiers/0'"),
+        (("date_grid", "start"), "2018-13-45", "'date_grid/start'"),
+    ],
+)
+def test_wrong_values_fail_with_their_path(raw, path, value, expected):
+    bad = copy.deepcopy(raw)
+    node = bad
+    for key in path[:-1]:
+        node = node[key]
+    node[path[-1]] = value
+    with pytest.raises(PipelineError) as err:
+        validate(bad, "my.yaml")
+    msg = str(err.value)
+    assert msg.startswith("my.yaml: invalid config at ") and expected in msg
+    assert "\n" not in msg
+
+
+def test_unknown_key_is_rejected(raw):
+    raw["rf"]["n_trees"] = 10
+    with pytest.raises(PipelineError, match="n_trees"):
+        validate(raw)
+
+
+def test_semantic_checks(raw):
+    dup = copy.deepcopy(raw)
+    dup["nomenclature"][1]["code"] = dup["nomenclature"][0]["code"]
+    with pytest.raises(PipelineError, match="duplicate class codes"):
+        validate(dup)
+    rev = copy.deepcopy(raw)
+    rev["date_grid"]["end"] = "2017-01-01"
+    with pytest.raises(PipelineError, match="end is before start"):
+        validate(rev)
+    pct = copy.deepcopy(raw)
+    pct["normalisation"] = {"low_percentile": 97, "high_percentile": 3}
+    with pytest.raises(PipelineError, match="low_percentile"):
+        validate(pct)
+
+
+def test_unreadable_config_files(tmp_path):
+    with pytest.raises(PipelineError, match="not found"):
+        load_config(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("run: [unclosed\n")
+    with pytest.raises(PipelineError, match="bad.yaml: not valid YAML"):
+        load_config(bad)
+    scalar = tmp_path / "scalar.yaml"
+    scalar.write_text("42\n")
+    with pytest.raises(PipelineError, match="mapping"):
+        load_config(scalar)
+
+
+def test_yaml_is_parsed_safely(tmp_path):
+    evil = tmp_path / "evil.yaml"
+    evil.write_text("run: !!python/object/apply:os.system ['echo pwned']\n")
+    with pytest.raises(PipelineError, match="not valid YAML"):
+        load_config(evil)

@@ -1,0 +1,12 @@
+# The embedded demo country: only when the config has a `demo` section.
+
+if "demo" in RUN_CONFIG:
+
+    rule demo:
+        output:
+            tiles=[directory(RUN_CONFIG["inputs"]["tiles"][t]["path"]) for t in TILES],
+            reference=RUN_CONFIG["inputs"]["reference"],
+        log:
+            str(LAYOUT.workdir / "logs" / "demo.log"),
+        shell:
+            "{LANDCOVER} demo 2> {log}"

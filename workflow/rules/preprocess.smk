@@ -1,0 +1,56 @@
+# Ingest -> gapfill/resample -> exact histograms -> run-wide percentiles.
+
+
+rule ingest:
+    input:
+        tile_products,
+    output:
+        directory(str(LAYOUT.ingest("{tile}"))),
+    log:
+        str(LAYOUT.workdir / "logs" / "ingest_{tile}.log"),
+    shell:
+        "{LANDCOVER} ingest --tile {wildcards.tile} --out {output} 2> {log}"
+
+
+rule gapfill:
+    input:
+        str(LAYOUT.ingest("{tile}")),
+    output:
+        directory(str(LAYOUT.gapfilled("{tile}"))),
+    log:
+        str(LAYOUT.workdir / "logs" / "gapfill_{tile}.log"),
+    shell:
+        "{LANDCOVER} gapfill --tile {wildcards.tile} --src {input} --out {output} 2> {log}"
+
+
+rule histogram:
+    input:
+        str(LAYOUT.gapfilled("{tile}")),
+    output:
+        str(LAYOUT.histogram("{tile}")),
+    log:
+        str(LAYOUT.workdir / "logs" / "histogram_{tile}.log"),
+    shell:
+        "{LANDCOVER} histogram --tile {wildcards.tile} --src {input} --out {output} 2> {log}"
+
+
+rule percentiles:
+    input:
+        expand(str(LAYOUT.histogram("{tile}")), tile=TILES),
+    output:
+        str(LAYOUT.percentiles()),
+    log:
+        str(LAYOUT.workdir / "logs" / "percentiles.log"),
+    shell:
+        "{LANDCOVER} percentiles --out {output} {input} 2> {log}"
+
+
+rule validity:
+    input:
+        str(LAYOUT.gapfilled("{tile}")),
+    output:
+        str(LAYOUT.validity("{tile}")),
+    log:
+        str(LAYOUT.workdir / "logs" / "validity_{tile}.log"),
+    shell:
+        "{LANDCOVER} validity --tile {wildcards.tile} --src {input} --out {output} 2> {log}"

@@ -1,0 +1,26 @@
+# Reference polygons: one run-wide split, then per-tile label rasters.
+
+
+rule split:
+    input:
+        polygons=RUN_CONFIG["inputs"]["reference"],
+        grids=expand(str(LAYOUT.ingest("{tile}")), tile=TILES),
+    output:
+        str(LAYOUT.split()),
+    log:
+        str(LAYOUT.workdir / "logs" / "split.log"),
+    shell:
+        "{LANDCOVER} split --out {output} 2> {log}"
+
+
+rule rasterise:
+    input:
+        split=str(LAYOUT.split()),
+        grid=str(LAYOUT.ingest("{tile}")),
+    output:
+        directory(str(LAYOUT.labels("{tile}"))),
+    log:
+        str(LAYOUT.workdir / "logs" / "rasterise_{tile}.log"),
+    shell:
+        "{LANDCOVER} rasterise --tile {wildcards.tile} --split {input.split} --grid {input.grid}"
+        " --out {output} 2> {log}"
