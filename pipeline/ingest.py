@@ -1,0 +1,77 @@
+"""Ingest: one tile's L2A products (Theia or Sen2Cor) -> the per-tile ``ingest`` zarr store.
+
+The store holds ``reflectance`` int16 (T, 10, H, W) x10000 (NODATA fill, bands in
+:data:`~pipeline.io.l2a.BANDS` order, 20 m bands bicubic-upsampled) and ``valid`` uint8 (T, H, W),
+1 = clear observation. It is streamed one 512 px shard at a time across all dates, so memory is
+bounded by T x 10 x 512 x 512 x 2 bytes whatever the tile size, and written under a temporary
+name: any bad input ends in a :class:`PipelineError` naming the file and leaves no output.
+"""
+
+from __future__ import annotations
+
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from pipeline.errors import PipelineError
+from pipeline.io.atomic import atomic_path
+from pipeline.io.l2a import BANDS, FORMATS, NODATA, Product, find_products, normalise_tile
+from pipeline.io.tilestore import SHARD, add_array, create_store, iter_windows, win_slices
+
+log = logging.getLogger(__name__)
+
+
+def check_products(products: list[Product], folder: Path, fmt: str, tile: str) -> None:
+    """Refuse an empty series, products on another CRS/grid than the first, and duplicate dates."""
+    if not products:
+        raise PipelineError(folder, f"no {fmt} L2A product of tile {normalise_tile(tile)} in this folder")
+    ref = products[0]
+    if ref.grid.width % 2 or ref.grid.height % 2:
+        raise PipelineError(ref.path, f"grid size {ref.grid.width}x{ref.grid.height} is not even")
+    seen: dict[object, Product] = {}
+    for p in products:
+        if p.grid.crs != ref.grid.crs:
+            raise PipelineError(p.path, f"CRS {p.grid.crs} differs from {ref.grid.crs} of {ref.path.name}")
+        if not p.grid.same_as(ref.grid):
+            raise PipelineError(p.path, f"pixel grid differs from the one of {ref.path.name}")
+        if p.date in seen:
+            raise PipelineError(p.path, f"same acquisition date {p.date} as {seen[p.date].path.name}")
+        seen[p.date] = p
+
+
+def ingest_tile(products_dir: Path, fmt: str, tile: str, out: Path, threads: int = 1) -> None:
+    """Build the ingest store ``out`` for ``tile`` from the ``fmt`` products found in ``products_dir``."""
+    products_dir, out = Path(products_dir), Path(out)
+    if fmt not in FORMATS:
+        raise PipelineError(
+            products_dir, f"unknown product format {fmt!r} (expected one of {', '.join(FORMATS)})"
+        )
+    products = find_products(products_dir, fmt, tile)
+    check_products(products, products_dir, fmt, tile)
+    grid = products[0].grid
+    n, h, w = len(products), grid.height, grid.width
+    log.info("ingest %s: %d %s products, %dx%d px", tile, n, fmt, w, h)
+    with atomic_path(out) as tmp:
+        group = create_store(
+            tmp,
+            "ingest",
+            grid,
+            tile=normalise_tile(tile),
+            format=fmt,
+            bands=list(BANDS),
+            dates=[p.date.isoformat() for p in products],
+            acquired=[p.acquired.isoformat() for p in products],
+            products=[p.product_id for p in products],
+        )
+        refl = add_array(group, "reflectance", (n, len(BANDS), h, w), "int16", NODATA)
+        valid = add_array(group, "valid", (n, h, w), "uint8", 0)
+        windows = list(iter_windows(h, w, SHARD))
+        with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
+            for win in tqdm(windows, desc=f"ingest {tile}", unit="shard", disable=None):
+                results = list(pool.map(lambda p, win=win: p.read_window(win), products))
+                ys, xs = win_slices(win)
+                refl[:, :, ys, xs] = np.stack([r for r, _ in results])
+                valid[:, ys, xs] = np.stack([v for _, v in results]).astype(np.uint8)

@@ -1,0 +1,253 @@
+"""Ingest: store contents, streaming == whole image, bad input -> one PipelineError and no output."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import zarr
+from affine import Affine
+from rasterio.crs import CRS
+from rasterio.windows import Window
+
+from pipeline import ingest
+from pipeline.errors import PipelineError
+from pipeline.ingest import ingest_tile
+from pipeline.io.l2a import BANDS, IDX_10M, IDX_20M, NODATA, Acquisition, WindowMasks, open_writer
+from pipeline.io.sen2cor import SCL_INVALID
+from pipeline.io.tilestore import Grid, open_store
+from pipeline.resample import upsample2x
+from tests.conftest import make_grid
+from tests.l2a_synth import up2, write_series
+
+FORMATS = ("theia", "sen2cor")
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_ingest_store(tmp_path: Path, fmt: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    grid = make_grid(96, 84)
+    src = tmp_path / "src"
+    write_series(src, fmt, grid, [9, 2, 5])  # written out of order: the store is date-sorted
+    products = ingest.find_products(src, fmt, "T31TCJ")
+    out = tmp_path / "ingest" / "T31TCJ.zarr"
+    monkeypatch.setattr(ingest, "SHARD", 40)  # several streaming windows on a small tile
+    ingest_tile(src, fmt, "T31TCJ", out, threads=2)
+    g = open_store(out, "ingest", ("reflectance", "valid"))
+    assert g.attrs["dates"] == ["2019-05-02", "2019-05-05", "2019-05-09"]
+    assert g.attrs["acquired"][0] == "2019-05-02T10:50:39.024000+00:00"
+    assert g.attrs["bands"] == list(BANDS) and g.attrs["format"] == fmt and g.attrs["tile"] == "T31TCJ"
+    assert g.attrs["products"] == [p.product_id for p in products]
+    assert Grid.from_attrs(dict(g.attrs)).same_as(grid)
+    refl, valid = g["reflectance"], g["valid"]
+    assert refl.shape == (3, 10, 84, 96) and refl.dtype == np.int16 and valid.dtype == np.uint8
+    assert refl.chunks == (3, 10, 64, 64) and refl.shards is not None
+    for t, p in enumerate(products):
+        r, v = p.read_window(Window(0, 0, 96, 84))  # whole image in one go
+        np.testing.assert_array_equal(refl[t], r)
+        np.testing.assert_array_equal(valid[t], v.astype(np.uint8))
+    assert 0 < valid[:].mean() < 1
+    assert not [p for p in out.parent.iterdir() if p.name != out.name]
+
+
+# ------------------------------------------------------------------------------------ bad input
+
+
+def _theia_file(src: Path, pattern: str) -> Path:
+    return next(src.rglob(pattern))
+
+
+def _corrupt(fmt: str, case: str, src: Path, grid: Grid) -> str:
+    """Damage the series in ``src`` and return the file name the error must name."""
+    band = "*_FRE_B8.tif" if fmt == "theia" else "*_B08_10m.tif"
+    mtd = "*_MTD_ALL.xml" if fmt == "theia" else "MTD_MSIL2A.xml"
+    if case == "truncated":
+        f = _theia_file(src, band)
+        size = f.stat().st_size
+        with open(f, "r+b") as fh:
+            fh.truncate(size // 2)
+        return f.name
+    if case == "missing_band":
+        f = _theia_file(src, "*_FRE_B11.tif" if fmt == "theia" else "*_B11_20m.tif")
+        f.unlink()
+        return f.name
+    if case == "missing_mask":
+        f = _theia_file(src, "*_EDG_R2.tif" if fmt == "theia" else "*_SCL_20m.tif")
+        f.unlink()
+        return f.name
+    if case == "missing_mtd":
+        f = _theia_file(src, mtd)
+        f.unlink()
+        return f.name
+    if case == "bad_mtd":
+        f = _theia_file(src, mtd)
+        f.write_text(f.read_text()[:500])
+        return f.name
+    if case == "other_tile":
+        s = write_series(src, fmt, grid, [20], tile="T31TCK")
+        return s.paths[0].name
+    if case == "other_crs":
+        g2 = Grid(CRS.from_epsg(32632), grid.transform, grid.width, grid.height)
+        s = write_series(src, fmt, g2, [21])
+        return s.paths[0].name
+    if case == "duplicate_date":
+        acq = Acquisition("T31TCJ", datetime(2019, 5, 3, 11, 0, tzinfo=UTC), "SENTINEL2B", 8, grid)
+        z = np.zeros((grid.height, grid.width), bool)
+        with open_writer(fmt, src, acq) as wr:
+            wr.write(
+                Window(0, 0, grid.width, grid.height),
+                np.full((4, grid.height, grid.width), 100, np.int16),
+                np.full((6, grid.height // 2, grid.width // 2), 100, np.int16),
+                WindowMasks(z, z, z, z),
+            )
+        return getattr(wr, "id", getattr(wr, "uri", ""))
+    raise AssertionError(case)
+
+
+CASES = [
+    "truncated",
+    "missing_band",
+    "missing_mask",
+    "missing_mtd",
+    "bad_mtd",
+    "other_tile",
+    "other_crs",
+    "duplicate_date",
+]
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_bad_input(tmp_path: Path, fmt: str, case: str) -> None:
+    grid = make_grid(64, 64)
+    src = tmp_path / "src"
+    write_series(src, fmt, grid, [3, 6])
+    name = _corrupt(fmt, case, src, grid)
+    out = tmp_path / "out" / "T31TCJ.zarr"
+    with pytest.raises(PipelineError) as err:
+        ingest_tile(src, fmt, "T31TCJ", out)
+    assert Path(name).stem in str(err.value)  # Sen2Cor names files as listed, without extension
+    assert "\n" not in str(err.value)
+    assert not out.exists()
+    assert not out.parent.exists() or not os.listdir(out.parent)
+
+
+def test_empty_folder_and_unknown_format(tmp_path: Path) -> None:
+    (tmp_path / "src").mkdir()
+    out = tmp_path / "T31TCJ.zarr"
+    with pytest.raises(PipelineError, match=r"src: no theia L2A product of tile T31TCJ"):
+        ingest_tile(tmp_path / "src", "theia", "T31TCJ", out)
+    with pytest.raises(PipelineError, match=r"src: unknown product format 'landsat'"):
+        ingest_tile(tmp_path / "src", "landsat", "T31TCJ", out)
+    with pytest.raises(PipelineError, match="nowhere: product folder does not exist"):
+        ingest_tile(tmp_path / "nowhere", "sen2cor", "T31TCJ", out)
+    assert not out.exists()
+
+
+def test_existing_output_kept_on_failure(tmp_path: Path) -> None:
+    grid = make_grid(32, 32)
+    src = tmp_path / "src"
+    write_series(src, "theia", grid, [3])
+    out = tmp_path / "T31TCJ.zarr"
+    ingest_tile(src, "theia", "T31TCJ", out)
+    before = sorted(p.relative_to(out) for p in out.rglob("*"))
+    shutil.rmtree(next(src.iterdir()) / "MASKS")
+    with pytest.raises(PipelineError):
+        ingest_tile(src, "theia", "T31TCJ", out)
+    assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
+
+
+# ------------------------------------------------------------------------- real WorldCereal patch
+
+WC = "worldcereal_0000280849BAC91C"
+
+
+def _read_worldcereal(real: Path) -> dict:
+    f10 = real / WC / "S2_L2A_10m_0000280849BAC91C_32631_2018-08-01_2019-11-30.nc"
+    f20 = real / WC / "S2_L2A_20m_0000280849BAC91C_32631_2018-08-01_2019-11-30.nc"
+    with h5py.File(f10) as h10, h5py.File(f20) as h20:
+        x, y = h10["x"][:], h10["y"][:]
+        x20, y20 = h20["x"][:], h20["y"][:]
+        ts = h10["timestamp"][:]
+        units = h10["timestamp"].attrs["units"]
+        units = units.decode() if isinstance(units, bytes) else units
+        wkt = h10["spatial_ref"].attrs["crs_wkt"]
+        wkt = wkt.decode() if isinstance(wkt, bytes) else wkt
+        sel = np.linspace(0, len(ts) - 1, 8).astype(int)
+        r10 = np.stack([h10[b][sel] for b in ("B02", "B03", "B04", "B08")], axis=1)
+        r20 = np.stack([h20[b][sel] for b in ("B05", "B06", "B07", "B8A", "B11", "B12")], axis=1)
+        scl = h20["SCL"][sel]
+        assert (h20["timestamp"][:] == ts).all()
+    epoch = datetime.fromisoformat(units.removeprefix("seconds since ")).replace(tzinfo=UTC)
+    # pixel-centre coordinates -> upper-left corner of the 10 m grid; the 20 m grid must share it
+    t10 = Affine(10, 0, x[0] - 5, 0, -10, y[0] + 5)
+    assert (x20[0] - 10, y20[0] + 10) == (t10.c, t10.f)
+    return {
+        "grid": Grid(CRS.from_wkt(wkt), t10, len(x), len(y)),
+        "dates": [epoch + timedelta(seconds=int(s)) for s in ts[sel]],
+        "r10": r10,
+        "r20": r20,
+        "scl": scl,
+    }
+
+
+@pytest.mark.real
+def test_worldcereal_round_trip_both_layouts(real_data: Path, tmp_path: Path) -> None:
+    wc = _read_worldcereal(real_data)
+    grid, dates = wc["grid"], wc["dates"]
+    assert grid.crs.to_epsg() == 32631
+    assert max(wc["r10"].max(), wc["r20"].max()) < 32767  # DN fits int16 x10000 as is
+    r10 = np.where(wc["r10"] == 0, NODATA, wc["r10"]).astype(np.int16)  # DN 0 = fill
+    r20 = np.where(wc["r20"] == 0, NODATA, wc["r20"]).astype(np.int16)
+    scl10 = up2(wc["scl"])
+    stores = {}
+    for fmt in FORMATS:
+        src = tmp_path / fmt
+        for t, when in enumerate(dates):
+            s = scl10[t]
+            masks = WindowMasks(
+                cloud=np.isin(s, (8, 9, 10)),
+                shadow=s == 3,
+                saturated=s == 1,
+                edge=s == 0,
+                snow=s == 11,
+                water=s == 6,
+            )
+            acq = Acquisition("T31UES", when, "SENTINEL2A", 51, grid)
+            with open_writer(fmt, src, acq) as wr:
+                for r0 in (0, 32):  # two windows, written bottom first
+                    win = Window(0, 32 - r0, 64, 32)
+                    ys = slice(32 - r0, 64 - r0)
+                    ys2 = slice((32 - r0) // 2, (64 - r0) // 2)
+                    wr.write(
+                        win,
+                        r10[t][:, ys],
+                        r20[t][:, ys2],
+                        WindowMasks(
+                            **{
+                                k: getattr(masks, k)[ys]
+                                for k in ("cloud", "shadow", "saturated", "edge", "snow", "water")
+                            }
+                        ),
+                    )
+        out = tmp_path / f"{fmt}.zarr"
+        ingest_tile(src, fmt, "31UES", out)
+        stores[fmt] = open_store(out, "ingest", ("reflectance", "valid"))
+    expected_valid = ~np.isin(scl10, SCL_INVALID)
+    for fmt, g in stores.items():
+        assert g.attrs["dates"] == [d.date().isoformat() for d in dates]
+        got = Grid.from_attrs(dict(g.attrs))
+        assert got.crs == grid.crs and got.transform == Affine(10, 0, 574680, 0, -10, 5622440)
+        assert (got.width, got.height) == (64, 64)
+        refl, valid = g["reflectance"][:], g["valid"][:].astype(bool)
+        np.testing.assert_array_equal(refl[:, IDX_10M], r10, err_msg=fmt)
+        for t in range(len(dates)):
+            np.testing.assert_array_equal(refl[t][IDX_20M], upsample2x(r20[t], NODATA), err_msg=fmt)
+        np.testing.assert_array_equal(valid, expected_valid, err_msg=fmt)
+        assert 0.2 < valid.mean() < 0.95  # a real mix of clear and cloudy observations
+    np.testing.assert_array_equal(stores["theia"]["reflectance"][:], stores["sen2cor"]["reflectance"][:])
+    assert isinstance(stores["theia"], zarr.Group)
