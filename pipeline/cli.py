@@ -38,14 +38,21 @@ def _gapfill(cfg: Config, args: argparse.Namespace) -> None:
     from pipeline.gapfill import gapfill_tile
 
     lay = Layout(cfg.workdir)
-    gapfill_tile(args.src or lay.ingest(args.tile), args.out or lay.gapfilled(args.tile), cfg.date_grid)
+    gapfill_tile(
+        args.src or lay.ingest(args.tile),
+        args.out or lay.gapfilled(args.tile),
+        cfg.date_grid,
+        threads=cfg.threads(),
+    )
 
 
 def _histogram(cfg: Config, args: argparse.Namespace) -> None:
     from pipeline.stats import tile_histogram
 
     lay = Layout(cfg.workdir)
-    tile_histogram(args.src or lay.gapfilled(args.tile), args.out or lay.histogram(args.tile))
+    tile_histogram(
+        args.src or lay.gapfilled(args.tile), args.out or lay.histogram(args.tile), threads=cfg.threads()
+    )
 
 
 def _percentiles(cfg: Config, args: argparse.Namespace) -> None:

@@ -1,0 +1,176 @@
+"""Exact percentiles from histograms (== np.percentile), merging across tiles, eq. 2 normalisation."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipeline.errors import PipelineError
+from pipeline.io.tilestore import add_array, create_store
+from pipeline.stats import (
+    NODATA,
+    Percentiles,
+    channel_names,
+    merge_percentiles,
+    percentile_from_counts,
+    tile_histogram,
+)
+from tests.conftest import make_grid
+
+DATES = ["2018-01-05", "2018-01-15", "2018-01-25"]
+BANDS = ["B2", "B3"]
+QS = [0, 3, 25, 50, 97, 99.9, 100, 33.3333]
+
+
+def hist_of(values: np.ndarray) -> tuple[np.ndarray, int]:
+    lo = int(values.min())
+    return np.bincount(values.astype(np.int64) - lo), lo
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        np.array([5], dtype=np.int16),
+        np.array([7, 7, 7, 7], dtype=np.int16),
+        np.array([-3, 10, 10, 10, 10, 11, 400], dtype=np.int16),
+        np.random.default_rng(0).integers(0, 12, 1001).astype(np.int16),  # heavy duplicates
+        np.random.default_rng(1).integers(-2000, 16000, 5000).astype(np.int16),
+    ],
+)
+def test_percentile_from_counts_equals_np_percentile(values: np.ndarray) -> None:
+    counts, lo = hist_of(values)
+    for q in QS:
+        assert percentile_from_counts(counts, lo, q) == np.percentile(values, q)
+
+
+def test_full_int16_range_equals_float64_percentile() -> None:
+    values = np.random.default_rng(2).integers(-32768, 32767, 37, endpoint=True).astype(np.int16)
+    counts, lo = hist_of(values)
+    for q in np.linspace(0, 100, 41):
+        assert percentile_from_counts(counts, lo, float(q)) == np.percentile(
+            values.astype(np.float64), float(q)
+        )
+
+
+def test_upper_half_interpolates_from_above_like_numpy() -> None:
+    """numpy computes b - (b - a) * (1 - g) when g >= 0.5; a + (b - a) * g differs in the last bit here."""
+    values = np.array([-14563, -6980, -2345, 1537, 6923, 8831, 15843], dtype=np.int16)
+    counts, lo = hist_of(values)
+    q = 99.0417669388115
+    assert percentile_from_counts(counts, lo, q) == np.percentile(values, q)
+
+
+def make_gapfilled(
+    path: Path, refl: np.ndarray, count: np.ndarray, tile: str, dates=DATES, bands=BANDS
+) -> None:
+    t, c, h, w = refl.shape
+    g = create_store(path, "gapfilled", make_grid(width=w, height=h), tile=tile, bands=bands, dates=dates)
+    add_array(g, "reflectance", refl.shape, np.int16, NODATA)[...] = refl
+    add_array(g, "clear_count", count.shape, np.uint16, 0)[...] = count
+
+
+def random_tile(rng: np.random.Generator, h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
+    refl = rng.integers(0, 3000, (3, 2, h, w)).astype(np.int16)
+    refl[:, 1] //= 50  # lots of ties on band B3
+    count = rng.integers(0, 4, (h, w)).astype(np.uint16)
+    refl[:, :, count == 0] = NODATA
+    return refl, count
+
+
+def test_histograms_merge_to_np_percentile_of_concatenation(tmp_path: Path) -> None:
+    rng = np.random.default_rng(7)
+    tiles = [random_tile(rng, h, w) for h, w in ((40, 530), (17, 9), (64, 64))]
+    hists = []
+    for i, (refl, count) in enumerate(tiles):
+        make_gapfilled(tmp_path / f"T{i}.zarr", refl, count, f"T{i}")
+        hists.append(tmp_path / f"T{i}.hist.npz")
+        tile_histogram(tmp_path / f"T{i}.zarr", hists[-1], threads=2)
+    merge_percentiles(hists, 3, 97, tmp_path / "p.json")
+    out = json.loads((tmp_path / "p.json").read_text())
+    # oracle: every valid pixel of every tile, channel t*C + c
+    feats = np.concatenate([r.reshape(6, -1)[:, c.ravel() > 0] for r, c in tiles], axis=1)
+    assert out["channels"] == channel_names(DATES, BANDS)
+    assert out["channels"][:3] == ["2018-01-05/B2", "2018-01-05/B3", "2018-01-15/B2"]
+    assert out["low"] == [float(np.percentile(f, 3)) for f in feats]
+    assert out["high"] == [float(np.percentile(f, 97)) for f in feats]
+    assert out["n_pixels"] == feats.shape[1] == sum(int((c > 0).sum()) for _, c in tiles)
+    assert out["tiles"] == ["T0", "T1", "T2"] and out["dates"] == DATES and out["bands"] == BANDS
+    assert out["low_percentile"] == 3 and out["high_percentile"] == 97
+    with np.load(hists[1]) as z:  # the per-tile file is exact on its own too
+        assert z["counts"].sum(axis=1).tolist() == [int((tiles[1][1] > 0).sum())] * 6
+
+
+def test_nodata_excluded(tmp_path: Path) -> None:
+    refl = np.full((3, 2, 4, 4), 100, dtype=np.int16)
+    refl[:, :, 0, 0] = 5000
+    count = np.ones((4, 4), dtype=np.uint16)
+    refl[:, :, 3, :] = NODATA
+    count[3, :] = 0
+    make_gapfilled(tmp_path / "t.zarr", refl, count, "T")
+    tile_histogram(tmp_path / "t.zarr", tmp_path / "t.npz")
+    merge_percentiles([tmp_path / "t.npz"], 0, 100, tmp_path / "p.json")
+    out = json.loads((tmp_path / "p.json").read_text())
+    assert out["low"] == [100.0] * 6 and out["high"] == [5000.0] * 6 and out["n_pixels"] == 12
+
+
+def test_mismatch_and_empty_errors(tmp_path: Path) -> None:
+    rng = np.random.default_rng(1)
+    refl, count = random_tile(rng, 8, 8)
+    make_gapfilled(tmp_path / "a.zarr", refl, count, "A")
+    make_gapfilled(tmp_path / "b.zarr", refl, count, "B", dates=["2018-01-05", "2018-01-16", "2018-01-25"])
+    for name in "ab":
+        tile_histogram(tmp_path / f"{name}.zarr", tmp_path / f"{name}.npz")
+    with pytest.raises(PipelineError, match=r"b\.npz: channels differ"):
+        merge_percentiles([tmp_path / "a.npz", tmp_path / "b.npz"], 3, 97, tmp_path / "p.json")
+    (tmp_path / "junk.npz").write_bytes(b"not a zip")
+    with pytest.raises(PipelineError, match=r"junk\.npz: not a readable histogram"):
+        merge_percentiles([tmp_path / "a.npz", tmp_path / "junk.npz"], 3, 97, tmp_path / "p.json")
+    make_gapfilled(
+        tmp_path / "e.zarr", np.full((3, 2, 4, 4), NODATA, np.int16), np.zeros((4, 4), np.uint16), "E"
+    )
+    tile_histogram(tmp_path / "e.zarr", tmp_path / "e.npz")
+    with pytest.raises(PipelineError, match="2018-01-05/B2 has no valid pixel"):
+        merge_percentiles([tmp_path / "e.npz"], 3, 97, tmp_path / "p.json")
+    assert not (tmp_path / "p.json").exists()
+    # an empty tile merges fine with a non-empty one
+    merge_percentiles([tmp_path / "e.npz", tmp_path / "a.npz"], 3, 97, tmp_path / "p.json")
+    with pytest.raises(PipelineError, match="expected a 'gapfilled' store"):
+        create_store(tmp_path / "x.zarr", "ingest", make_grid(width=4, height=4))
+        tile_histogram(tmp_path / "x.zarr", tmp_path / "x.npz")
+
+
+def write_pct(path: Path, low: list[float], high: list[float]) -> Percentiles:
+    path.write_text(json.dumps({"low_percentile": 3, "high_percentile": 97, "bands": ["B2", "B3"],
+                                "dates": ["d0", "d1"], "channels": ["d0/B2", "d0/B3", "d1/B2", "d1/B3"],
+                                "low": low, "high": high, "n_pixels": 1, "tiles": ["T"]}))  # fmt: skip
+    return Percentiles.load(path)
+
+
+def test_normalise_by_hand(tmp_path: Path) -> None:
+    p = write_pct(tmp_path / "p.json", [100, 0, -50, 7], [300, 1000, 50, 7])
+    x = np.array([[200, 250, 0, 7], [50, 2000, 100, 9], [NODATA, 0, -50, 0]], dtype=np.int16)
+    y = p.normalise_features(x)
+    assert y.dtype == np.float32
+    # (200-100)/200, 250/1000, (0+50)/100, flat channel -> 0 ; clipping below / above ; nodata -> 0
+    np.testing.assert_array_equal(y, [[0.5, 0.25, 0.5, 0], [0, 1, 1, 0], [0, 0, 0, 0]])
+    cube = x.T.reshape(2, 2, 3)[..., None]  # (T, C, h=3, w=1): pixel i = x[i]
+    yc = p.normalise_cube(cube)
+    assert yc.shape == (4, 3, 1)
+    np.testing.assert_array_equal(yc[:, :, 0].T, y)
+    batch = p.normalise_cube(np.stack([cube, cube]))
+    assert batch.shape == (2, 4, 3, 1)
+    with pytest.raises(ValueError, match="4 features last"):
+        p.normalise_features(x[:, :3])
+    with pytest.raises(ValueError, match=r"expected \(\.\.\., 2, 2, h, w\)"):
+        p.normalise_cube(cube[:1])
+
+
+def test_load_rejects_bad_file(tmp_path: Path) -> None:
+    with pytest.raises(PipelineError, match="lengths disagree"):
+        write_pct(tmp_path / "p.json", [1, 2, 3], [4, 5, 6])
+    (tmp_path / "q.json").write_text("{")
+    with pytest.raises(PipelineError, match="not a readable percentiles file"):
+        Percentiles.load(tmp_path / "q.json")
