@@ -1,0 +1,276 @@
+"""Demo country: geometry, dates, classes, clouds and masks, reference polygons, determinism."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio.features
+import yaml
+from rasterio.windows import Window
+
+from pipeline.config import Config, validate
+from pipeline.demo import CLASS_NAMES, Country, generate, render_truth
+from pipeline.demo.landscape import K, render_static, world_axes
+from pipeline.demo.reference import build_reference
+from pipeline.demo.render import NODATA, SAT_VALUE, render_window
+from pipeline.demo.sensor import tile_passes
+from pipeline.demo.spectra import ground_reflectance
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _country(size: int = 128, **kw) -> Country:
+    args = dict(seed=7, epsg=32631, origin=(399960.0, 4800000.0), size=size, overlap=16, year=2018,
+                tile_specs=(("T31TCJ", "theia"), ("T31TDJ", "theia")))  # fmt: skip
+    args.update(kw)
+    return Country(**args)
+
+
+def _full(tile) -> Window:
+    grid = getattr(tile, "grid", tile)
+    return Window(0, 0, grid.width, grid.height)
+
+
+def _cfg(tmp_path: Path, size: int = 128, fmts=("theia", "theia")) -> Config:
+    raw = yaml.safe_load((REPO / "config.yaml").read_text())
+    raw = copy.deepcopy(raw)
+    raw["demo"]["out"] = str(tmp_path)
+    raw["demo"]["size"] = size
+    raw["demo"]["tiles"] = [{"name": n, "format": f} for n, f in zip(("T31TCJ", "T31TDJ"), fmts, strict=True)]
+    return Config(validate(raw))
+
+
+def test_grids_adjacent_and_overlap_identical():
+    c = _country()
+    t0, t1 = c.tiles
+    assert t0.grid.crs.to_epsg() == 32631
+    assert t0.grid.transform.c == 399960.0 and t0.grid.transform.f == 4800000.0
+    assert t1.grid.transform.c - t0.grid.transform.c == (128 - 16) * 10
+    assert t0.grid.transform.a == 10 and t0.grid.transform.e == -10
+    # the overlap strip shows the same ground ...
+    a = render_truth(t0.grid, Window(112, 0, 16, 128), c)
+    b = render_truth(t1.grid, Window(0, 0, 16, 128), c)
+    np.testing.assert_array_equal(a, b)
+    # ... and, for a pass seen by both tiles, the same reflectance, clouds and masks
+    common = {p.acquired for p in tile_passes(c, t0)} & {p.acquired for p in tile_passes(c, t1)}
+    assert common
+    p = next(p for p in tile_passes(c, t0) if p.acquired in common)
+    ra = render_window(c, t0, p, Window(112, 0, 16, 128))
+    rb = render_window(c, t1, p, Window(0, 0, 16, 128))
+    np.testing.assert_array_equal(ra.r10, rb.r10)
+    np.testing.assert_array_equal(ra.r20, rb.r20)
+    np.testing.assert_array_equal(ra.cloud, rb.cloud)
+
+
+def test_window_by_window_equals_whole():
+    c = _country()
+    tile = c.tiles[0]
+    p = tile_passes(c, tile)[3]
+    whole = render_window(c, tile, p, _full(tile))
+    part = render_window(c, tile, p, Window(64, 32, 64, 96))
+    np.testing.assert_array_equal(whole.r10[:, 32:, 64:], part.r10)
+    np.testing.assert_array_equal(whole.r20[:, 16:, 32:], part.r20)
+
+
+def test_dates_two_orbits_differ_per_tile():
+    c = _country(size=320)
+    lists = [tile_passes(c, t) for t in c.tiles]
+    for ps in lists:
+        assert 20 <= len(ps) <= 45
+        assert {p.orbit for p in ps} == {51, 8}
+        assert {p.platform for p in ps} == {"SENTINEL2A", "SENTINEL2B"}
+        assert all(p.acquired.year == 2018 and p.acquired.tzinfo is not None for p in ps)
+    d0, d1 = ({p.acquired for p in ps} for ps in lists)
+    assert d0 != d1 and d0 & d1
+    doy = {o: sorted({p.doy for ps in lists for p in ps if p.orbit == o}) for o in (51, 8)}
+    assert all(np.all(np.diff(v) % 10 == 0) for v in doy.values())  # 10-day revisit per orbit
+    assert (doy[8][0] - doy[51][0]) % 10 == 5  # orbits 5 days apart
+    # the main orbit of each tile dominates its list
+    main = [max({51, 8}, key=lambda o, ps=ps: sum(p.orbit == o for p in ps)) for ps in lists]
+    assert main == [51, 8]
+
+
+def test_all_classes_present_and_some_absent_per_tile():
+    c = _country(size=256)
+    per_tile = [set(np.unique(render_static(c, *world_axes(t.grid, _full(t)))["cls"])) for t in c.tiles]
+    assert set().union(*per_tile) == set(range(len(CLASS_NAMES)))
+    west, east = per_tile
+    assert {K["BDS"]} <= west - east  # coast only in the west
+    assert {K["GPS"], K["BRO"]} <= east - west  # mountains only in the east
+    codes = render_truth(c.tiles[0].grid, Window(0, 0, 32, 32), c)
+    assert codes.dtype == np.uint8 and set(np.unique(codes)) <= set(c.codes)
+
+
+def test_default_country_classes_and_codes_from_config(tmp_path):
+    cfg = _cfg(tmp_path, size=320)
+    c = Country.from_config(cfg)
+    by_name = {k.name: k.code for k in cfg.classes}
+    assert c.codes == tuple(by_name[n] for n in CLASS_NAMES)
+    cls = render_static(c, *world_axes(c.country_grid, _full(c.country_grid)))["cls"]
+    assert len(np.unique(cls)) == 17
+
+
+def test_phenology_profiles():
+    c = _country(size=256)
+    st = render_static(c, *world_axes(c.country_grid, Window(0, 0, c.width, c.height)))
+
+    def ndvi(k, doy):
+        R, _ = ground_reflectance(st, doy, 1)
+        m = (st["cls"] == k) & (st["elev"] < 0.3)  # below the winter snow line
+        return float(((R[3] - R[2]) / (R[3] + R[2]))[m].mean())
+
+    assert ndvi(K["ASC"], 210) > ndvi(K["ASC"], 120) + 0.3  # summer crop green in July
+    assert ndvi(K["AWC"], 120) > ndvi(K["AWC"], 210) + 0.3  # winter crop green in April, harvested by July
+    assert ndvi(K["BLF"], 200) > ndvi(K["BLF"], 20) + 0.25  # leaf-off in winter
+    assert abs(ndvi(K["COF"], 200) - ndvi(K["COF"], 20)) < 0.15  # evergreen (below the snow line)
+    assert ndvi(K["WAT"], 200) < -0.1
+    R, _ = ground_reflectance(st, 200, 1)
+    gps = st["cls"] == K["GPS"]
+    assert R[0][gps].mean() > 0.5 and R[8][gps].mean() < 0.15  # snow: bright visible, dark SWIR
+
+
+def test_urban_texture_separates_cuf_duf_icu():
+    c = _country(size=256)
+    st = render_static(c, *world_axes(c.country_grid, Window(0, 0, c.width, c.height)))
+    R, _ = ground_reflectance(st, 200, 1)
+    ndvi = (R[3] - R[2]) / (R[3] + R[2])
+    sd = {n: ndvi[st["cls"] == K[n]].std() for n in ("CUF", "DUF", "ICU")}
+    mean = {n: ndvi[st["cls"] == K[n]].mean() for n in ("CUF", "DUF", "ICU")}
+    assert sd["DUF"] > 1.5 * sd["CUF"]  # houses and gardens: a mixed texture
+    assert mean["DUF"] > mean["CUF"] > 0 and mean["ICU"] < mean["DUF"]
+    b2 = {n: R[0][st["cls"] == K[n]] for n in ("CUF", "ICU")}
+    assert np.percentile(b2["ICU"], 75) > np.percentile(b2["CUF"], 75)  # large bright roofs
+
+
+def _series(c, tile):
+    return [(p, render_window(c, tile, p, _full(tile))) for p in tile_passes(c, tile)]
+
+
+@pytest.fixture(scope="module")
+def west_series():
+    c = _country(size=128)
+    return c, c.tiles[0], _series(c, c.tiles[0])
+
+
+def test_cloud_mask_matches_brightness(west_series):
+    _, _, series = west_series
+    n = 0
+    for _, rw in series:
+        if rw.cloud.sum() < 50:
+            continue
+        n += 1
+        assert np.mean(rw.r10[0][rw.cloud] > 1500) > 0.95
+        clear = ~rw.cloud & ~rw.edge & ~rw.shadow & ~rw.snow & ~rw.saturated
+        if clear.mean() > 0.3:  # (a nearly overcast date leaves mostly thin, unmasked haze)
+            assert np.median(rw.r10[0][clear]) < 1200
+    assert n >= 5
+    shares = [rw.cloud.mean() for _, rw in series]
+    assert 0.08 < np.mean(shares) < 0.6
+
+
+def test_shadows_move_between_dates(west_series):
+    _, _, series = west_series
+    sh = [rw.shadow for _, rw in series if rw.shadow.sum() > 100]
+    assert len(sh) >= 3
+    for a, b in zip(sh, sh[1:], strict=False):
+        assert (a & b).sum() / (a | b).sum() < 0.6
+
+
+def test_never_clear_pixels_and_edges(west_series):
+    _, _, series = west_series
+    clear = np.zeros(series[0][1].edge.shape, int)
+    for _, rw in series:
+        clear += ~rw.cloud & ~rw.edge & ~rw.shadow
+    never = clear == 0
+    assert 0 < never.mean() < 0.2
+    partial = [rw for _, rw in series if rw.edge.any()]
+    assert partial and any((~rw.edge).any() for rw in partial)
+    for rw in partial:
+        assert (rw.r10[:, rw.edge] == NODATA).all()
+        assert not (rw.r10[:, ~rw.edge] == NODATA).any()
+        edge20 = rw.edge.reshape(64, 2, 64, 2).all(axis=(1, 3))
+        assert (rw.r20[:, edge20] == NODATA).all()
+        assert not (rw.cloud & rw.edge).any()
+
+
+def test_saturation(west_series):
+    _, _, series = west_series
+    total = sum(int(rw.saturated.sum()) for _, rw in series)
+    assert total > 0
+    for _, rw in series:
+        if rw.saturated.any():
+            assert (rw.r10[:, rw.saturated] == SAT_VALUE).all()
+            assert not (rw.saturated & (rw.cloud | rw.edge)).any()
+
+
+def test_reference_polygons():
+    c = _country(size=320)
+    geoms, labels, true = build_reference(c)
+    assert all(g.geom_type == "Polygon" and g.is_valid for g in geoms)
+    grid = c.country_grid
+    truth = render_static(c, *world_axes(grid, Window(0, 0, grid.width, grid.height)))["cls"]
+    wrong = 0
+    area = np.zeros(len(CLASS_NAMES))
+    for g, lab, tr in zip(geoms, labels, true, strict=True):
+        m = rasterio.features.geometry_mask([g], (grid.height, grid.width), grid.transform, invert=True)
+        assert m.sum() > 0
+        assert (truth[m] == tr).all()  # inside its object
+        # eroded: no pixel of the polygon touches another class (8-neighbours), roads aside
+        if tr != K["RSF"]:
+            grown = m.copy()
+            grown[1:] |= m[:-1]
+            grown[:-1] |= m[1:]
+            grown[:, 1:] |= grown[:, :-1]
+            grown[:, :-1] |= grown[:, 1:]
+            assert (truth[grown] == tr).all()
+        wrong += lab != tr
+        area[lab] += m.sum()
+    assert wrong == round(c.label_noise * len(geoms))
+    share = area.sum() / (grid.width * grid.height)
+    assert 0.6 * c.reference_share < share < 1.3 * c.reference_share
+    present = area[area > 0]
+    assert len(present) == 17
+    assert present.max() / present.min() >= 100
+    assert np.argmax(area) == K["WAT"]
+    # some classes only have polygons on one tile
+    x_split = c.tiles[1].grid.transform.c
+    west = {lab for g, lab in zip(geoms, labels, strict=True) if g.bounds[2] <= x_split}
+    east = {lab for g, lab in zip(geoms, labels, strict=True) if g.bounds[0] >= x_split + c.overlap * 10}
+    assert K["GPS"] not in west and K["BDS"] not in east
+
+
+def _hashes(root: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and p.suffix.lower() in (".tif", ".jp2")
+    }
+
+
+def test_generate_writes_products_and_is_deterministic(tmp_path):
+    import geopandas as gpd
+
+    from pipeline.io.l2a import find_products
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    generate(_cfg(a, fmts=("theia", "sen2cor")))
+    generate(_cfg(b, fmts=("theia", "sen2cor")))
+    ha, hb = _hashes(a), _hashes(b)
+    assert ha and ha == hb
+    c = Country.from_config(_cfg(a))
+    for tile, fmt in zip(c.tiles, ("theia", "sen2cor"), strict=True):
+        products = find_products(a / tile.name, fmt, tile.name)
+        assert len(products) == len(tile_passes(c, tile))
+        assert products[0].grid.same_as(tile.grid)
+        reads = [p.read_window(Window(0, 0, 128, 128)) for p in products[:6]]
+        assert all(r.shape == (10, 128, 128) for r, _ in reads)
+        assert max(v.mean() for _, v in reads) > 0.3
+    ref = gpd.read_file(a / "reference.gpkg", layer="reference")
+    assert list(ref.columns) == ["code", "name", "id", "geometry"]
+    assert ref["id"].is_unique and ref.crs.to_epsg() == 32631
+    assert set(ref["code"]) <= {k.code for k in _cfg(a).classes}
+    assert not list(a.glob(".*"))  # no temporary left behind
