@@ -1,0 +1,78 @@
+"""COG writers: layout, colour table, class names, georeferencing, overviews, atomicity."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import rasterio
+
+from pipeline.config import ClassDef
+from pipeline.io.cog import class_map_writer, write_class_map, write_validity
+from pipeline.io.tilestore import add_array, create_store
+from tests.conftest import make_grid
+
+CLASSES = [
+    ClassDef(11, "ASC", "Annual summer crops", "#ff5500"),
+    ClassDef(31, "BLF", "Broad-leaved forest", "#009c00"),
+    ClassDef(222, "VIN", "Vineyards", "#8b1a4a"),
+]
+
+
+def test_class_map_cog(tmp_path):
+    grid = make_grid(1100, 900)  # larger than a 512 block: the COG gets overviews
+    rng = np.random.default_rng(0)
+    labels = rng.choice(np.array([0, 11, 31, 222], np.uint8), (900, 1100))
+    out = tmp_path / "maps" / "T31TCJ.tif"
+    write_class_map(out, grid, CLASSES, labels, extra_tags={"MODEL": "rf"})
+    with rasterio.open(out) as src:
+        assert src.driver == "GTiff"
+        assert src.tags(ns="IMAGE_STRUCTURE")["LAYOUT"] == "COG"
+        assert src.overviews(1)  # internal overviews
+        assert src.block_shapes == [(512, 512)]
+        assert src.crs == grid.crs
+        assert src.transform.almost_equals(grid.transform)
+        assert src.nodata == 0
+        assert src.dtypes[0] == "uint8"
+        cmap = src.colormap(1)
+        for c in CLASSES:
+            assert cmap[c.code] == (*c.rgb, 255)
+        assert cmap[0][3] == 0  # no-data transparent
+        assert cmap[222] == (0x8B, 0x1A, 0x4A, 255)
+        tags = src.tags()
+        assert [c["name"] for c in json.loads(tags["CLASSES"])] == ["ASC", "BLF", "VIN"]
+        assert tags["MODEL"] == "rf"
+        assert src.tags(1)["CLASS_222"] == "VIN: Vineyards"
+        np.testing.assert_array_equal(src.read(1), labels)
+        # MODE overviews only hold existing codes (averaging would invent values)
+        ov = src.read(1, out_shape=(450, 550))
+        assert set(np.unique(ov).tolist()) <= {0, 11, 31, 222}
+    assert [p.name for p in out.parent.iterdir()] == ["T31TCJ.tif"]  # no staging/temp left
+
+
+def test_failed_write_leaves_nothing(tmp_path):
+    grid = make_grid(64, 64)
+    out = tmp_path / "m.tif"
+    with pytest.raises(RuntimeError), class_map_writer(out, grid, CLASSES) as sink:
+        sink.write(rasterio.windows.Window(0, 0, 64, 64), np.ones((64, 64), np.uint8))
+        raise RuntimeError("interrupted")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_validity_cog(tmp_path):
+    grid = make_grid(700, 600)
+    counts = np.random.default_rng(1).integers(0, 40, (600, 700)).astype(np.uint16)
+    g = create_store(tmp_path / "g.zarr", "gapfilled", grid, tile="T31TCJ", dates=["2018-01-05"] * 3)
+    add_array(g, "clear_count", (600, 700), "uint16", 0)[...] = counts
+    out = tmp_path / "validity" / "T31TCJ.tif"
+    write_validity(tmp_path / "g.zarr", out)
+    with rasterio.open(out) as src:
+        assert src.tags(ns="IMAGE_STRUCTURE")["LAYOUT"] == "COG"
+        assert src.overviews(1)
+        assert src.nodata is None  # 0 clear observations is information, not no-data
+        assert src.dtypes[0] == "uint16"
+        assert src.crs == grid.crs and src.transform.almost_equals(grid.transform)
+        np.testing.assert_array_equal(src.read(1), counts)
+        ov = src.read(1, out_shape=(300, 350)).astype(float)
+        assert abs(ov.mean() - counts.mean()) < 0.5  # averaged overview
