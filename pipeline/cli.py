@@ -150,6 +150,9 @@ Stage = Callable[[Config, argparse.Namespace], None]
 def _parser() -> tuple[argparse.ArgumentParser, dict[str, Stage]]:
     parser = argparse.ArgumentParser(prog="landcover", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument(
+        "--config", "-c", type=Path, dest="run_config", help="run config (YAML), before or after STAGE"
+    )
     sub = parser.add_subparsers(dest="stage", required=True, metavar="STAGE")
     stages: dict[str, Stage] = {}
 
@@ -157,7 +160,7 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, Stage]]:
         name: str, fn: Stage, help: str, tile: bool = False, model: bool = False
     ) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help, description=help)
-        p.add_argument("--config", "-c", type=Path, default=Path("config.yaml"), help="run config (YAML)")
+        p.add_argument("--config", "-c", type=Path, help="run config (YAML; default config.yaml)")
         if tile:
             p.add_argument("--tile", required=True, help="tile name, e.g. T31TCJ")
         if model:
@@ -205,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     try:
-        cfg = load_config(args.config)
+        cfg = load_config(args.config or args.run_config or Path("config.yaml"))
         stages[args.stage](cfg, args)
     except PipelineError as exc:
         print(f"error: {exc}", file=sys.stderr)
