@@ -58,22 +58,8 @@ def cog_writer(
     """Yield a sink for one-band windows; on success turn the staging file into a COG at ``out``."""
     with atomic_path(out) as tmp:
         stage = tmp.with_name(tmp.stem + ".stage.tif")
-        profile = {
-            "driver": "GTiff",
-            "width": grid.width,
-            "height": grid.height,
-            "count": 1,
-            "dtype": dtype,
-            "crs": grid.crs,
-            "transform": grid.transform,
-            "nodata": nodata,
-            "tiled": True,
-            "blockxsize": BLOCK,
-            "blockysize": BLOCK,
-            "compress": "zstd",  # staging only: fast, keeps a full tile's staging file small
-            "zstd_level": 1,
-            "bigtiff": "if_safer",
-        }
+        # staging only: zstd 1 is fast and keeps a full tile's staging file small
+        profile = grid.gtiff_profile(dtype, nodata, BLOCK, compress="zstd", zstd_level=1, bigtiff="if_safer")
         try:
             with rasterio.open(stage, "w", **profile) as dst:
                 if colormap is not None:

@@ -251,6 +251,52 @@ def mean2x2(img: np.ndarray) -> np.ndarray:
     return img.reshape(*img.shape[:-2], h // 2, 2, w // 2, 2).astype(np.float64).mean(axis=(-3, -1))
 
 
+class ProductWriterBase:
+    """Lifecycle shared by the format writers: open band files in a temporary product folder, accept
+    windows, and on :meth:`close` check coverage, let the format write its metadata, rename into place.
+    Any failure (or an exception inside ``with``) closes the files and leaves nothing behind.
+    """
+
+    def _start(self, grid: Grid, final: Path) -> None:
+        self.tracker = WindowTracker(grid)
+        self._folder = AtomicFolder(final)
+        self._ds: dict[str, Any] = {}
+
+    def _finalise(self, folder: Path) -> None:
+        """Format-specific last step (metadata files), run after every raster is closed."""
+        raise NotImplementedError
+
+    def _close_datasets(self) -> None:
+        for ds in self._ds.values():
+            if not ds.closed:
+                ds.close()
+
+    def _abort(self, exc: BaseException | None) -> None:
+        self._close_datasets()
+        self._folder.abort(exc)
+
+    def close(self) -> None:
+        try:
+            self.tracker.check_complete()
+            self._close_datasets()
+            self._finalise(self._folder.tmp)
+        except BaseException as exc:
+            self._abort(exc)
+            raise
+        self._folder.commit()
+
+    def __enter__(self) -> ProductWriterBase:
+        return self
+
+    def __exit__(
+        self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if ev is None:
+            self.close()
+        else:
+            self._abort(ev)
+
+
 class AtomicFolder:
     """Enter :func:`atomic_path` by hand so a writer object can own it across method calls."""
 

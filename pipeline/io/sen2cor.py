@@ -30,8 +30,6 @@ import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from types import TracebackType
-from typing import Any
 
 import numpy as np
 import rasterio
@@ -49,10 +47,9 @@ from pipeline.io.l2a import (
     IDX_20M,
     NODATA,
     Acquisition,
-    AtomicFolder,
     Product,
+    ProductWriterBase,
     WindowMasks,
-    WindowTracker,
     check_raster,
     check_window_arrays,
     combine_validity,
@@ -307,7 +304,7 @@ def _baseline_offset(baseline: str) -> int:
     return -1000 if float(baseline) >= 4.0 else 0
 
 
-class Sen2CorWriter:
+class Sen2CorWriter(ProductWriterBase):
     """Writes one SAFE window by window; tiled GeoTIFFs (``.tif``) unless ``jp2=True`` (converted at close).
 
     ``baseline`` >= "04.00" writes BOA_ADD_OFFSET -1000 and stores DN = reflectance + 1000, as real
@@ -330,9 +327,7 @@ class Sen2CorWriter:
         self.uri = f"{sat}_MSIL2A_{self.stamp}_N{nbase}_{orbit}_{acq.tile_id}_{gen:%Y%m%dT%H%M%S}.SAFE"
         # the absolute orbit (A......) is unknown to the generator: written as zeros
         self.granule = f"GRANULE/L2A_{acq.tile_id}_A000000_{self.stamp}"
-        self.tracker = WindowTracker(acq.grid)
-        self._folder = AtomicFolder(Path(root) / self.uri)
-        self._ds: dict[str, Any] = {}
+        self._start(acq.grid, Path(root) / self.uri)
         try:
             g10, g20 = acq.grid, grid20(acq.grid)
             for band in (*BANDS, "SCL"):
@@ -341,24 +336,10 @@ class Sen2CorWriter:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 dtype, nodata = ("uint8", None) if band == "SCL" else ("uint16", DN_NODATA)
                 self._ds[band] = rasterio.open(
-                    path,
-                    "w",
-                    driver="GTiff",
-                    width=g.width,
-                    height=g.height,
-                    count=1,
-                    dtype=dtype,
-                    crs=g.crs,
-                    transform=g.transform,
-                    nodata=nodata,
-                    tiled=True,
-                    blockxsize=block,
-                    blockysize=block,
-                    compress="deflate",
+                    path, "w", **g.gtiff_profile(dtype, nodata, block, compress="deflate")
                 )
         except BaseException as exc:
-            self._close_datasets()
-            self._folder.abort(exc)
+            self._abort(exc)
             raise
 
     def stem(self, band: str) -> str:
@@ -398,47 +379,22 @@ class Sen2CorWriter:
             ndvi = np.nan_to_num((nir - red) / (nir + red))
         self._ds["SCL"].write(scl_from_masks(m20, ndvi), 1, window=win20)
 
-    def _close_datasets(self) -> None:
-        for ds in self._ds.values():
-            if not ds.closed:
-                ds.close()
-
-    def close(self) -> None:
-        """Check coverage, optionally convert to JP2, write MTD_MSIL2A.xml + MTD_TL.xml, rename into place."""
-        try:
-            self.tracker.check_complete()
-            self._close_datasets()
-            if self.jp2:
-                for band in (*BANDS, "SCL"):
-                    tif = self._folder.tmp / (self.stem(band) + ".tif")
-                    rasterio.shutil.copy(
-                        tif, tif.with_suffix(".jp2"), driver="JP2OpenJPEG", REVERSIBLE="YES", QUALITY="100"
-                    )
-                    tif.unlink()
-            for path, root in (
-                (self._folder.tmp / "MTD_MSIL2A.xml", self._mtd()),
-                (self._folder.tmp / self.granule / "MTD_TL.xml", self._mtd_tl()),
-            ):
-                tree = ET.ElementTree(root)
-                ET.indent(tree)
-                tree.write(path, encoding="UTF-8", xml_declaration=True)
-        except BaseException as exc:
-            self._close_datasets()
-            self._folder.abort(exc)
-            raise
-        self._folder.commit()
-
-    def __enter__(self) -> Sen2CorWriter:
-        return self
-
-    def __exit__(
-        self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        if ev is None:
-            self.close()
-        else:
-            self._close_datasets()
-            self._folder.abort(ev)
+    def _finalise(self, folder: Path) -> None:
+        """Optionally convert to JP2, then write MTD_MSIL2A.xml and the granule's MTD_TL.xml."""
+        if self.jp2:
+            for band in (*BANDS, "SCL"):
+                tif = folder / (self.stem(band) + ".tif")
+                rasterio.shutil.copy(
+                    tif, tif.with_suffix(".jp2"), driver="JP2OpenJPEG", REVERSIBLE="YES", QUALITY="100"
+                )
+                tif.unlink()
+        for path, root in (
+            (folder / "MTD_MSIL2A.xml", self._mtd()),
+            (folder / self.granule / "MTD_TL.xml", self._mtd_tl()),
+        ):
+            tree = ET.ElementTree(root)
+            ET.indent(tree)
+            tree.write(path, encoding="UTF-8", xml_declaration=True)
 
     def _mtd(self) -> ET.Element:
         """MTD_MSIL2A.xml modelled on the real samples (only what a reader of the product needs)."""

@@ -27,8 +27,6 @@ import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from types import TracebackType
-from typing import Any
 
 import numpy as np
 import rasterio
@@ -45,10 +43,9 @@ from pipeline.io.l2a import (
     IDX_20M,
     NODATA,
     Acquisition,
-    AtomicFolder,
     Product,
+    ProductWriterBase,
     WindowMasks,
-    WindowTracker,
     any2x2,
     check_raster,
     check_window_arrays,
@@ -277,24 +274,7 @@ def product_id(acq: Acquisition) -> str:
     return f"{acq.platform}_{stamp}_L2A_{acq.tile_id}_C_V1-4"
 
 
-def _profile(grid: Grid, dtype: str, nodata: float | None, block: int) -> dict[str, Any]:
-    return {
-        "driver": "GTiff",
-        "width": grid.width,
-        "height": grid.height,
-        "count": 1,
-        "dtype": dtype,
-        "crs": grid.crs,
-        "transform": grid.transform,
-        "nodata": nodata,
-        "tiled": True,
-        "blockxsize": block,
-        "blockysize": block,
-        "compress": "deflate",
-    }
-
-
-class TheiaWriter:
+class TheiaWriter(ProductWriterBase):
     """Writes one Theia product window by window (tiled GeoTIFFs created up front, nothing held in memory).
 
     The product is built in a temporary sibling folder and renamed into place by :meth:`close`;
@@ -306,9 +286,7 @@ class TheiaWriter:
             raise ValueError(f"grid CRS {acq.grid.crs} has no EPSG code (the MTD stores one)")
         self.acq = acq
         self.id = product_id(acq)
-        self.tracker = WindowTracker(acq.grid)
-        self._folder = AtomicFolder(Path(root) / self.id)
-        self._ds: dict[str, Any] = {}
+        self._start(acq.grid, Path(root) / self.id)
         try:
             tmp = self._folder.tmp
             (tmp / "MASKS").mkdir()
@@ -316,15 +294,18 @@ class TheiaWriter:
             for band in BANDS:
                 g = g10 if band in BANDS_10M else g20
                 self._ds[band] = rasterio.open(
-                    tmp / self.fre_name(band), "w", **_profile(g, "int16", NODATA, block)
+                    tmp / self.fre_name(band),
+                    "w",
+                    **g.gtiff_profile("int16", NODATA, block, compress="deflate"),
                 )
             for key in ("CLM", "SAT", "EDG"):
                 for gid, g in (("R1", g10), ("R2", g20)):
                     path = tmp / self.mask_name(key, gid)
-                    self._ds[f"{key}_{gid}"] = rasterio.open(path, "w", **_profile(g, "uint8", None, block))
+                    self._ds[f"{key}_{gid}"] = rasterio.open(
+                        path, "w", **g.gtiff_profile("uint8", None, block, compress="deflate")
+                    )
         except BaseException as exc:
-            self._close_datasets()
-            self._folder.abort(exc)
+            self._abort(exc)
             raise
 
     def fre_name(self, band: str) -> str:
@@ -356,36 +337,10 @@ class TheiaWriter:
             )
             self._ds[f"EDG_{gid}"].write(f(edge10).astype(np.uint8), 1, window=win)
 
-    def _close_datasets(self) -> None:
-        for ds in self._ds.values():
-            if not ds.closed:
-                ds.close()
-
-    def close(self) -> None:
-        """Check full coverage, write the MTD and rename the product folder into place."""
-        try:
-            self.tracker.check_complete()
-            self._close_datasets()
-            tree = ET.ElementTree(self._mtd())
-            ET.indent(tree)
-            tree.write(self._folder.tmp / f"{self.id}_MTD_ALL.xml", encoding="UTF-8", xml_declaration=True)
-        except BaseException as exc:
-            self._close_datasets()
-            self._folder.abort(exc)
-            raise
-        self._folder.commit()
-
-    def __enter__(self) -> TheiaWriter:
-        return self
-
-    def __exit__(
-        self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        if ev is None:
-            self.close()
-        else:
-            self._close_datasets()
-            self._folder.abort(ev)
+    def _finalise(self, folder: Path) -> None:
+        tree = ET.ElementTree(self._mtd())
+        ET.indent(tree)
+        tree.write(folder / f"{self.id}_MTD_ALL.xml", encoding="UTF-8", xml_declaration=True)
 
     def _mtd(self) -> ET.Element:
         """A Muscate_Metadata_Document with the elements real products carry and the reader needs."""

@@ -60,6 +60,23 @@ class Grid:
         right, bottom = self.transform @ (self.width, self.height)
         return (min(left, right), min(bottom, top), max(left, right), max(bottom, top))
 
+    def gtiff_profile(self, dtype: str, nodata: float | None, block: int, **creation: Any) -> dict[str, Any]:
+        """A one-band tiled GeoTIFF profile on this grid (``creation``: compress=..., bigtiff=...)."""
+        return {
+            "driver": "GTiff",
+            "width": self.width,
+            "height": self.height,
+            "count": 1,
+            "dtype": dtype,
+            "crs": self.crs,
+            "transform": self.transform,
+            "nodata": nodata,
+            "tiled": True,
+            "blockxsize": block,
+            "blockysize": block,
+            **creation,
+        }
+
     def same_as(self, other: Grid, tol: float = 1e-6) -> bool:
         return (
             self.crs == other.crs
