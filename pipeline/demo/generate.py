@@ -29,9 +29,10 @@ from pipeline.io.tilestore import iter_windows
 log = logging.getLogger(__name__)
 
 _IN_MEMORY_PX = 2048 * 2048
-# dtype of each cached static layer: small enough for a disk cache of a full tile (~12 B/px)
+# dtype of each cached static layer: small enough for a disk cache of a full tile (~22 B/px)
 _CACHE_DTYPES = {"cls": np.uint8, "elev": np.float16, "tex": np.float16, "tex2": np.float16,
-                 "pvar": np.float16, "shift": np.float16, "amp": np.float16}  # fmt: skip
+                 "pvar": np.float16, "shift": np.float16, "amp": np.float16, "dzdx": np.float16,
+                 "dzdy": np.float16, "soil": np.float16, "frac": np.float16, "mode": np.float16}  # fmt: skip
 
 
 class StaticCache:

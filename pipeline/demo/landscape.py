@@ -43,6 +43,7 @@ CLASS_NAMES = (
 K = {n: i for i, n in enumerate(CLASS_NAMES)}
 
 CELL = 32  # macro cell side (px): 320 m, subdivided into parcels
+RELIEF_M = 900.0  # metres per unit of relative elevation for the terrain slopes (illumination)
 TOWN = 12  # town lattice (cells): one candidate town per 3.84 km square
 
 # purpose keys, so that independent random decisions never share a hash stream
@@ -50,7 +51,8 @@ _P = {
     n: name_key(n)
     for n in (
         "warp", "elev", "cell", "bsp", "forest", "town", "veg", "veg2", "rock", "sea", "dune", "lake",
-        "river", "vroad", "hroad", "house", "tex", "pvar", "nat", "coast", "capital",
+        "river", "vroad", "hroad", "house", "tex", "pvar", "nat", "coast", "capital", "soil", "moist",
+        "region", "frac", "tree", "mode",
     )
 }  # fmt: skip
 
@@ -315,8 +317,13 @@ def render_static(c: Country, gy: np.ndarray, gx: np.ndarray) -> dict[str, np.nd
     """
     h, w = len(gy), len(gx)
     key = c.key
+    # elevation on one more row and column: forward differences give the terrain slope per pixel
+    gye, gxe = np.append(gy, gy[-1] + 1), np.append(gx, gx[-1] + 1)
+    elev_e = _elevation(c, gye, gxe, _warp_u(c, gye, gxe))
     wu = _warp_u(c, gy, gx)
-    elev = _elevation(c, gy, gx, wu)
+    elev = elev_e[:h, :w]
+    dzdx = (elev_e[:h, 1:] - elev) * (RELIEF_M / 10.0)  # east-going slope (m/m)
+    dzdy = (elev_e[1:, :w] - elev) * (RELIEF_M / 10.0)  # south-going slope (m/m)
 
     # macro cells
     cx, cy = gx // CELL, gy // CELL
@@ -446,12 +453,53 @@ def render_static(c: Country, gy: np.ndarray, gx: np.ndarray) -> dict[str, np.nd
     obj = np.where(sea, mix(cell_obj ^ np.uint64(_P["sea"] & 0xFFFFFFFF)), obj)
 
     # per-object phenology parameters, per-pixel variability and textures
-    shift = ((uniform(obj, 11) - 0.5) * 24).astype(np.float32)
-    amp = (0.72 + 0.28 * uniform(obj, 12)).astype(np.float32)
-    pvar = (uniform(key, _P["pvar"], gy[:, None], gx[None, :]) * 2 - 1).astype(np.float32)
     tex, tex2 = _textures(c, gy, gx, cls, obj, node, t, RY, RX, LX, LY, rwidth)
-    return {"cls": cls, "obj": obj, "elev": elev, "tex": tex, "tex2": tex2, "pvar": pvar, "shift": shift,
-            "amp": amp}  # fmt: skip
+    var = _variability(c, gy, gx, cls, obj, elev)
+    return {"cls": cls, "obj": obj, "elev": elev, "tex": tex, "tex2": tex2, "dzdx": dzdx.astype(np.float32),
+            "dzdy": dzdy.astype(np.float32), **var}  # fmt: skip
+
+
+# sowing / green-up spread between parcels of a class (days, full width): farmers do not sow on one day
+_SHIFT_SPREAD = {"ASC": 56, "AWC": 36, "IGL": 40, "ORC": 24, "VIN": 20, "BLF": 20, "NGL": 30, "WOM": 24}
+# how much a class's green-up is delayed at altitude (days per unit of relative elevation)
+_ALTITUDE_DELAY = {"IGL": 60, "BLF": 55, "COF": 30, "NGL": 50, "WOM": 45, "ASC": 30, "AWC": 40, "ORC": 40,
+                   "VIN": 40}  # fmt: skip
+
+
+def _variability(c, gy, gx, cls, obj, elev) -> dict[str, np.ndarray]:
+    """Within-class variability: what makes two parcels of one class differ as much as in reality.
+
+    * ``shift`` (days): per-object sowing / green-up date, class-specific spread, delayed with
+      altitude and by an eco-climatic regional field (the same class behaves differently across the
+      country, seed section 2.2);
+    * ``amp``: per-object vigour (irrigated maize vs dry sunflower, thin vs dense canopies), times a
+      regional water-availability field;
+    * ``pvar``: per-pixel variability (-1..1), fine-grained plus within-field patches;
+    * ``soil``: soil brightness (x 0.55..1.45: moisture, organic matter, stones), per object and
+      per patch;
+    * ``frac``: per-object class-specific mixing fraction (conifers in a broadleaf stand, grass
+      inter-rows of a vineyard, shrub cover of a moor, trees in DUF gardens...);
+    * ``mode``: per-object management draw (fallow, double cropping, rapeseed, grazing, roof
+      material...).
+    """
+    key = c.key
+    region = fbm(gy, gx, 200, 2, key, _P["region"])  # eco-climatic gradient, ~+-1
+    shift = (uniform(obj, 11) - 0.5).astype(np.float32)
+    spread = np.zeros(len(CLASS_NAMES), np.float32)
+    delay = np.zeros(len(CLASS_NAMES), np.float32)
+    for n, v in _SHIFT_SPREAD.items():
+        spread[K[n]] = v
+    for n, v in _ALTITUDE_DELAY.items():
+        delay[K[n]] = v
+    shift = shift * spread[cls] + delay[cls] * np.clip(elev, 0, 1) + 18 * (region - 0.5)
+    amp = (0.55 + 0.45 * uniform(obj, 12)) * (0.85 + 0.3 * region)
+    patch = fbm(gy, gx, 8, 2, key, _P["moist"]) - 0.5  # within-field patches (soil, vigour)
+    pvar = (0.6 * (uniform(key, _P["pvar"], gy[:, None], gx[None, :]) * 2 - 1) + 1.6 * patch).clip(-1, 1)
+    soil = (0.55 + 0.9 * uniform(obj, 13)) * (1 + 0.5 * patch)
+    frac = uniform(obj, _P["frac"]).astype(np.float32)
+    mode = uniform(obj, _P["mode"]).astype(np.float32)
+    return {"shift": shift.astype(np.float32), "amp": amp.astype(np.float32), "pvar": pvar.astype(np.float32),
+            "soil": soil.astype(np.float32), "frac": frac, "mode": mode}  # fmt: skip
 
 
 def _textures(c, gy, gx, cls, obj, node, t, RY, RX, LX, LY, rwidth):
@@ -472,14 +520,15 @@ def _textures(c, gy, gx, cls, obj, node, t, RY, RX, LX, LY, rwidth):
         street = (ox % period == period - 1) | (oy % (period + 1) == period)
         roof = np.where(street, 0.2, 0.88) - 0.25 * (r_p < 0.06)
         tex[m] = roof[m]
-        tex2[m] = (uniform(obj, gy[:, None] // 3, gx[None, :] // 3) < 0.15)[m]  # bright roofs here and there
+        tex2[m] = uniform(obj, gy[:, None] // 3, gx[None, :] // 3)[m]  # roof material draw per building
 
     m = cls == K["DUF"]  # detached houses (2x2 px) in gardens
     if m.any():
         house = uniform(key, _P["house"], gy[:, None] // 2, gx[None, :] // 2) < 0.3
         roof = np.where(house, 0.72, 0.06) + 0.1 * (r_p - 0.5)
         tex[m] = roof[m]
-        tex2[m] = 0.0
+        # roof material draw per house, tree-crown draw per garden 2x2 block
+        tex2[m] = uniform(key, _P["tree"], gy[:, None] // 2, gx[None, :] // 2)[m]
 
     m = cls == K["ICU"]  # large roofs (mostly bright) on paved yards
     if m.any():
@@ -487,8 +536,8 @@ def _textures(c, gy, gx, cls, obj, node, t, RY, RX, LX, LY, rwidth):
         mx, my = ox % (bx + 3), oy % (by + 3)
         building = (mx >= 1) & (mx <= bx) & (my >= 1) & (my <= by)
         tex[m] = np.where(building, 1.0, 0.0)[m]
-        bright = uniform(obj, ox // (bx + 3), oy // (by + 3)) < 0.72
-        tex2[m] = bright[m]
+        material = uniform(obj, ox // (bx + 3), oy // (by + 3))  # roof material draw per building
+        tex2[m] = material[m]
 
     m = cls == K["VIN"]  # vine rows, 30 m period, orientation per parcel
     if m.any():

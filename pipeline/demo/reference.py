@@ -8,7 +8,9 @@ and exact would let a classifier look better than it will on real data.
 
 Sampling: every object (parcel, block, stand, per-cell piece of sea, rock, glacier, road...) of
 every 320 m macro cell is a candidate; its pixels inside the cell are eroded by one pixel
-(8-connected, so a polygon never touches the object's boundary nor a neighbouring polygon) and
+(8-connected, so a polygon never touches the object's boundary nor a neighbouring polygon; but a
+share of the polygons of generalised-database classes keep the object's full outline, boundary
+pixels included, as real CLC-derived polygons do not follow the ground exactly) and
 the largest remaining blob becomes a polygon. Candidates are then drawn class by class, in hash
 order, until each class reaches its share of ``reference_share`` (Table 1 proportions), with a
 minimum number of (small, cropped) polygons for the rare classes.
@@ -45,8 +47,14 @@ CONFUSION = {
     "BDS": "NGL",
 }  # fmt: skip
 MIN_POLYGONS = 6  # per class present: enough for a 67/33 polygon split
+# Classes whose reference comes from generalised land-cover databases (CLC-like, seed section 2.2):
+# a share of their polygons follows the object's outline without the inward buffer, so it holds
+# the mixed pixels of its boundary (roads, gardens, neighbouring stands seen through the PSF).
+GENERALISED = ("CUF", "DUF", "ICU", "NGL", "WOM", "BRO", "BLF", "COF")
+LOOSE_SHARE = 0.25
 MIN_PX = 4
-_POOL, _NOISE, _ORDER = (name_key(n) for n in ("ref-pool", "ref-noise", "ref-order"))
+_POOL, _NOISE, _ORDER, _LOOSE = (name_key(n) for n in ("ref-pool", "ref-noise", "ref-order", "ref-loose"))
+_GEN = {K[n] for n in GENERALISED}
 _EIGHT = np.ones((3, 3), bool)
 
 
@@ -117,7 +125,8 @@ def candidates(c: Country, pool_p: np.ndarray) -> list[Candidate]:
                 if draw >= pool_p[k]:
                     continue
                 mask = obj == o
-                if k != K["RSF"]:  # roads are 1-2 px wide: the polygon is the road itself
+                loose = k in _GEN and float(uniform(c.key, _LOOSE, o, cy, cx)) < LOOSE_SHARE
+                if k != K["RSF"] and not loose:  # roads are 1-2 px wide: the polygon is the road itself
                     mask = ndimage.binary_erosion(mask, structure=_EIGHT, border_value=0)
                 if mask.sum() < MIN_PX:
                     continue

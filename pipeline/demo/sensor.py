@@ -21,7 +21,7 @@ from pipeline.demo.noise import fbm, name_key, uniform
 # (relative orbit, UTC time of the pass, swath side): orbit 51 sees the west, orbit 8 the east
 ORBITS = ((51, dt.time(10, 50, 31), "west"), (8, dt.time(10, 40, 21), "east"))
 REVISIT_DAYS = 10
-_CLOUD, _SHADOW, _KEEP, _PASS = (name_key(n) for n in ("cloud", "shadow", "keep", "pass"))
+_CLOUD, _SHADOW, _KEEP, _PASS, _THIN = (name_key(n) for n in ("cloud", "shadow", "keep", "pass", "thin"))
 CLOUD_MASK_ALPHA = 0.3  # cloud opacity from which the L2A cloud mask flags a pixel
 
 
@@ -130,15 +130,47 @@ def cloud_opacity(c: Country, p: Pass, gy: np.ndarray, gx: np.ndarray) -> np.nda
     return np.maximum(alpha, _persistent(c, gy, gx)).astype(np.float32)
 
 
-def shadow_offset(c: Country, p: Pass) -> tuple[float, float]:
-    """(rows, cols) from a cloud to its shadow: sun from the south-south-east, low in winter."""
+def sun_angles(p: Pass) -> tuple[float, float]:
+    """(zenith, azimuth) of the sun at the pass, radians; azimuth from north, clockwise (~150 deg: SSE)."""
     lat = 43.3
     decl = 23.44 * np.sin(2 * np.pi * (p.doy - 81) / 365.0)
     zen = np.radians(min(75.0, lat - decl + 5))
+    az = np.radians(150 + 10 * (uniform(p.key, 8) - 0.5))
+    return float(zen), float(az)
+
+
+def shadow_offset(c: Country, p: Pass) -> tuple[float, float]:
+    """(rows, cols) from a cloud to its shadow: sun from the south-south-east, low in winter."""
+    zen, az = sun_angles(p)
     height = 600 + 900 * uniform(p.key, 7)  # cloud base (m)
     length = height * np.tan(zen) / 10.0  # px
-    az = np.radians(150 + 10 * (uniform(p.key, 8) - 0.5))  # sun azimuth; shadows point away from it
     return float(length * np.cos(az)), float(-length * np.sin(az))  # south +rows, west -cols
+
+
+# ground track of each orbit (zone coordinate) and half swath width: the swath edges of in_swath
+_TRACK = {"west": (0.78 - 0.45, 0.45), "east": (0.42 + 0.45, 0.45)}
+
+
+def view_angle(c: Country, p: Pass, gy: np.ndarray, gx: np.ndarray) -> np.ndarray:
+    """Signed view zenith angle over its maximum (~11 deg), -1..1: > 0 where the pixel is seen in
+    backscatter (west of the descending track, sensor on the sun's side), < 0 in forward scatter.
+
+    Where the two orbits overlap, one sees a pixel from the east and the other from the west.
+    """
+    track, half = _TRACK[p.side]
+    u = (gx + 0.5 - c.gx0) / c.width
+    v = (gy + 0.5 - c.gy0) / c.height
+    return np.clip((track + 0.08 * (v[:, None] - 0.5) - u[None, :]) / half, -1, 1).astype(np.float32)
+
+
+def thin_cloud_opacity(c: Country, p: Pass, gy: np.ndarray, gx: np.ndarray) -> np.ndarray:
+    """Cirrus and haze veils (opacity < 0.2) on about a third of the dates: below the mask's
+    detection threshold, they stay in the "clear" data as they do in real L2A products."""
+    u = uniform(p.key, _THIN, np.arange(2))
+    if u[0] > 0.35:
+        return np.zeros((len(gy), len(gx)), np.float32)
+    f = fbm(gy, gx, 120, 3, c.key, _THIN, p.key)
+    return ((0.06 + 0.14 * u[1]) * np.clip((f - 0.5) / 0.2, 0.0, 1.0)).astype(np.float32)
 
 
 def shadow_opacity(c: Country, p: Pass, gy: np.ndarray, gx: np.ndarray) -> np.ndarray:

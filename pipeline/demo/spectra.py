@@ -29,11 +29,14 @@ ENDMEMBERS = {
     "asphalt": (0.070, 0.080, 0.090, 0.120, 0.100, 0.110, 0.115, 0.125, 0.150, 0.140),
     "sand":    (0.180, 0.220, 0.270, 0.350, 0.300, 0.320, 0.330, 0.355, 0.420, 0.360),
     "rock":    (0.140, 0.160, 0.180, 0.250, 0.200, 0.220, 0.230, 0.250, 0.300, 0.250),
+    "dark":    (0.050, 0.055, 0.060, 0.080, 0.065, 0.070, 0.075, 0.080, 0.095, 0.085),  # slate, bitumen
+    "concrete": (0.170, 0.190, 0.210, 0.260, 0.230, 0.240, 0.250, 0.265, 0.310, 0.280),
 }  # fmt: skip
 EM = {n: i for i, n in enumerate(ENDMEMBERS)}
 E = np.array(list(ENDMEMBERS.values()), dtype=np.float32)  # (endmembers, bands)
 CLOUD = np.array((0.56, 0.55, 0.55, 0.57, 0.56, 0.56, 0.57, 0.57, 0.42, 0.32), dtype=np.float32)
 SNOW_COVER = {K["COF"]: 0.5, K["BLF"]: 0.75, K["WAT"]: 0.0, K["GPS"]: 0.0, K["RSF"]: 0.6}
+MINERAL = ("soil", "rock", "sand")  # endmembers whose brightness varies with moisture and lithology
 
 
 def bump(t: float, up, down, k: float):
@@ -41,72 +44,156 @@ def bump(t: float, up, down, k: float):
     return sig((t - up) / k) - sig((t - down) / k)
 
 
-def _profile(k: int, t: float, s, a, tx, t2) -> dict[str, np.ndarray]:
-    """Abundances of the endmembers for class ``k`` at day ``t`` (parcel shift ``s``, amplitude ``a``)."""
+def _roofs(tx, t2, p_tile: float, p_dark: float) -> dict[str, np.ndarray]:
+    """Roof material per building from its draw ``t2``: tiles, slate/bitumen, or bright metal/membrane.
+
+    Every urban class has every material (in different proportions): a single roof pixel does not
+    tell CUF, DUF and ICU apart, only the arrangement around it does.
+    """
+    tile = t2 < p_tile
+    dark = (t2 >= p_tile) & (t2 < p_tile + p_dark)
+    return {"roof": tx * tile, "dark": tx * dark, "bright": tx * ~(tile | dark)}
+
+
+def _crop_fallow(t, s, a):
+    """Set-aside / fallow: spontaneous weeds in spring, straw all summer (a grassland look-alike)."""
+    g = a * 0.45 * bump(t, 80 + s, 190 + s, 15) + 0.12
+    d = 0.2 + 0.25 * bump(t, 170 + s, 330, 15)
+    return g, d
+
+
+def _profile(k: int, t: float, s, a, tx, t2, fr, md) -> dict[str, np.ndarray]:
+    """Abundances of the endmembers for class ``k`` at day ``t``.
+
+    Per pixel: parcel shift ``s`` (days), vigour ``a``, texture ``tx``/``t2``, object mixing fraction
+    ``fr`` and management draw ``md`` (see :func:`pipeline.demo.landscape._variability`).
+    """
     one = np.ones_like(s)
-    if k == K["ASC"]:  # maize / sunflower: bare until May, green Jun-Aug, harvested in October
-        g = a * 0.9 * bump(t, 160 + s, 250 + s, 9)
-        d = 0.75 * bump(t, 250 + s, 290 + s, 5) + 0.12 * sig((t - 290 - s) / 5)
+    if k == K["ASC"]:  # maize (some irrigated) / sunflower / fallow, some with a winter cover crop
+        sunflower = (md >= 0.1) & (md < 0.4)
+        a = np.where(md > 0.82, np.minimum(1.0, a + 0.3), a)  # irrigated
+        up, down = np.where(sunflower, 150, 160) + s, np.where(sunflower, 225, 255) + s
+        g = a * np.where(sunflower, 0.7, 0.9) * bump(t, up, down, 9)
+        d = 0.75 * bump(t, down, down + 35, 5) + 0.12 * sig((t - down - 35) / 5)
+        cover = (md >= 0.4) & (md < 0.6)  # catch crop over winter, destroyed before sowing
+        g = g + cover * 0.4 * a * (1 - sig((t - 95 - 0.5 * s) / 8))
+        fg, fd = _crop_fallow(t, s, a)
+        fallow = md < 0.1
+        g, d = np.where(fallow, fg, g), np.where(fallow, fd, d)
         return {"green": g, "dry": d, "soil": np.clip(1 - g - d, 0, 1)}
-    if k == K["AWC"]:  # wheat: sown in autumn, green Mar-May, ripe in June, harvested early July
-        g = a * 0.9 * bump(t, 70 + s, 160 + s, 10) + 0.22 * (1 - sig((t - 70 - s) / 10))
+    if k == K["AWC"]:  # wheat / barley / rapeseed, some double-cropped after harvest, a few fallow
+        rape = (md >= 0.07) & (md < 0.3)
+        s = s - 15 * rape
+        g = a * 0.9 * bump(t, 70 + s, 160 + s, 10) + np.where(rape, 0.35, 0.22) * (1 - sig((t - 70 - s) / 10))
         g = g + 0.2 * sig((t - 305 - s) / 8)
         d = 0.8 * bump(t, 160 + s, 192 + s, 4) + 0.3 * bump(t, 192 + s, 250 + s, 4)
+        d = d + rape * 0.25 * bump(t, 95 + s, 125 + s, 5)  # yellow flowers
+        double = md > 0.75  # summer catch crop / second crop after the harvest
+        g = g + double * 0.65 * a * bump(t, 215 + 0.5 * s, 285 + 0.5 * s, 8)
+        d = d * np.where(double, 1 - bump(t, 215 + 0.5 * s, 285 + 0.5 * s, 8), 1)
+        fg, fd = _crop_fallow(t, s, a)
+        fallow = md < 0.07
+        g, d = np.where(fallow, fg, g), np.where(fallow, fd, d)
         return {"green": g, "dry": d, "soil": np.clip(1 - g - d, 0, 1)}
-    if k == K["IGL"]:  # meadows mown three times a year
-        g = 0.5 + 0.35 * bump(t, 75, 300, 15) * a
+    if k == K["IGL"]:  # meadows mown 2-3 times, or grazed pastures that brown in summer
+        grazed = md < 0.3
+        g = 0.5 + 0.35 * bump(t, 75 + 0.3 * s, 300, 15) * a
         f = one.copy()
-        for m in (140 + s, 190 + 0.7 * s, 245 + 0.5 * s):
-            f = f * (1 - 0.6 * np.exp(-np.clip(t - m, 0, None) / 14.0) * (t >= m))
+        cuts = ((140, 1.0), (190, 0.7), (245, 0.5))
+        for n, (m0, ks) in enumerate(cuts):
+            m = m0 + ks * s
+            mown = ~grazed & ((n < 2) | (md > 0.65))
+            f = f * (1 - mown * 0.6 * np.exp(-np.clip(t - m, 0, None) / 14.0) * (t >= m))
+        f = f * (1 - grazed * 0.35 * bump(t, 185 + 0.5 * s, 265, 15))  # grazed + summer drought
         dry = 0.35 * (1 - f) + 0.05
         return {"green": g * f, "dry": dry, "soil": np.clip(1 - g * f - dry, 0, 1)}
-    if k == K["ORC"]:  # tree grid over grass, late leaf-out
+    if k == K["ORC"]:  # tree grid (density per orchard) over grassed or bare inter-rows
+        trees = tx * (0.45 + 0.55 * fr)
         leaf = a * bump(t, 110 + s, 300 + s, 8)
-        g = tx * 0.9 * leaf + (1 - tx) * (0.45 + 0.15 * bump(t, 80, 290, 15))
-        d = tx * (1 - leaf) * 0.45
+        grass = md < 0.6
+        under = np.where(grass, 0.45 + 0.15 * bump(t, 80, 290, 15), 0.12)
+        g = trees * 0.9 * leaf + (1 - trees) * under
+        d = trees * (1 - leaf) * 0.45 + (1 - trees) * grass * 0.12
         return {"green": g, "dry": d, "soil": np.clip(1 - g - d, 0, 1)}
-    if k == K["VIN"]:  # rows of vines on bare soil, leaves from late May, red-brown in October
+    if k == K["VIN"]:  # rows of vines, inter-rows bare or grassed, leaves from late May, red in October
         leaf = a * bump(t, 140 + s, 285 + s, 7)
-        g = tx * 0.85 * leaf + (1 - tx) * 0.12
-        d = tx * (1 - leaf) * 0.35 + tx * 0.3 * bump(t, 285 + s, 315 + s, 5)
+        grass = 0.75 * fr * (md < 0.6)
+        under = (1 - tx) * (0.1 + grass * (0.45 + 0.2 * bump(t, 60, 160, 15)))
+        g = tx * 0.85 * leaf + under
+        d = tx * (1 - leaf) * 0.35 + tx * 0.3 * bump(t, 285 + s, 315 + s, 5) + (1 - tx) * grass * 0.15
         return {"green": g, "dry": d, "soil": np.clip(1 - g - d, 0, 1)}
-    if k == K["BLF"]:  # deciduous: leaf-off from November to April (branches, litter)
+    if k == K["BLF"]:  # deciduous, leaf-off Nov-Apr; grassy gaps; some conifers (< 25 %: else "mixed")
+        conifer = np.where(md < 0.35, 0.05 + 0.2 * fr, 0.0)
+        cover = tx * (0.75 + 0.25 * a)
         leaf = a * bump(t, 100 + s, 300 + s, 8)
-        return {"green": tx * (0.85 * leaf + 0.05), "dry": tx * 0.55 * (1 - leaf), "soil": (1 - tx) * 0.5}
-    if k == K["COF"]:  # evergreen, dark all year
-        needle = tx * (0.82 + 0.06 * bump(t, 120, 270, 15))
-        return {"needle": needle, "dry": 0.05 * one, "soil": (1 - tx) * 0.5}
-    if k == K["NGL"]:  # alpine pasture: short green season, straw-coloured otherwise
-        g = a * 0.6 * bump(t, 130 + s, 235 + s, 12) + 0.12
-        d = 0.45 - 0.3 * bump(t, 130 + s, 210 + s, 12)
-        return {"green": g, "dry": d, "rock": 0.25 * tx, "soil": np.clip(1 - g - d - 0.25 * tx, 0, 1)}
-    if k == K["WOM"]:  # shrubs (evergreen), heather, rock
-        return {"needle": 0.25 + 0.35 * tx, "green": 0.15 * bump(t, 110, 270, 12) * one, "dry": 0.25 * one,
-                "rock": 0.25 * (1 - tx)}  # fmt: skip
-    if k == K["BDS"]:
-        return {"sand": 0.92 - 0.15 * tx, "dry": 0.12 * tx, "green": 0.06 * tx * bump(t, 90, 200, 15)}
-    if k == K["BRO"]:
-        return {"rock": 0.8 + 0.2 * tx, "soil": 0.1 * one, "green": 0.05 * tx * bump(t, 150, 240, 10)}
-    if k == K["GPS"]:  # permanent snow, dirtier and wetter ice in late summer
+        dec = cover * (1 - conifer)
+        return {"green": dec * (0.85 * leaf + 0.05) + (1 - cover) * 0.3 * bump(t, 90, 280, 15),
+                "dry": dec * 0.55 * (1 - leaf), "needle": cover * conifer * 0.85,
+                "soil": (1 - cover) * 0.35}  # fmt: skip
+    if k == K["COF"]:  # evergreen; some broadleaves (< 25 %) in some stands, young plantations are open
+        broad = np.where(md < 0.35, 0.05 + 0.2 * fr, 0.0)
+        cover = tx * np.where(md > 0.88, 0.35 + 0.2 * fr, 1.0)
+        leaf = bump(t, 105 + s, 295 + s, 8)
+        needle = cover * (1 - broad) * (0.82 + 0.06 * bump(t, 120, 270, 15))
+        gap = 1 - cover
+        green = cover * broad * (0.8 * leaf + 0.05) + gap * 0.35 * bump(t, 100, 260, 15)
+        dry = 0.05 * one + cover * broad * 0.5 * (1 - leaf) + gap * 0.2
+        return {"needle": needle, "green": green, "dry": dry, "soil": gap * 0.35}
+    if k == K["NGL"]:  # alpine pasture: short green season, straw otherwise; some shrub encroachment
+        shrub = 0.3 * fr * (md < 0.5)
+        g = (a * 0.6 * bump(t, 130 + s, 235 + s, 12) + 0.12) * (1 - shrub)
+        d = (0.45 - 0.3 * bump(t, 130 + s, 210 + s, 12)) * (1 - shrub)
+        r = (0.1 + 0.3 * tx) * (1 - shrub)
+        soil = np.clip(1 - g - d - r - shrub, 0, 1)
+        return {"green": g, "dry": d, "rock": r, "needle": shrub, "soil": soil}
+    if k == K["WOM"]:  # evergreen shrubs (heather, broom, juniper) between grass and rock
+        shrub = 0.2 + 0.55 * fr * (0.5 + 0.5 * tx)
+        grass = 1 - shrub
+        return {"needle": shrub * 0.75, "green": shrub * 0.2 * bump(t, 110 + s, 270 + s, 12)
+                + grass * (a * 0.5 * bump(t, 130 + s, 235 + s, 12) + 0.1), "dry": grass * 0.35 + shrub * 0.1,
+                "rock": grass * 0.2 * (1 - tx)}  # fmt: skip
+    if k == K["BDS"]:  # sand, dune grass (marram) on the back dunes, shingle
+        veg = tx * (0.1 + 0.35 * fr)
+        return {"sand": (0.92 - veg) * (1 - 0.4 * (md < 0.2)), "rock": 0.35 * (md < 0.2), "dry": 0.6 * veg,
+                "green": 0.5 * veg * bump(t, 90, 200, 15)}  # fmt: skip
+    if k == K["BRO"]:  # granite / limestone scree (some bright as sand), sparse alpine grass
+        lime = md > 0.6
+        return {"rock": (0.8 + 0.2 * tx) * (1 - 0.5 * lime), "sand": 0.45 * lime, "soil": 0.1 * one,
+                "green": (0.05 + 0.15 * fr) * tx * bump(t, 150 + s, 240 + s, 10)}  # fmt: skip
+    if k == K["GPS"]:  # permanent snow, dirtier and wetter ice in late summer, debris on some glaciers
         summer = bump(t, 150, 270, 12) * one
-        return {"snow": 0.9 - 0.3 * summer, "rock": 0.05 + 0.15 * summer * tx, "water": 0.05 + 0.15 * summer}
-    if k == K["WAT"]:  # turbidity per water body, a little algae in summer
-        return {"water": 1 - tx, "soil": tx, "green": 0.015 * bump(t, 150, 250, 15) * one}
+        return {"snow": 0.9 - (0.3 + 0.1 * fr) * summer, "rock": 0.05 + (0.15 + 0.15 * fr) * summer * tx,
+                "water": 0.05 + 0.15 * summer}  # fmt: skip
+    if k == K["WAT"]:  # turbidity per water body, algal blooms in some lakes
+        bloom = 0.015 + 0.04 * (md > 0.85) * fr
+        return {"water": 1 - tx, "soil": tx, "green": bloom * bump(t, 150, 250, 15) * one}
     if k == K["RSF"]:  # asphalt plus verge (roads are narrower than a pixel)
         v = 1 - tx
         return {"asphalt": tx, "green": v * 0.6 * (0.6 + 0.4 * bump(t, 90, 300, 15)), "soil": v * 0.4}
-    if k == K["CUF"]:  # roofs (some bright) and streets, little vegetation
+    if k == K["CUF"]:  # roofs (mostly tiles, some slate, a few bright) and streets, some with trees
         v = 1 - tx
-        return {"roof": tx * (1 - t2), "bright": tx * t2, "asphalt": v * 0.7,
-                "green": v * 0.3 * (0.5 + 0.5 * bump(t, 100, 300, 10))}  # fmt: skip
-    if k == K["DUF"]:  # houses in gardens: some pixels look like CUF, others like grassland
+        trees = 0.15 + 0.4 * fr * (md < 0.4)
+        return {**_roofs(tx, t2, 0.6, 0.25), "asphalt": v * (1 - trees),
+                "green": v * trees * (0.3 + 0.6 * bump(t, 100, 300, 10))}  # fmt: skip
+    if k == K["DUF"]:  # houses in gardens: lawns, trees, paved drives; many pixels look like CUF or IGL
+        house = tx > 0.4
+        roofs = _roofs(tx, t2, 0.65, 0.25)
         v = 1 - tx
-        return {"roof": tx, "green": v * 0.75 * (0.55 + 0.45 * bump(t, 100, 300, 10)), "dry": v * 0.1,
-                "asphalt": v * 0.08, "soil": v * 0.07}  # fmt: skip
-    if k == K["ICU"]:  # big roofs (mostly bright metal) and car parks
+        tree = ~house & (t2 < 0.15 + 0.5 * fr)
+        paved = 0.08 + 0.3 * (md < 0.3)
+        lawn = v * (1 - paved)
+        leaf = bump(t, 100, 300, 10)
+        return {**{n: r * house for n, r in roofs.items()},
+                "green": np.where(tree, v * (0.1 + 0.8 * leaf), lawn * 0.8 * (0.55 + 0.45 * leaf)),
+                "dry": np.where(tree, v * 0.5 * (1 - leaf), lawn * 0.1), "asphalt": v * paved,
+                "soil": lawn * 0.07}  # fmt: skip
+    if k == K["ICU"]:  # big roofs (bright metal, bitumen, some tiles) and car parks, a few lawns
         v = 1 - tx
-        return {"roof": tx * (1 - t2) * 0.9, "bright": tx * t2 * 0.95, "asphalt": v * 0.8, "green": v * 0.15,
-                "soil": v * 0.05}  # fmt: skip
+        roofs = _roofs(tx, t2, 0.2, 0.3)
+        lawns = 0.08 + 0.3 * fr * (md < 0.4)
+        return {"roof": roofs["roof"], "dark": roofs["dark"], "bright": roofs["bright"] * 0.95,
+                "asphalt": v * (1 - lawns) * 0.7, "concrete": v * (1 - lawns) * 0.3,
+                "green": v * lawns * (0.4 + 0.4 * bump(t, 100, 300, 10)), "soil": v * 0.05}  # fmt: skip
     raise ValueError(f"no profile for class index {k}")
 
 
@@ -122,11 +209,14 @@ def ground_reflectance(st: dict[str, np.ndarray], t: float, key: int) -> tuple[n
     A = np.zeros((len(E), h, w), np.float32)
     for k in np.unique(cls):
         m = cls == k
-        ab = _profile(int(k), t, st["shift"][m], st["amp"][m], st["tex"][m], st["tex2"][m])
+        ab = _profile(int(k), t, *(st[n][m] for n in ("shift", "amp", "tex", "tex2", "frac", "mode")))
         for name, val in ab.items():
             A[EM[name]][m] = val
-    # within-class variability: per-pixel vegetation vigour and brightness
-    A[EM["green"]] *= 1 + 0.12 * st["pvar"]
+    # within-class variability: per-pixel vegetation vigour, soil moisture / lithology
+    A[EM["green"]] *= 1 + 0.2 * st["pvar"]
+    soil = np.where(cls == K["WAT"], 1.0, st["soil"])  # (turbidity is set per water body already)
+    for name in MINERAL:
+        A[EM[name]] *= soil
     # seasonal snow on high ground, partly hidden by canopies
     cover = np.ones(len(CLASS_NAMES), np.float32)
     for k, f in SNOW_COVER.items():
