@@ -52,7 +52,6 @@ def predict_tile(cfg: Config, model_dir: Path, gapfilled: Path, out: Path) -> No
     threads = cfg.threads()
     if hasattr(model, "set_threads"):
         model.set_threads(threads)
-    classes_ = np.asarray(model.classes_).astype(np.uint8)
 
     inf = cfg["inference"]
     size, radius = int(inf["window"]), int(inf["regularisation_radius"])
@@ -66,12 +65,12 @@ def predict_tile(cfg: Config, model_dir: Path, gapfilled: Path, out: Path) -> No
         for win in tqdm(wins, desc=f"predict {tile}", unit="win", leave=False):
             big, inner = padded(win, radius, grid.height, grid.width)
             cube = np.asarray(refl[(slice(None), slice(None), *win_slices(big))])
-            raw = classify(model, classes_, norm, cube)
+            raw = classify(model, norm, cube)
             sink.write(win, majority(raw, radius, nodata=0, threads=threads)[inner] if radius else raw[inner])
     log.info("predicted %s (%d windows) in %.1f s", tile, len(wins), time.perf_counter() - t0)
 
 
-def classify(model: Classifier, classes: np.ndarray, norm: Normalisation, cube: np.ndarray) -> np.ndarray:
+def classify(model: Classifier, norm: Normalisation, cube: np.ndarray) -> np.ndarray:
     """(T, C, H, W) raw cube -> (H, W) uint8 class codes; no-data pixels are 0 and never predicted."""
     t, c, h, w = cube.shape
     out = np.zeros(h * w, np.uint8)
@@ -79,5 +78,5 @@ def classify(model: Classifier, classes: np.ndarray, norm: Normalisation, cube: 
     if idx.size:
         # gather only pixels with data, t-major channels (same layout as pixel_features)
         x = norm.apply(np.ascontiguousarray(cube.reshape(t * c, h * w)[:, idx].T))
-        out[idx] = classes[np.argmax(model.predict_proba(x), axis=1)]
+        out[idx] = model.predict(x)  # class codes; no (N, K) probabilities needed for the map
     return out.reshape(h, w)

@@ -36,7 +36,7 @@ def _whole_map(model_dir, cube, radius):
     meta = load_meta(model_dir)
     model = get("rf").load(model_dir)
     norm = Normalisation.from_json(meta["normalisation"], BANDS, DATES)
-    raw = classify(model, model.classes_.astype(np.uint8), norm, cube)
+    raw = classify(model, norm, cube)
     return raw, majority(raw, radius) if radius else raw
 
 
