@@ -8,24 +8,29 @@ never clear gets :data:`NODATA` on every date, so nothing is invented where noth
 
 Rounding: ``v_n - (v_n - v_p) * num / den`` is evaluated in float32 (``num`` = days to the next
 clear date, ``den`` = days between the two clear dates; integers, so the product is exact for
-``|diff * num| < 2**24`` and only the one division rounds), then rounded half to even (``np.rint``)
+``|diff * num| < 2**24`` and only the one division rounds), then rounded half to even (``rint``)
 to int16. For realistic gaps (< ~80 days at full int16 range, far more for reflectances) this is the
 exactly rounded rational value, ties included (tested against exact fractions).
 
-Speed: the stage is memory-bound in principle (read the cube once, write the grid once). The
-implementation never gathers per pixel: a forward fill and a backward fill of the int16 cube along
-time (branch-free bitwise selects) give, for every source date, the last clear value at or before it
-and the next clear value at or after it; each output date then reads two of those slices and does a
-handful of float32 passes. Work is done in spatial blocks small enough to stay in cache.
+Speed: the stage is memory-bound in principle (read the cube once, write the grid once). One fused
+numba kernel (:func:`_gapfill_kernel`) does everything in a single pass over the cube, in parallel
+over row segments of :data:`SEGMENT` pixels: a forward and a backward fill along time (last / next
+clear value and day at each source date, branch-free selects, kept in cache), then for each output
+date and band one SIMD loop over the segment's pixels that reads two filled values, interpolates in
+float32 and writes int16. Compiled code is cached on disk (``cache=True``; first call in a fresh
+environment compiles for a few seconds, later processes load it in well under a second).
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numba
 import numpy as np
+from numba import njit, prange
 from tqdm import tqdm
 
 from pipeline.errors import PipelineError
@@ -37,13 +42,138 @@ log = logging.getLogger(__name__)
 NODATA = -10000
 """Reflectance no-data value, in and out."""
 
-BLOCK = 16384
-"""Pixels per inner block: big enough that numpy's per-call overhead (~650 calls a block) is small,
-small enough that the per-date slices stay in L2 (measured best on a 1 MiB-L2 EPYC: 16384)."""
+SEGMENT = 128
+"""Pixels processed together by the kernel (part of a row, or of several rows when they are contiguous
+in memory): the forward/backward fills of a segment (2 x T x (C + 1) values per pixel) stay in L2
+while the output dates are computed from them (512 measured best of 128..8192)."""
 
-_FAR = np.float32(2.0**60)  # "no clear date before": makes (q - d) / den vanish in float32
-_NO_DAY = np.int16(-32768)  # day channel of the forward fill before the first clear date
-_MAX_DAYS = 32000  # day offsets ride in int16
+_NO_DAY = np.float32(-(2.0**30))  # day of the "last clear date" before the first clear date
+_MAX_DAYS = 32000  # day offsets stay exact and far from _NO_DAY
+_KERNEL_LOCK = threading.Lock()  # one parallel region at a time (numba's workqueue layer demands it)
+
+
+def _jit(**opts):
+    """``numba.njit`` with an on-disk cache when one can be written, without it otherwise."""
+
+    def deco(fn):
+        try:
+            return njit(cache=True, **opts)(fn)
+        except RuntimeError as exc:  # no writable cache location (read-only install, no $HOME)
+            log.warning("numba cache unavailable for %s (%s): compiling on every run", fn.__name__, exc)
+            return njit(cache=False, **opts)(fn)
+
+    return deco
+
+
+# error_model="numpy": no ZeroDivisionError check per division (den >= 1 anyway), so the loop vectorises
+@_jit(parallel=True, nogil=True, error_model="numpy")
+def _gapfill_kernel(
+    v, vst, m, mst, days, dst_days, k_prev, k_next, out, seg, groups, work
+):  # pragma: no cover - jitted
+    """``v`` (T, C, R, W) int16, ``m`` (T, R, W) bool -> ``out`` (T', C, R, W) int16 (C-contiguous).
+
+    ``v`` and ``m`` come flat with their element strides ``vst`` (3 ints: T, C, R; W is 1) and
+    ``mst`` (2 ints: T, R), so windows cut from a bigger cube need no copy and the inner loops still
+    see unit strides (numba's generic strided arrays do not vectorise).
+
+    ``days`` (T,) / ``dst_days`` (T',) float32 day offsets; ``k_prev`` / ``k_next`` (T',) the last
+    source index on or before / first on or after each output date (-1 / T when none). Work is split
+    into ``groups`` contiguous runs of row segments of ``seg`` px, each with its own scratch.
+
+    Per segment: ``fv``/``fd`` forward fill (last clear value / day at or before each source date;
+    NODATA / ``_NO_DAY`` before the first clear one), ``bv``/``bd`` backward fill carrying the forward
+    fill's last row (so after the last clear date it repeats it). For an output date ``d`` between
+    source dates ``kp`` <= ``kn``: ``p = fd[kp]``, ``q = bd[kn]``; with a clear date before and
+    ``q > p`` the value is ``vn - (vn - vp) * (q - d) / (q - p)`` in float32 (exactly the numpy
+    formula), otherwise (no clear date before, or an exact hit / nothing after, where ``q == p``) it is
+    ``vn`` itself, obtained by the same arithmetic with ``num = 0``, ``den = 1``.
+    """
+    tn, c, rows, cols = out.shape
+    t = days.shape[0]
+    s0, s1, s2 = vst
+    m0, m1 = mst
+    nseg = (cols + seg - 1) // seg
+    total = rows * nseg
+    per = (total + groups - 1) // groups
+    nodata = np.int16(NODATA)
+    zero = np.float32(0.0)
+    one = np.float32(1.0)
+    for g in prange(groups):
+        fv, bv, cv = work[0][g], work[1][g], work[2][g]  # per-run scratch (see _workspace)
+        fd, bd, cd, num, den = work[3][g], work[4][g], work[5][g], work[6][g], work[7][g]
+        for k in range(g * per, min(total, (g + 1) * per)):
+            r = k // nseg
+            c0 = (k - r * nseg) * seg
+            n = min(seg, cols - c0)
+            # unsigned offsets: no negative-index wraparound in the inner loops, so they vectorise
+            c0 = np.uint64(c0)
+            n = np.uint64(n)
+            # forward fill; the carry (last clear value / day so far) lives in its own small buffer, so
+            # every inner loop reads and writes distinct arrays at the same index and vectorises
+            for i in range(n):
+                cd[i] = _NO_DAY
+            for b in range(c):
+                for i in range(n):
+                    cv[b, i] = nodata
+            for s in range(t):
+                ds = days[s]
+                mo = np.uint64(s * m0 + r * m1) + c0
+                for i in range(n):
+                    x = cd[i]
+                    y = ds if m[mo + i] else x
+                    cd[i] = y
+                    fd[s, i] = y
+                for b in range(c):
+                    vo = np.uint64(s * s0 + b * s1 + r * s2) + c0
+                    for i in range(n):
+                        x = v[vo + i]
+                        y = cv[b, i]
+                        z = x if m[mo + i] else y
+                        cv[b, i] = z
+                        fv[s, b, i] = z
+            # backward fill, carrying on from the forward fill's last row (after the last clear date
+            # it repeats the last clear value and day)
+            for s in range(t - 1, -1, -1):
+                ds = days[s]
+                mo = np.uint64(s * m0 + r * m1) + c0
+                for i in range(n):
+                    x = cd[i]
+                    y = ds if m[mo + i] else x
+                    cd[i] = y
+                    bd[s, i] = y
+                for b in range(c):
+                    vo = np.uint64(s * s0 + b * s1 + r * s2) + c0
+                    for i in range(n):
+                        x = v[vo + i]
+                        y = cv[b, i]
+                        z = x if m[mo + i] else y
+                        cv[b, i] = z
+                        bv[s, b, i] = z
+            for j in range(tn):
+                kp = k_prev[j]
+                kn = k_next[j]
+                if kp < 0 or kn >= t:  # outside the acquisitions: nearest clear value, no arithmetic
+                    for b in range(c):
+                        if kp < 0:
+                            for i in range(n):
+                                out[j, b, r, c0 + i] = bv[0, b, i]
+                        else:
+                            for i in range(n):
+                                out[j, b, r, c0 + i] = fv[t - 1, b, i]
+                    continue
+                d = dst_days[j]
+                for i in range(n):
+                    p = fd[kp, i]
+                    q = bd[kn, i]
+                    gap = q - p
+                    use = (p != _NO_DAY) & (gap > zero)
+                    num[i] = (q - d) if use else zero
+                    den[i] = gap if use else one
+                for b in range(c):
+                    for i in range(n):
+                        vn = np.float32(bv[kn, b, i])
+                        a = (vn - np.float32(fv[kp, b, i])) * num[i]
+                        out[j, b, r, c0 + i] = np.int16(np.rint(vn - a / den[i]))
 
 
 def _check_dates(dates: np.ndarray, what: str) -> np.ndarray:
@@ -56,13 +186,46 @@ def _check_dates(dates: np.ndarray, what: str) -> np.ndarray:
     return dates
 
 
+_WORK: list = []  # the last scratch tuple, reused by the next call of the same shape (under the lock)
+
+
+def _workspace(groups: int, t: int, c: int, seg: int) -> tuple[np.ndarray, ...]:
+    """Kernel scratch: forward/backward fills and carries, per run. Kept between calls because fresh
+    pages cost as much as the work; only touched under ``_KERNEL_LOCK``."""
+    if not _WORK or _WORK[0][0].shape != (groups, t, c, seg):
+        i16 = [np.empty(shape, np.int16) for shape in ((groups, t, c, seg),) * 2 + ((groups, c, seg),)]
+        f32 = [np.empty(shape, np.float32) for shape in ((groups, t, seg),) * 2 + ((groups, seg),) * 3]
+        _WORK[:] = [tuple(i16 + f32)]
+    return _WORK[0]
+
+
+def _flat(a: np.ndarray) -> tuple[np.ndarray, tuple[int, ...]]:
+    """``a`` as a flat array from its first element plus its strides in elements, without a copy
+    when the last axis is contiguous and no stride is negative (a window cut from a bigger cube)."""
+    item = a.itemsize
+    if a.strides[-1] == item and all(st >= 0 and st % item == 0 for st in a.strides):
+        span = 1 + sum((n - 1) * st // item for n, st in zip(a.shape, a.strides, strict=True))
+        return np.lib.stride_tricks.as_strided(a, shape=(span,), strides=(item,)), tuple(
+            st // item for st in a.strides
+        )
+    a = np.ascontiguousarray(a)
+    return a.reshape(-1), tuple(st // item for st in a.strides)
+
+
+def _threads(threads: int | None) -> int:
+    """Numba threads for one call: ``threads`` clamped to the pool numba started with."""
+    pool = numba.config.NUMBA_NUM_THREADS
+    return pool if threads is None else max(1, min(int(threads), pool))
+
+
 def gapfill(
     values: np.ndarray,
     valid: np.ndarray,
     src_dates: np.ndarray,
     dst_dates: np.ndarray,
-    block: int = BLOCK,
+    block: int = SEGMENT,
     out: np.ndarray | None = None,
+    threads: int | None = None,
 ) -> np.ndarray:
     """Gapfill ``values`` (T, C, *spatial) int16 onto ``dst_dates``; returns (T', C, *spatial) int16.
 
@@ -70,6 +233,9 @@ def gapfill(
     into the result, whatever they hold. ``src_dates`` must be strictly increasing (a duplicate date
     would make the interpolation ambiguous); ``dst_dates`` may be any dates. ``out`` (T', C,
     *spatial) int16 C-contiguous may be passed to reuse a buffer (fresh pages cost as much as the work).
+    ``block``: pixels per kernel row segment (any value >= 1 gives the same result). ``threads``:
+    numba threads for this call (default: all). Calls from several Python threads are serialised (each
+    call is itself parallel), so callers need no thread pool of their own for the arithmetic.
     """
     src = _check_dates(src_dates, "src_dates")
     dst = _check_dates(dst_dates, "dst_dates")
@@ -100,116 +266,32 @@ def gapfill(
     if t == 0:
         out.fill(NODATA)
         return out
+    if out.size == 0:
+        return out
     # spatial axes as (rows, cols): a view for 2-D windows, even strided ones cut from a bigger cube
     rows, cols = (int(np.prod(spatial[:-1], dtype=np.int64)), spatial[-1]) if spatial else (1, 1)
-    v = values.reshape(t, c, rows, cols)
-    m = valid.reshape(t, rows, cols)
-    o = out.reshape(dst.shape[0], c, rows, cols)
     span = np.abs(np.concatenate([(src - src[0]), (dst - src[0])]).astype(np.int64))
     if span.max(initial=0) > _MAX_DAYS:
         raise ValueError(f"dates span more than {_MAX_DAYS} days")
-    days = (src - src[0]).astype(np.int16)
-    dst_days = (dst - src[0]).astype(np.int32)
+    v, vst = _flat(values.reshape(t, c, rows, cols))
+    m, mst = _flat(valid.reshape(t, rows, cols))
+    if vst[2] == cols and mst[1] == cols:  # rows follow each other: segments may run across rows
+        rows, cols = 1, rows * cols
+    o = out.reshape(dst.shape[0], c, rows, cols)
+    days = (src - src[0]).astype(np.float32)
+    dst_days = (dst - src[0]).astype(np.float32)
     # per output date: last source index on or before it, first source index on or after it
-    k_prev = np.searchsorted(days, dst_days, side="right") - 1
-    k_next = np.searchsorted(days, dst_days, side="left")
-    # blocks of whole rows (or of part of a row when a row alone exceeds ``block``)
-    cb = min(cols, block)
-    rb = max(1, block // cb)
-    works: dict[int, _Workspace] = {}  # scratch reused by every block: no fresh pages per block
-    for r0 in range(0, rows, rb):
-        for c0 in range(0, cols, cb):
-            rs, cs = slice(r0, min(rows, r0 + rb)), slice(c0, min(cols, c0 + cb))
-            n = (rs.stop - rs.start) * (cs.stop - cs.start)
-            work = works.get(n) or works.setdefault(n, _Workspace(t, c, n))
-            blk = (v[:, :, rs, cs], m[:, rs, cs])
-            _gapfill_block(*blk, days, dst_days, k_prev, k_next, o[:, :, rs, cs], work)
+    k_prev = (np.searchsorted(days, dst_days, side="right") - 1).astype(np.int64)
+    k_next = np.searchsorted(days, dst_days, side="left").astype(np.int64)
+    seg = min(cols, block)
+    n = _threads(threads)
+    nseg = rows * -(-cols // seg)
+    groups = min(nseg, 4 * n)  # a few runs per thread: some balance, scratch allocated once per run
+    with _KERNEL_LOCK:
+        numba.set_num_threads(n)
+        work = _workspace(groups, t, c, seg)
+        _gapfill_kernel(v, vst[:3], m, mst[:2], days, dst_days, k_prev, k_next, o, seg, groups, work)
     return out
-
-
-class _Workspace:
-    """Scratch buffers for one block size."""
-
-    def __init__(self, t: int, c: int, n: int) -> None:
-        self.ext = np.empty((t, c + 1, n), dtype=np.int16)
-        self.fwd = np.empty((t, c + 1, n), dtype=np.int16)
-        self.bwd = np.empty((t, c + 1, n), dtype=np.int16)
-        self.sel = np.empty((t, n), dtype=np.int16)
-        self.carry = np.empty((c + 1, n), dtype=np.int16)
-        self.a = np.empty((c, n), dtype=np.float32)
-        self.b = np.empty((c, n), dtype=np.float32)
-        self.num = np.empty(n, dtype=np.float32)
-        self.den = np.empty(n, dtype=np.float32)
-
-
-def _fill(ext: np.ndarray, sel: np.ndarray, out: np.ndarray, carry: np.ndarray, order: range) -> None:
-    """``out[i] = ext[i] where sel[i] else out[previous i]`` along ``order``, as ``p ^ ((x ^ p) & sel)``.
-
-    Bitwise selects on int16 are branch-free SIMD passes, several times faster than np.copyto(where=).
-    """
-    prev = carry
-    for i in order:
-        f = out[i]
-        np.bitwise_xor(ext[i], prev, out=f)
-        np.bitwise_and(f, sel[i], out=f)
-        np.bitwise_xor(f, prev, out=f)
-        prev = f
-
-
-def _gapfill_block(
-    v: np.ndarray,
-    m: np.ndarray,
-    days: np.ndarray,
-    dst_days: np.ndarray,
-    k_prev: np.ndarray,
-    k_next: np.ndarray,
-    out: np.ndarray,
-    work: _Workspace,
-) -> None:
-    """One spatial block: ``v`` (T, C, h, w) int16, ``m`` (T, h, w) bool, writes ``out`` (T', C, h, w).
-
-    The observation day rides along as an extra int16 channel, so the fills also give the day of the
-    previous / next clear observation. Fill order makes every edge case branch-free:
-
-    * forward fill, carry NODATA (day ``_NO_DAY``): its last row is the last clear value and day;
-    * backward fill, carry that last row: after the last clear date it repeats it, so ``vp == vn``;
-    * the result is ``vn - (vn - vp) * (q - d) / (q - p)``; before the first clear date ``p`` is
-      ``_NO_DAY`` and ``q - p`` is replaced by 2**60, so the result is ``vn`` exactly; an exact hit or
-      a pixel never clear has ``vp == vn`` and ``q == p`` (``den`` clamped to 1).
-    """
-    t, c, h, w = v.shape
-    ext = work.ext  # contiguous copy of the block plus the day channel
-    ext[:, :c].reshape(t, c, h, w)[...] = v
-    ext[:, c] = days[:, None]
-    sel = work.sel
-    np.negative(m, dtype=np.int16, out=sel.reshape(t, h, w))  # 0 or -1 (all bits set)
-    fwd = work.fwd  # last clear value (and day) at or before each date
-    bwd = work.bwd  # next clear value (and day) at or after each date
-    carry = work.carry
-    carry[:c] = NODATA
-    carry[c] = _NO_DAY
-    _fill(ext, sel, fwd, carry, range(t))
-    _fill(ext, sel, bwd, fwd[t - 1], range(t - 1, -1, -1))
-
-    a, b, num, den = work.a, work.b, work.num, work.den
-    for j in range(dst_days.shape[0]):
-        kp, kn = int(k_prev[j]), int(k_next[j])
-        if kp < 0 or kn >= t:  # output date outside the acquisitions: nearest clear value, no arithmetic
-            out[j] = (bwd[0, :c] if kp < 0 else fwd[t - 1, :c]).reshape(c, h, w)
-            continue
-        p, q = fwd[kp, c], bwd[kn, c]
-        np.subtract(q, np.float32(dst_days[j]), out=num, dtype=np.float32)
-        np.subtract(q, p, out=den, dtype=np.float32)
-        den[p == _NO_DAY] = _FAR
-        np.maximum(den, 1, out=den)
-        np.copyto(a, fwd[kp, :c])
-        np.copyto(b, bwd[kn, :c])
-        np.subtract(b, a, out=a)  # a = vn - vp
-        np.multiply(a, num, out=a)
-        np.divide(a, den, out=a)
-        np.subtract(b, a, out=a)
-        np.rint(a, out=a)
-        np.copyto(out[j], a.reshape(c, h, w), casting="unsafe")
 
 
 def clear_count(valid: np.ndarray) -> np.ndarray:
@@ -226,9 +308,11 @@ def clear_count(valid: np.ndarray) -> np.ndarray:
 def gapfill_tile(src: Path, dst: Path, date_grid: np.ndarray, threads: int = 1) -> None:
     """Gapfill one ingest store onto ``date_grid`` and write the 'gapfilled' store at ``dst``.
 
-    Streams one 512 px shard window at a time (a thread pool over windows: numpy releases the GIL),
-    so memory stays at a few windows whatever the tile size. The output appears only when complete.
-    An observation counts as clear when ``valid == 1`` and none of its bands holds the no-data value.
+    Streams 512 px shard windows through a pool of ``threads`` workers, so memory stays at a few
+    windows whatever the tile size: while one worker runs the (serialised, ``threads``-way parallel)
+    numba kernel, the others decode / encode their windows (the codec releases the GIL). The output
+    appears only when complete. An observation counts as clear when ``valid == 1`` and none of its
+    bands holds the no-data value.
     """
     src, dst = Path(src), Path(dst)
     group = open_store(src, "ingest", ("reflectance", "valid"))
@@ -280,7 +364,7 @@ def gapfill_tile(src: Path, dst: Path, date_grid: np.ndarray, threads: int = 1) 
             vals = np.asarray(refl[:, :, rs, cs])
             clear = np.asarray(valid[:, rs, cs]) == 1
             clear &= (vals != NODATA).all(axis=1)
-            o_refl[:, :, rs, cs] = gapfill(vals, clear, src_dates, dst_dates)
+            o_refl[:, :, rs, cs] = gapfill(vals, clear, src_dates, dst_dates, threads=threads)
             o_count[rs, cs] = clear_count(clear)
 
         windows = list(iter_windows(h, w))
