@@ -14,23 +14,30 @@ exactly rounded rational value, ties included (tested against exact fractions).
 
 Speed: the stage is memory-bound in principle (read the cube once, write the grid once). One fused
 numba kernel (:func:`_gapfill_kernel`) does everything in a single pass over the cube, in parallel
-over row segments of :data:`SEGMENT` pixels: a forward and a backward fill along time (last / next
-clear value and day at each source date, branch-free selects, kept in cache), then for each output
-date and band one SIMD loop over the segment's pixels that reads two filled values, interpolates in
-float32 and writes int16. Compiled code is cached on disk (``cache=True``; first call in a fresh
-environment compiles for a few seconds, later processes load it in well under a second).
+over row segments of :data:`SEGMENT` pixels. Per segment the mask alone gives, once, the days of the
+last / next clear date (forward and backward fills) and from them each output date's interpolation
+numerator and denominator; then band by band (so only one band's T input and T' output rows are
+streamed at a time, ~70 memory streams instead of ~700): a contiguous copy of the band's rows, a
+forward and a backward fill of its values (branch-free selects, in cache), and for each output date
+one SIMD loop that interpolates in float32 and writes int16, streamed out with non-temporal stores
+while the next band's rows are prefetched. Compiled code is cached on disk (``cache=True``; first call
+in a fresh environment compiles for a few seconds, later processes load it in well under a second).
 """
 
 from __future__ import annotations
 
 import logging
+import platform
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numba
 import numpy as np
+from llvmlite import ir
 from numba import njit, prange
+from numba.core import cgutils, types
+from numba.extending import intrinsic
 from tqdm import tqdm
 
 from pipeline.errors import PipelineError
@@ -42,13 +49,16 @@ log = logging.getLogger(__name__)
 NODATA = -10000
 """Reflectance no-data value, in and out."""
 
-SEGMENT = 128
+SEGMENT = 512
 """Pixels processed together by the kernel (part of a row, or of several rows when they are contiguous
-in memory): the forward/backward fills of a segment (2 x T x (C + 1) values per pixel) stay in L2
-while the output dates are computed from them (512 measured best of 128..8192)."""
+in memory): the segment's scratch (mask rows, day fills, one band's rows and value fills, interpolation
+weights: 15 B x T + 8 B x T' per pixel, ~400 KB for 33 -> 37 dates) stays in L2. 512 measured best of
+128..2048 (smaller segments pay per-segment overhead, larger ones gain nothing)."""
 
 _NO_DAY = np.float32(-(2.0**30))  # day of the "last clear date" before the first clear date
+_AHEAD = 4  # input rows prefetched ahead of the one being copied
 _MAX_DAYS = 32000  # day offsets stay exact and far from _NO_DAY
+_X86 = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686")
 _KERNEL_LOCK = threading.Lock()  # one parallel region at a time (numba's workqueue layer demands it)
 
 
@@ -63,6 +73,86 @@ def _jit(**opts):
             return njit(cache=False, **opts)(fn)
 
     return deco
+
+
+@intrinsic
+def _prefetch(typingctx, arr, idx):
+    """Software prefetch (read, keep in all cache levels) of ``arr[idx]`` (1-D array); no effect on
+    results. The hardware prefetchers do not follow the many short runs a segment reads."""
+    sig = types.void(arr, types.uint64)
+
+    def codegen(context, builder, signature, args):
+        ary = context.make_array(signature.args[0])(context, builder, args[0])
+        ptr = builder.gep(ary.data, [args[1]])
+        i8p = ir.IntType(8).as_pointer()
+        fn = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(ir.VoidType(), [i8p] + [ir.IntType(32)] * 3), "llvm.prefetch.p0"
+        )
+        i32 = ir.IntType(32)
+        builder.call(fn, [builder.bitcast(ptr, i8p), i32(0), i32(3), i32(1)])
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
+def _address(typingctx, arr):
+    """Address of ``arr``'s first element."""
+
+    def codegen(context, builder, signature, args):
+        ary = context.make_array(signature.args[0])(context, builder, args[0])
+        return builder.ptrtoint(ary.data, ir.IntType(64))
+
+    return types.uint64(arr), codegen
+
+
+@intrinsic
+def _stream32(typingctx, dst, doff, src, soff):
+    """``dst[doff:doff + 32] = src[soff:soff + 32]`` (1-D int16) as one non-temporal 64-byte store
+    (``dst + doff`` must be 64-byte aligned): the output goes to memory without being read first."""
+    sig = types.void(dst, types.uint64, src, types.uint64)
+
+    def codegen(context, builder, signature, args):
+        d = context.make_array(signature.args[0])(context, builder, args[0])
+        sa = context.make_array(signature.args[2])(context, builder, args[2])
+        vp = ir.VectorType(ir.IntType(16), 32).as_pointer()
+        val = builder.load(builder.bitcast(builder.gep(sa.data, [args[3]]), vp), align=2)
+        st = builder.store(val, builder.bitcast(builder.gep(d.data, [args[1]]), vp), align=64)
+        st.set_metadata("nontemporal", builder.module.add_metadata([ir.IntType(32)(1)]))
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
+def _sfence(typingctx):
+    """Orders this thread's non-temporal stores before whatever follows (the end of the parallel loop)."""
+
+    def codegen(context, builder, signature, args):
+        if _X86:
+            fnty = ir.FunctionType(ir.VoidType(), [])
+            builder.call(cgutils.get_or_insert_function(builder.module, fnty, "llvm.x86.sse.sfence"), [])
+        else:  # elsewhere the non-temporal hint is only a hint: a full fence is enough
+            builder.fence("seq_cst")
+        return context.get_dummy_value()
+
+    return types.void(), codegen
+
+
+@_jit(nogil=True, inline="always")
+def _store_row(of, off, row, n):  # pragma: no cover - jitted
+    """``of[off:off + n] = row[:n]``: non-temporal 64-byte stores where aligned, plain ones at the ends."""
+    line = np.uint64(64)
+    head = min((line - (_address(of) + off * np.uint64(2)) % line) % line // np.uint64(2), n)
+    for i in range(head):
+        of[off + i] = row[i]
+    i = head
+    while i + np.uint64(32) <= n:
+        _stream32(of, off + i, row, i)
+        i += np.uint64(32)
+    while i < n:
+        of[off + i] = row[i]
+        i += np.uint64(1)
 
 
 # error_model="numpy": no ZeroDivisionError check per division (den >= 1 anyway), so the loop vectorises
@@ -80,13 +170,17 @@ def _gapfill_kernel(
     source index on or before / first on or after each output date (-1 / T when none). Work is split
     into ``groups`` contiguous runs of row segments of ``seg`` px, each with its own scratch.
 
-    Per segment: ``fv``/``fd`` forward fill (last clear value / day at or before each source date;
-    NODATA / ``_NO_DAY`` before the first clear one), ``bv``/``bd`` backward fill carrying the forward
-    fill's last row (so after the last clear date it repeats it). For an output date ``d`` between
-    source dates ``kp`` <= ``kn``: ``p = fd[kp]``, ``q = bd[kn]``; with a clear date before and
-    ``q > p`` the value is ``vn - (vn - vp) * (q - d) / (q - p)`` in float32 (exactly the numpy
-    formula), otherwise (no clear date before, or an exact hit / nothing after, where ``q == p``) it is
-    ``vn`` itself, obtained by the same arithmetic with ``num = 0``, ``den = 1``.
+    Per segment, first from the mask alone: ``fd`` forward fill of days (day of the last clear date at
+    or before each source date, ``_NO_DAY`` before the first), ``bd`` backward fill carrying on from
+    the forward fill's last row (so after the last clear date it repeats it). For an output date ``d``
+    between source dates ``kp`` <= ``kn``: ``p = fd[kp]``, ``q = bd[kn]``; with a clear date before
+    and ``q > p``: ``num = q - d``, ``den = q - p``, otherwise (no clear date before, or an exact hit /
+    nothing after, where ``q == p``) ``num = 0``, ``den = 1``. Then band by band (so a band's T input
+    and T' output planes are the only streams, not all T x C + T' x C): ``vb`` a contiguous copy of the
+    band's T input rows, ``fv`` forward fill of values (NODATA before the first clear date) made from
+    it, ``bv`` backward fill carrying on from it, and ``vn - (vn - vp) * num / den`` in float32
+    with ``vp = fv[kp]``, ``vn = bv[kn]``, made in ``ob`` and written with non-temporal stores
+    (:func:`_store_row`) while the next band's (or segment's) rows are prefetched.
     """
     tn, c, rows, cols = out.shape
     t = days.shape[0]
@@ -98,9 +192,11 @@ def _gapfill_kernel(
     nodata = np.int16(NODATA)
     zero = np.float32(0.0)
     one = np.float32(1.0)
+    of = out.reshape(-1)
     for g in prange(groups):
-        fv, bv, cv = work[0][g], work[1][g], work[2][g]  # per-run scratch (see _workspace)
-        fd, bd, cd, num, den = work[3][g], work[4][g], work[5][g], work[6][g], work[7][g]
+        vb, fv, bv, mb = work[0][g], work[1][g], work[2][g], work[3][g]  # per-run scratch (_workspace)
+        fd, bd, num, den, cd, cv = work[4][g], work[5][g], work[6][g], work[7][g], work[8][g], work[9][g]
+        ob = work[10][g]
         for k in range(g * per, min(total, (g + 1) * per)):
             r = k // nseg
             c0 = (k - r * nseg) * seg
@@ -108,58 +204,38 @@ def _gapfill_kernel(
             # unsigned offsets: no negative-index wraparound in the inner loops, so they vectorise
             c0 = np.uint64(c0)
             n = np.uint64(n)
-            # forward fill; the carry (last clear value / day so far) lives in its own small buffer, so
-            # every inner loop reads and writes distinct arrays at the same index and vectorises
+            # days, from the mask alone (its rows first copied next to each other into mb): forward
+            # fill, then backward fill carrying on from the forward fill's last row
             for i in range(n):
                 cd[i] = _NO_DAY
-            for b in range(c):
+            # (copies in loops of their own: a loop touching more arrays needs too many run-time overlap
+            # checks and LLVM leaves it scalar; every load unconditional, selects only)
+            for s in range(t):
+                if s + _AHEAD < t:
+                    mo = np.uint64((s + _AHEAD) * m0 + r * m1) + c0
+                    for i in range(0, n, 64):
+                        _prefetch(m, mo + i)
+                mo = np.uint64(s * m0 + r * m1) + c0
                 for i in range(n):
-                    cv[b, i] = nodata
+                    mb[s, i] = m[mo + i]
             for s in range(t):
                 ds = days[s]
-                mo = np.uint64(s * m0 + r * m1) + c0
                 for i in range(n):
                     x = cd[i]
-                    y = ds if m[mo + i] else x
+                    y = ds if mb[s, i] else x
                     cd[i] = y
                     fd[s, i] = y
-                for b in range(c):
-                    vo = np.uint64(s * s0 + b * s1 + r * s2) + c0
-                    for i in range(n):
-                        x = v[vo + i]
-                        y = cv[b, i]
-                        z = x if m[mo + i] else y
-                        cv[b, i] = z
-                        fv[s, b, i] = z
-            # backward fill, carrying on from the forward fill's last row (after the last clear date
-            # it repeats the last clear value and day)
             for s in range(t - 1, -1, -1):
                 ds = days[s]
-                mo = np.uint64(s * m0 + r * m1) + c0
                 for i in range(n):
                     x = cd[i]
-                    y = ds if m[mo + i] else x
+                    y = ds if mb[s, i] else x
                     cd[i] = y
                     bd[s, i] = y
-                for b in range(c):
-                    vo = np.uint64(s * s0 + b * s1 + r * s2) + c0
-                    for i in range(n):
-                        x = v[vo + i]
-                        y = cv[b, i]
-                        z = x if m[mo + i] else y
-                        cv[b, i] = z
-                        bv[s, b, i] = z
             for j in range(tn):
                 kp = k_prev[j]
                 kn = k_next[j]
-                if kp < 0 or kn >= t:  # outside the acquisitions: nearest clear value, no arithmetic
-                    for b in range(c):
-                        if kp < 0:
-                            for i in range(n):
-                                out[j, b, r, c0 + i] = bv[0, b, i]
-                        else:
-                            for i in range(n):
-                                out[j, b, r, c0 + i] = fv[t - 1, b, i]
+                if kp < 0 or kn >= t:
                     continue
                 d = dst_days[j]
                 for i in range(n):
@@ -167,13 +243,72 @@ def _gapfill_kernel(
                     q = bd[kn, i]
                     gap = q - p
                     use = (p != _NO_DAY) & (gap > zero)
-                    num[i] = (q - d) if use else zero
-                    den[i] = gap if use else one
-                for b in range(c):
+                    num[j, i] = (q - d) if use else zero
+                    den[j, i] = gap if use else one
+            for b in range(c):
+                # this band's rows copied next to each other into vb (_AHEAD rows prefetched ahead),
+                # then forward and backward fill of its values
+                for i in range(n):
+                    cv[i] = nodata
+                for s in range(t):
+                    if s + _AHEAD < t:
+                        vo = np.uint64((s + _AHEAD) * s0 + b * s1 + r * s2) + c0
+                        for i in range(0, n, 32):
+                            _prefetch(v, vo + i)
+                    vo = np.uint64(s * s0 + b * s1 + r * s2) + c0
                     for i in range(n):
-                        vn = np.float32(bv[kn, b, i])
-                        a = (vn - np.float32(fv[kp, b, i])) * num[i]
-                        out[j, b, r, c0 + i] = np.int16(np.rint(vn - a / den[i]))
+                        vb[s, i] = v[vo + i]
+                for s in range(t):
+                    for i in range(n):
+                        x = vb[s, i]
+                        y = cv[i]
+                        z = x if mb[s, i] else y
+                        cv[i] = z
+                        fv[s, i] = z
+                for s in range(t - 1, -1, -1):
+                    for i in range(n):
+                        x = vb[s, i]
+                        y = cv[i]
+                        z = x if mb[s, i] else y
+                        cv[i] = z
+                        bv[s, i] = z
+                # prefetch the first _AHEAD rows of what comes next (this segment's next band, else the
+                # next segment's mask and band 0) while this band's outputs are computed; the copies
+                # then keep _AHEAD rows in flight (more would evict each other: rows of one band lie in
+                # the same cache sets)
+                if b + 1 < c:
+                    for s in range(min(t, _AHEAD)):
+                        vo = np.uint64(s * s0 + (b + 1) * s1 + r * s2) + c0
+                        for i in range(0, n, 32):
+                            _prefetch(v, vo + i)
+                elif k + 1 < min(total, (g + 1) * per):
+                    r2 = (k + 1) // nseg
+                    c2 = np.uint64((k + 1 - r2 * nseg) * seg)
+                    n2 = np.uint64(min(seg, cols - c2))
+                    for s in range(min(t, _AHEAD)):
+                        mo = np.uint64(s * m0 + r2 * m1) + c2
+                        for i in range(0, n2, 64):
+                            _prefetch(m, mo + i)
+                        vo = np.uint64(s * s0 + r2 * s2) + c2
+                        for i in range(0, n2, 32):
+                            _prefetch(v, vo + i)
+                # each output row is made in ob (L1) and streamed out with non-temporal stores
+                for j in range(tn):
+                    kp = k_prev[j]
+                    kn = k_next[j]
+                    if kp < 0:  # before the acquisitions: first clear value, no arithmetic
+                        for i in range(n):
+                            ob[i] = bv[0, i]
+                    elif kn >= t:  # after them: last clear value
+                        for i in range(n):
+                            ob[i] = fv[t - 1, i]
+                    else:
+                        for i in range(n):
+                            vn = np.float32(bv[kn, i])
+                            a = (vn - np.float32(fv[kp, i])) * num[j, i]
+                            ob[i] = np.int16(np.rint(vn - a / den[j, i]))
+                    _store_row(of, np.uint64(((j * c + b) * rows + r) * cols) + c0, ob, n)
+        _sfence()
 
 
 def _check_dates(dates: np.ndarray, what: str) -> np.ndarray:
@@ -189,14 +324,20 @@ def _check_dates(dates: np.ndarray, what: str) -> np.ndarray:
 _WORK: list = []  # the last scratch tuple, reused by the next call of the same shape (under the lock)
 
 
-def _workspace(groups: int, t: int, c: int, seg: int) -> tuple[np.ndarray, ...]:
-    """Kernel scratch: forward/backward fills and carries, per run. Kept between calls because fresh
-    pages cost as much as the work; only touched under ``_KERNEL_LOCK``."""
-    if not _WORK or _WORK[0][0].shape != (groups, t, c, seg):
-        i16 = [np.empty(shape, np.int16) for shape in ((groups, t, c, seg),) * 2 + ((groups, c, seg),)]
-        f32 = [np.empty(shape, np.float32) for shape in ((groups, t, seg),) * 2 + ((groups, seg),) * 3]
-        _WORK[:] = [tuple(i16 + f32)]
-    return _WORK[0]
+def _workspace(groups: int, t: int, tn: int, seg: int) -> tuple[np.ndarray, ...]:
+    """Kernel scratch, per run: band rows and value fills, mask rows, day fills, interpolation
+    numerators / denominators and carries. Kept between calls because fresh pages cost as much as the
+    work; only touched under ``_KERNEL_LOCK``."""
+    key = (groups, t, tn, seg)
+    if not _WORK or _WORK[0][0] != key:
+        i16 = [np.empty((groups, t, seg), np.int16) for _ in range(3)]
+        mask = [np.empty((groups, t, seg), np.bool_)]
+        f32 = [np.empty((groups, t, seg), np.float32) for _ in range(2)]
+        f32 += [np.empty((groups, max(tn, 1), seg), np.float32) for _ in range(2)]
+        carry = [np.empty((groups, seg), np.float32), np.empty((groups, seg), np.int16)]
+        carry.append(np.empty((groups, seg), np.int16))  # one output row
+        _WORK[:] = [(key, tuple(i16 + mask + f32 + carry))]
+    return _WORK[0][1]
 
 
 def _flat(a: np.ndarray) -> tuple[np.ndarray, tuple[int, ...]]:
@@ -289,7 +430,7 @@ def gapfill(
     groups = min(nseg, 4 * n)  # a few runs per thread: some balance, scratch allocated once per run
     with _KERNEL_LOCK:
         numba.set_num_threads(n)
-        work = _workspace(groups, t, c, seg)
+        work = _workspace(groups, t, dst.shape[0], seg)
         _gapfill_kernel(v, vst[:3], m, mst[:2], days, dst_days, k_prev, k_next, o, seg, groups, work)
     return out
 

@@ -154,6 +154,51 @@ def test_matches_exact_reference(data: st.DataObject, t: int, c: int, n: int, bl
     np.testing.assert_array_equal(gapfill(v, m, src, dst, block=block), reference(v, m, src, dst))
 
 
+def float32_reference(v: np.ndarray, m: np.ndarray, src: np.ndarray, dst: np.ndarray) -> np.ndarray:
+    """The documented float32 rule, pixel by pixel in numpy: ``vn - (vn - vp) * num / den`` in float32
+    (days since the first source date), rounded half to even. Unlike :func:`reference` it also holds
+    where float32 is not exact (full int16 range over very long gaps), so it pins the kernel's bits."""
+    t, c, n = v.shape
+    x = (src - src[0]).astype(np.float32)
+    out = np.empty((len(dst), c, n), dtype=np.int16)
+    for p in range(n):
+        idx = np.flatnonzero(m[:, p])
+        for j, d in enumerate((dst - src[0]).astype(np.float32)):
+            before, after = idx[x[idx] <= d], idx[x[idx] >= d]
+            if not idx.size:
+                out[j, :, p] = NODATA
+            elif not before.size or not after.size or before[-1] == after[0]:
+                out[j, :, p] = v[after[0] if after.size else before[-1], :, p]
+            else:
+                vp, vn = v[before[-1], :, p].astype(np.float32), v[after[0], :, p].astype(np.float32)
+                num, den = x[after[0]] - d, x[after[0]] - x[before[-1]]
+                out[j, :, p] = np.rint(vn - (vn - vp) * num / den).astype(np.int16)
+    return out
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_bit_identical_to_float32_rule_on_random_cubes(seed: int) -> None:
+    """Regression for the fused kernel: strided windows, any segment size, misaligned ``out`` buffers
+    (non-temporal stores), spans up to 32000 days at full int16 range, exact-hit output dates."""
+    rng = np.random.default_rng(seed)
+    t, c, h, w = (int(x) for x in rng.integers([1, 1, 1, 1], [36, 5, 4, 90]))
+    span = [60, 400, 32000][seed % 3]
+    src = D0 + np.sort(rng.choice(span, t, replace=False)).astype("timedelta64[D]")
+    dst = D0 + np.sort(rng.integers(-30, span + 30, int(rng.integers(1, 40)))).astype("timedelta64[D]")
+    dst = np.concatenate([dst, src[: t // 2]])
+    lo, hi = [(-32768, 32767), (0, 10000)][seed % 2]
+    big = rng.integers(lo, hi, (t, c, h + 2, w + 3), endpoint=True).astype(np.int16)
+    mbig = rng.random((t, h + 2, w + 3)) < rng.uniform(0.1, 0.9)
+    v, m = big[:, :, 1 : 1 + h, 2 : 2 + w], mbig[:, 1 : 1 + h, 2 : 2 + w]
+    want = float32_reference(v.reshape(t, c, -1), m.reshape(t, -1), src, dst).reshape(len(dst), c, h, w)
+    for block in (1, 13, 64, 512):
+        skew = int(rng.integers(0, 40))
+        buf = np.empty(len(dst) * c * h * w + skew, np.int16)[skew:].reshape(len(dst), c, h, w)
+        np.testing.assert_array_equal(gapfill(v, m, src, dst, block=block, out=buf), want)
+        vc, mc = np.ascontiguousarray(v), np.ascontiguousarray(m)
+        np.testing.assert_array_equal(gapfill(vc, mc, src, dst, block=block), want)
+
+
 def test_float_rounding_matches_np_interp_within_one() -> None:
     """Against numpy's own interpolator on realistic values (float64, different rounding order)."""
     rng = np.random.default_rng(3)
