@@ -29,7 +29,6 @@ from __future__ import annotations
 import logging
 import platform
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numba
@@ -38,11 +37,10 @@ from llvmlite import ir
 from numba import njit, prange
 from numba.core import cgutils, types
 from numba.extending import intrinsic
-from tqdm import tqdm
 
 from pipeline.errors import PipelineError
 from pipeline.io.atomic import atomic_path
-from pipeline.io.tilestore import add_array, create_store, dates_of, iter_windows, open_store, store_grid
+from pipeline.io.tilestore import add_array, create_store, dates_of, for_each_window, open_store, store_grid
 
 log = logging.getLogger(__name__)
 
@@ -508,17 +506,4 @@ def gapfill_tile(src: Path, dst: Path, date_grid: np.ndarray, threads: int = 1) 
             o_refl[:, :, rs, cs] = gapfill(vals, clear, src_dates, dst_dates, threads=threads)
             o_count[rs, cs] = clear_count(clear)
 
-        windows = list(iter_windows(h, w))
-        with (
-            ThreadPoolExecutor(max(1, threads)) as pool,
-            tqdm(total=len(windows), desc=f"gapfill {src.stem}", unit="win", disable=None) as bar,
-        ):
-            futures = [pool.submit(one, win) for win in windows]
-            try:
-                for fut in futures:
-                    fut.result()
-                    bar.update()
-            except BaseException:
-                # stop queued windows; atomic_path then drops the temporary store
-                pool.shutdown(wait=True, cancel_futures=True)
-                raise
+        for_each_window(one, h, w, threads, f"gapfill {src.stem}")

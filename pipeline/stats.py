@@ -17,16 +17,14 @@ from __future__ import annotations
 
 import json
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 from pipeline.errors import PipelineError
 from pipeline.io.atomic import atomic_path, write_json
-from pipeline.io.tilestore import iter_windows, open_store
+from pipeline.io.tilestore import for_each_window, open_store
 
 NODATA = -10000
 _BINS = 65536
@@ -70,19 +68,7 @@ def tile_histogram(src: Path, out: Path, threads: int = 1) -> None:
                 hist[i] += local[i]
             n_pixels[0] += int(keep.sum())
 
-    windows = list(iter_windows(h, w))
-    with (
-        ThreadPoolExecutor(max(1, threads)) as pool,
-        tqdm(total=len(windows), desc=f"histogram {src.stem}", unit="win", disable=None) as bar,
-    ):
-        futures = [pool.submit(one, win) for win in windows]
-        try:
-            for fut in futures:
-                fut.result()
-                bar.update()
-        except BaseException:
-            pool.shutdown(wait=True, cancel_futures=True)
-            raise
+    for_each_window(one, h, w, threads, f"histogram {src.stem}")
     hist[:, NODATA + _SHIFT] = 0
     used = np.flatnonzero(hist.any(axis=0))
     lo, hi = (int(used[0]), int(used[-1]) + 1) if used.size else (0, 0)

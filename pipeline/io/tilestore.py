@@ -17,7 +17,8 @@ faster than zstd 3 + bit-shuffle and decodes as fast as no compression, for ~13 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,7 @@ import zarr
 from affine import Affine
 from rasterio.crs import CRS
 from rasterio.windows import Window
+from tqdm import tqdm
 from zarr.codecs import BloscCodec
 
 from pipeline.errors import PipelineError
@@ -95,6 +97,28 @@ def iter_windows(height: int, width: int, size: int = SHARD) -> Iterator[Window]
     for row in range(0, height, size):
         for col in range(0, width, size):
             yield Window(col, row, min(size, width - col), min(size, height - row))
+
+
+def for_each_window(fn: Callable[[Window], None], height: int, width: int, threads: int, desc: str) -> None:
+    """Run ``fn`` on every shard-aligned window on a thread pool, with a progress bar.
+
+    Codecs and compiled kernels release the GIL, so windows overlap I/O with compute. The first
+    error cancels the queued windows and propagates (the caller's ``atomic_path`` then drops the
+    temporary output).
+    """
+    windows = list(iter_windows(height, width))
+    with (
+        ThreadPoolExecutor(max(1, threads)) as pool,
+        tqdm(total=len(windows), desc=desc, unit="win", disable=None) as bar,
+    ):
+        futures = [pool.submit(fn, win) for win in windows]
+        try:
+            for fut in futures:
+                fut.result()
+                bar.update()
+        except BaseException:
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
 
 
 def padded(win: Window, halo: int, height: int, width: int) -> tuple[Window, tuple[slice, slice]]:
