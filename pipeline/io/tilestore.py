@@ -12,7 +12,7 @@ files instead of ~30,000. 2-D layers use the same 64/512 spatial grid.
 
 Compression: Blosc lz4 level 5 with byte-shuffle. On a gapfilled 512 px window it encodes ~2.6x
 faster than zstd 3 + bit-shuffle and decodes as fast as no compression, for ~13 % more bytes (ratio
-~1.56 vs ~1.77; docs/bench_gapfill_stats.md).
+~1.56 vs ~1.77; docs/benchmarks/gapfill_and_percentiles.md).
 """
 
 from __future__ import annotations
