@@ -21,9 +21,12 @@ def _config(tmp_path, **inputs) -> str:
 
 
 def test_every_stage_has_a_subcommand():
-    out = subprocess.run([sys.executable, "-m", "pipeline", "--help"], capture_output=True, text=True, check=True)
-    for stage in ("demo", "ingest", "gapfill", "histogram", "percentiles", "split", "rasterise", "train",
-                  "predict", "validity", "validate", "summarise"):  # fmt: skip
+    cmd = [sys.executable, "-m", "pipeline", "--help"]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    stages = (
+        "demo ingest gapfill histogram percentiles split rasterise train predict validity validate summarise"
+    )
+    for stage in stages.split():
         assert f"    {stage}" in out.stdout
 
 

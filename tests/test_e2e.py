@@ -21,8 +21,8 @@ pytestmark = pytest.mark.e2e
 
 
 def _snakemake(workdir: Path, *args: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory", str(workdir),
-           "--cores", "2", *args]  # fmt: skip
+    cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile")]
+    cmd += ["--directory", str(workdir), "--cores", "2", *args]
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
 
@@ -33,7 +33,10 @@ def run(tmp_path_factory) -> Path:
     raw = yaml.safe_load((REPO / "config.yaml").read_text())
     raw["run"]["workdir"] = "results"
     raw["demo"].update(out="inputs", size=192)
-    raw["inputs"]["tiles"] = {t["name"]: {"format": t["format"], "path": f"inputs/{t['name']}"} for t in raw["demo"]["tiles"]}
+    tiles = raw["demo"]["tiles"]
+    raw["inputs"]["tiles"] = {
+        t["name"]: {"format": t["format"], "path": f"inputs/{t['name']}"} for t in tiles
+    }
     raw["inputs"]["reference"] = "inputs/reference.gpkg"
     raw["rf"]["n_estimators"] = 50
     (work / "config.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))

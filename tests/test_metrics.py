@@ -101,7 +101,9 @@ def test_grid_mismatch_is_a_clear_error(tmp_path):
     cfg = load_config(REPO / "config.yaml")
     truth = np.zeros((96, 128), np.uint8)
     m, _ = _tile(tmp_path, cfg, truth, truth)
-    _, lab = _tile(tmp_path / "x" if (tmp_path / "x").mkdir() is None else tmp_path, cfg, truth[:64], truth[:64])
+    other = tmp_path / "other"
+    other.mkdir()
+    _, lab = _tile(other, cfg, truth[:64], truth[:64])  # same origin, 64 rows instead of 96
     with pytest.raises(PipelineError, match="differs from the reference grid"):
         validate_tile(cfg, m, lab, tmp_path / "o.json")
     assert not (tmp_path / "o.json").exists()
