@@ -12,7 +12,8 @@ RF stages never import torch)::
 
 Pixel-wise models (``pixelwise = True``) are trained by :func:`pipeline.train.train` on a
 class-balanced pixel sample and predicted on (N, F) features; patch models implement their own
-``train_model(cfg, sampler...)`` entry point (see :class:`Classifier`).
+``train_stage(cfg, gapfilled, labels, percentiles, out_dir)`` classmethod, which
+:func:`pipeline.train.train` hands over to.
 """
 
 from __future__ import annotations
