@@ -23,4 +23,6 @@ rule all:
         expand(str(LAYOUT.class_map("{model}", "{tile}")), model=CLASSIFIERS, tile=TILES),
         expand(str(LAYOUT.validity("{tile}")), tile=TILES),
         expand(str(LAYOUT.metrics("{model}", "{tile}")), model=CLASSIFIERS, tile=TILES),
+        expand(str(LAYOUT.confidence("{model}", "{tile}")), model=CLASSIFIERS, tile=TILES),
         expand(str(LAYOUT.overall_metrics("{model}")), model=CLASSIFIERS),
+        str(LAYOUT.comparison("md")),

@@ -84,17 +84,33 @@ def _rasterise(cfg: Config, args: argparse.Namespace) -> None:
     )
 
 
+def _patches(cfg: Config, args: argparse.Namespace) -> None:
+    from pipeline.nettrain import index_patches
+
+    lay = Layout(cfg.workdir)
+    index_patches(cfg, args.tile, args.labels or lay.labels(args.tile), args.out or lay.patches(args.tile))
+
+
 def _train(cfg: Config, args: argparse.Namespace) -> None:
+    from pipeline.models import get
     from pipeline.train import train
 
     lay = Layout(cfg.workdir)
+    out = args.out or lay.model_dir(args.model)
+    extra = {}
+    if not get(args.model).pixelwise:
+        extra = {
+            "patches": {t: lay.patches(t) for t in cfg.tiles},
+            "checkpoints": args.checkpoints or out.with_name(f"{out.name}.checkpoints"),
+        }
     train(
         cfg,
         args.model,
         gapfilled={t: lay.gapfilled(t) for t in cfg.tiles},
         labels={t: lay.labels(t) for t in cfg.tiles},
         percentiles=lay.percentiles(),
-        out_dir=args.out or lay.model_dir(args.model),
+        out_dir=out,
+        **extra,
     )
 
 
@@ -107,6 +123,7 @@ def _predict(cfg: Config, args: argparse.Namespace) -> None:
         args.model_dir or lay.model_dir(args.model),
         args.src or lay.gapfilled(args.tile),
         args.out or lay.class_map(args.model, args.tile),
+        confidence=args.confidence or lay.confidence(args.model, args.tile),
     )
 
 
@@ -134,7 +151,15 @@ def _summarise(cfg: Config, args: argparse.Namespace) -> None:
 
     lay = Layout(cfg.workdir)
     tiles = args.tile_metrics or [lay.metrics(args.model, t) for t in cfg.tiles]
-    summarise(cfg, tiles, args.out or lay.overall_metrics(args.model))
+    summarise(cfg, tiles, args.out or lay.overall_metrics(args.model), model=args.model)
+
+
+def _compare(cfg: Config, args: argparse.Namespace) -> None:
+    from pipeline.metrics import compare
+
+    lay = Layout(cfg.workdir)
+    overall = args.overall or [lay.overall_metrics(m) for m in cfg["classifiers"]]
+    compare(cfg, overall, args.out or lay.comparison("md"))
 
 
 def _tile_spec(cfg: Config, tile: str) -> dict:
@@ -184,10 +209,16 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, Stage]]:
     p = add("rasterise", _rasterise, "rasterise one tile's train/validation labels", tile=True)
     p.add_argument("--split", type=Path)
     p.add_argument("--grid", type=Path, help="ingest store giving the tile grid")
-    add("train", _train, "train a classifier on all tiles", model=True)
+    add(
+        "patches", _patches, "valid training/validation patch positions of one tile (networks)", tile=True
+    ).add_argument("--labels", type=Path, help="the tile's label store")
+    add("train", _train, "train a classifier on all tiles", model=True).add_argument(
+        "--checkpoints", type=Path, help="network checkpoint folder (default: <out>.checkpoints)"
+    )
     p = add("predict", _predict, "map one tile with a trained classifier", tile=True, model=True)
     p.add_argument("--model-dir", type=Path)
     p.add_argument("--src", type=Path)
+    p.add_argument("--confidence", type=Path, help="confidence COG (default: the run layout)")
     add("validity", _validity, "clear-observation count of one tile as a COG", tile=True).add_argument(
         "--src", type=Path
     )
@@ -196,6 +227,9 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, Stage]]:
     p.add_argument("--labels", type=Path)
     add("summarise", _summarise, "merge tile metrics into run-wide metrics", model=True).add_argument(
         "tile_metrics", nargs="*", type=Path
+    )
+    add("compare", _compare, "every classifier's run-wide scores side by side (.md + .csv)").add_argument(
+        "overall", nargs="*", type=Path, help="overall.json of each classifier"
     )
     return parser, stages
 

@@ -85,6 +85,18 @@ def _check_semantics(data: dict[str, Any], source: str) -> None:
         raise PipelineError(
             source, "invalid config at 'normalisation': low_percentile must be < high_percentile"
         )
+    nets = data.get("nets", {})
+    if set(data["classifiers"]) - {"rf"}:
+        start, end = (dt.date.fromisoformat(grid[k]) for k in ("start", "end"))
+        n_dates = (end - start).days // grid["step_days"] + 1
+        if n_dates % nets["groups"]:
+            raise PipelineError(
+                source,
+                f"invalid config at 'nets/groups': the date grid's {n_dates} dates do not split into"
+                f" {nets['groups']} equal temporal groups",
+            )
+        if nets["patch_stride"] > nets["patch_size"]:
+            raise PipelineError(source, "invalid config at 'nets/patch_stride': larger than patch_size")
 
 
 def load_config(path: str | os.PathLike[str]) -> Config:

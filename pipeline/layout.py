@@ -7,11 +7,15 @@ the Snakemake rules (which import it), so paths are defined once.
     <workdir>/stats/percentiles.json        run-wide 3rd/97th percentiles per channel
     <workdir>/reference/split.gpkg          polygons with their tile and train/validation split
     <workdir>/reference/<tile>.zarr         rasterised train and validation labels
+    <workdir>/patches/<tile>.<split>.npz    valid patch positions per class, train/validation (networks)
     <workdir>/models/<name>/model.*         trained classifier + model.json (schema, normalisation)
+    <workdir>/models/<name>.checkpoints/    per-epoch network checkpoints (resume after a kill)
     <workdir>/maps/<name>/<tile>.tif        class map COG (uint8, colour table, nodata 0)
+    <workdir>/maps/<name>/<tile>_confidence.tif  confidence COG (uint8 0-100, nodata 255)
     <workdir>/quality/<tile>_clear.tif      clear-observation count COG (validity layer)
     <workdir>/metrics/<name>/<tile>.json    confusion matrix and scores on validation polygons
     <workdir>/metrics/<name>/overall.json   same, whole run
+    <workdir>/metrics/comparison.{csv,md}   every classifier's run-wide scores side by side
 """
 
 from __future__ import annotations
@@ -42,6 +46,9 @@ class Layout:
     def labels(self, tile: str) -> Path:
         return self.workdir / "reference" / f"{tile}.zarr"
 
+    def patches(self, tile: str, split: str = "train") -> Path:
+        return self.workdir / "patches" / f"{tile}.{split}.npz"
+
     def model_dir(self, name: str) -> Path:
         return self.workdir / "models" / name
 
@@ -51,6 +58,12 @@ class Layout:
     def class_map(self, name: str, tile: str) -> Path:
         return self.workdir / "maps" / name / f"{tile}.tif"
 
+    def checkpoints(self, name: str) -> Path:
+        return self.workdir / "models" / f"{name}.checkpoints"
+
+    def confidence(self, name: str, tile: str) -> Path:
+        return self.workdir / "maps" / name / f"{tile}_confidence.tif"
+
     def validity(self, tile: str) -> Path:
         return self.workdir / "quality" / f"{tile}_clear.tif"
 
@@ -59,3 +72,6 @@ class Layout:
 
     def overall_metrics(self, name: str) -> Path:
         return self.workdir / "metrics" / name / "overall.json"
+
+    def comparison(self, suffix: str = "md") -> Path:
+        return self.workdir / "metrics" / f"comparison.{suffix}"

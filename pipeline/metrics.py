@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from pipeline.config import Config
 from pipeline.errors import PipelineError
-from pipeline.io.atomic import write_json
+from pipeline.io.atomic import atomic_path, write_json
 from pipeline.io.tilestore import iter_windows, open_store, store_grid, win_slices
 
 NO_VALIDATION = "no validation data"
@@ -139,7 +139,7 @@ def validate_tile(cfg: Config, class_map: Path, labels: Path, out: Path) -> None
     )
 
 
-def summarise(cfg: Config, tile_metrics: Sequence[Path], out: Path) -> None:
+def summarise(cfg: Config, tile_metrics: Sequence[Path], out: Path, model: str | None = None) -> None:
     """Run-wide metrics from the summed tile confusion matrices, plus each tile's OA and kappa."""
     total = np.zeros((len(cfg.classes),) * 2, dtype=np.int64)
     tiles = {}
@@ -159,4 +159,64 @@ def summarise(cfg: Config, tile_metrics: Sequence[Path], out: Path) -> None:
             "kappa": doc["kappa"],
             "n_pixels": doc["n_pixels"],
         }
-    write_json(out, report(total, cfg, area or 100.0, scope="run", tiles=tiles))
+    write_json(out, report(total, cfg, area or 100.0, scope="run", model=model, tiles=tiles))
+
+
+def compare(cfg: Config, overall: Sequence[Path], out: Path) -> None:
+    """Every classifier's run-wide scores side by side: ``out`` (Markdown) and its ``.csv`` sibling.
+
+    Rows of the first table are classifiers (OA, kappa, mean F-score, kappa per tile); the second
+    table has one row per class and one F-score column per classifier, as the seed's Tables 3-4.
+    """
+    docs = []
+    for path in overall:
+        try:
+            doc = json.loads(Path(path).read_text())
+        except (OSError, ValueError) as exc:
+            raise PipelineError(path, f"cannot read run metrics ({exc})") from exc
+        if doc.get("codes") != [c.code for c in cfg.classes]:
+            raise PipelineError(path, "run metrics were computed with another nomenclature")
+        docs.append((doc.get("model") or Path(path).parent.name, doc))
+    names = [c.name for c in cfg.classes]
+    tiles = sorted({t for _, d in docs for t in d.get("tiles", {})})
+
+    def num(v: float | None, digits: int = 4) -> str:
+        return "" if v is None else f"{v:.{digits}f}"
+
+    def mean_f1(doc: dict[str, Any]) -> float | None:
+        f = [v["f1"] for v in doc["per_class"].values() if v["support_pixels"] and v["f1"] is not None]
+        return float(np.mean(f)) if f else None
+
+    head = ["classifier", "OA", "kappa", "mean F1", "validation pixels", *(f"kappa {t}" for t in tiles)]
+    rows = [
+        [
+            m,
+            num(d["oa"]),
+            num(d["kappa"]),
+            num(mean_f1(d)),
+            str(d["n_pixels"]),
+            *(num(d["tiles"].get(t, {}).get("kappa")) for t in tiles),
+        ]
+        for m, d in docs
+    ]
+    f1_head = ["class", *(m for m, _ in docs)]
+    f1_rows = [[n, *(num(d["per_class"][n]["f1"]) for _, d in docs)] for n in names]
+
+    def md(header: list[str], body: list[list[str]]) -> str:
+        lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in body])
+
+    text = (
+        "# Classifiers side by side (validation polygons, whole run)\n\n"
+        + md(head, rows)
+        + "\n\n## F-score per class\n\n"
+        + md(f1_head, f1_rows)
+        + "\n"
+    )
+    csv_lines = [",".join(head)] + [",".join(r) for r in rows]
+    csv_lines += ["", ",".join(f"F1 {h}" if i else h for i, h in enumerate(f1_head))]
+    csv_lines += [",".join(r) for r in f1_rows]
+    with atomic_path(out) as tmp:
+        tmp.write_text(text)
+    with atomic_path(Path(out).with_suffix(".csv")) as tmp:
+        tmp.write_text("\n".join(csv_lines) + "\n")

@@ -37,12 +37,16 @@ def train(
     labels: Mapping[str, Path],
     percentiles: Path,
     out_dir: Path,
+    **patch_kw: Any,
 ) -> None:
-    """Train model ``name`` (registry) on the training labels of every tile into ``out_dir``."""
+    """Train model ``name`` (registry) on the training labels of every tile into ``out_dir``.
+
+    ``patch_kw`` (patch index files, checkpoint folder) go to patch models' own training stage.
+    """
     model_cls = get(name)
     if not model_cls.pixelwise:
         # patch models (FG-UNET, ...) bring their own sampler/training loop with the same signature
-        model_cls.train_stage(cfg, gapfilled, labels, percentiles, out_dir)  # type: ignore[attr-defined]
+        model_cls.train_stage(cfg, gapfilled, labels, percentiles, out_dir, **patch_kw)  # type: ignore[attr-defined]
         return
     norm = Normalisation.from_percentiles(percentiles)
     t0 = time.perf_counter()
@@ -90,6 +94,23 @@ def model_meta(
     percentiles: Path,
 ) -> dict[str, Any]:
     """Everything prediction and provenance need about a fitted model (``model.json``)."""
+    return base_meta(cfg, name, model, norm, empty, percentiles) | {
+        "samples": {
+            "split": "train",
+            "per_class_target": per_class,
+            "counts": {str(c): int(n) for c, n in sorted(sample.counts.items())},
+            "available": {str(c): int(n) for c, n in sorted(sample.available.items())},
+            "tiles": sample.tiles,
+            "seed": derive_seed(cfg.seed, "sampling"),
+        },
+        "params": model.params(),
+    }
+
+
+def base_meta(
+    cfg: Config, name: str, model: Classifier, norm: Normalisation, empty: list[int], percentiles: Path
+) -> dict[str, Any]:
+    """The part of ``model.json`` every model shares: classes, feature schema, normalisation, provenance."""
     return {
         "name": name,
         "model_class": f"{type(model).__module__}.{type(model).__qualname__}",
@@ -108,15 +129,6 @@ def model_meta(
             "input_nodata": -10000,
         },
         "normalisation": {**norm.to_json(), "source": str(percentiles)},
-        "samples": {
-            "split": "train",
-            "per_class_target": per_class,
-            "counts": {str(c): int(n) for c, n in sorted(sample.counts.items())},
-            "available": {str(c): int(n) for c, n in sorted(sample.available.items())},
-            "tiles": sample.tiles,
-            "seed": derive_seed(cfg.seed, "sampling"),
-        },
-        "params": model.params(),
         "config_digest": cfg.digest,
         "package_version": __version__,
         "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),

@@ -21,9 +21,12 @@ def test_default_config_is_valid_and_complete(raw):
     cfg = load_config(REPO / "config.yaml")
     seed_classes = "CUF DUF ICU RSF ASC AWC IGL ORC VIN BLF COF NGL WOM BDS BRO GPS WAT"  # seed §2.2
     assert [c.name for c in cfg.classes] == seed_classes.split()
-    assert cfg.date_grid[0] == cfg.date_grid.dtype.type("2018-01-05")
+    assert cfg.date_grid[0] == cfg.date_grid.dtype.type("2018-01-10")
     assert (cfg.date_grid[1:] - cfg.date_grid[:-1] == 20).all()
     assert cfg.date_grid[-1] <= cfg.date_grid.dtype.type("2018-12-31")
+    # the networks' temporal groups split the grid evenly (6 groups of 3 dates x 10 bands)
+    assert len(cfg.date_grid) == 18 and len(cfg.date_grid) % cfg["nets"]["groups"] == 0
+    assert set(cfg["classifiers"]) == {"rf", "fgunet"}
 
 
 def test_defaults_are_filled(raw):

@@ -15,6 +15,7 @@ import yaml
 
 from pipeline.config import load_config
 from pipeline.layout import Layout
+from pipeline.models import NETWORKS
 from tests.conftest import REPO
 
 pytestmark = pytest.mark.e2e
@@ -39,6 +40,12 @@ def run(tmp_path_factory) -> Path:
     }
     raw["inputs"]["reference"] = "inputs/reference.gpkg"
     raw["rf"]["n_estimators"] = 50
+    # every network of the family through the same targets as RF, small enough for CI
+    raw["classifiers"] = ["rf", *NETWORKS]
+    raw["nets"].update(
+        unet_filters=[8, 16, 32], mlp_filters=[32, 16, 16], lstm_hidden=16, patch_size=32,
+        batch_size=4, epochs=2, steps_per_epoch=6, warmup_epochs=1, validation_patches=8,
+    )  # fmt: skip
     (work / "config.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
     proc = _snakemake(work)
     assert proc.returncode == 0, proc.stderr[-5000:]
@@ -64,6 +71,35 @@ def test_maps_validity_and_metrics(run):
     chance_oa = 1 / len(cfg.classes)
     assert overall["kappa"] > 0.5, overall["kappa"]  # well above chance (kappa 0)
     assert overall["oa"] > 3 * chance_oa
+
+
+def test_networks_map_every_tile_and_are_compared(run):
+    cfg = load_config(run / "config.yaml")
+    lay = Layout(run / cfg.workdir)
+    for name in cfg["classifiers"]:
+        for tile in cfg.tiles:
+            with (
+                rasterio.open(lay.class_map(name, tile)) as m,
+                rasterio.open(lay.confidence(name, tile)) as c,
+            ):
+                codes, conf = m.read(1), c.read(1)
+                assert m.tags()["MODEL"] == name
+                assert c.nodata == 255 and c.tags(ns="IMAGE_STRUCTURE").get("LAYOUT") == "COG"
+            assert set(np.unique(codes)) <= {0, *cfg.class_codes.tolist()}
+            assert ((conf == 255) == (codes == 0)).all()  # confidence exactly where there is a class
+            assert conf[codes > 0].max() <= 100
+        doc = json.loads(lay.overall_metrics(name).read_text())
+        assert doc["model"] == name and doc["n_pixels"] > 0
+    table = lay.comparison("md").read_text()
+    header = next(line for line in table.splitlines() if line.startswith("| classifier"))
+    rows = [line.split("|")[1].strip() for line in table.splitlines() if line.startswith("| ")]
+    assert set(cfg["classifiers"]) <= set(rows), table
+    assert "kappa T31TCJ" in header
+    csv_head = lay.comparison("csv").read_text().splitlines()[0]
+    assert csv_head.startswith("classifier,OA,kappa")
+    # the training curves exist for every network
+    for name in NETWORKS:
+        assert (lay.model_dir(name) / "training.png").stat().st_size > 0
 
 
 def test_one_tile_target_rebuilds_only_that_tile(run):

@@ -46,6 +46,7 @@ def make_config(tmp_path: Path, per_class: int = 150, window: int = 64, radius: 
     raw["rf"] = {"n_estimators": 20, "max_depth": 20, "min_samples_split": 10, "samples_per_class": per_class}
     raw["rf"].update(rf)
     raw["inference"] = {"window": window, "regularisation_radius": radius}
+    raw["classifiers"] = ["rf"]
     return Config(validate(raw))
 
 
@@ -245,7 +246,9 @@ def test_retrain_replaces_folder_atomically(scene, tmp_path):
 
 def test_unknown_model_name_lists_known(scene, tmp_path):
     cfg = make_config(tmp_path)
-    with pytest.raises(PipelineError, match="unknown model 'svm'.*known models: rf"):
+    with pytest.raises(
+        PipelineError, match="unknown model .svm.; known models: fgunet, lstm3, mlp3, rf, tsfgunet, unet3"
+    ):
         train(cfg, "svm", scene.gapfilled, scene.labels, scene.percentiles, tmp_path / "m")
     assert not (tmp_path / "m").exists()
 

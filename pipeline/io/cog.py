@@ -127,6 +127,43 @@ def class_map_writer(
         yield sink
 
 
+CONFIDENCE_NODATA = 255
+
+
+def confidence_colormap() -> dict[int, tuple[int, int, int, int]]:
+    """0-100 from red (hesitant) through yellow to green (sure); 255 (no data) transparent."""
+    cmap = {}
+    for v in range(101):
+        f = v / 100
+        r, g = (255, int(510 * f)) if f < 0.5 else (int(510 * (1 - f)), 255)
+        cmap[v] = (r, g, 0, 255)
+    return cmap | {CONFIDENCE_NODATA: (0, 0, 0, 0)}
+
+
+@contextlib.contextmanager
+def confidence_writer(
+    out: str | os.PathLike[str],
+    grid: Grid,
+    *,
+    extra_tags: dict[str, str] | None = None,
+    threads: int = 1,
+) -> Iterator[RasterSink]:
+    """A confidence COG: the winning class's probability in % (uint8 0-100, nodata 255), AVERAGE overviews."""
+    with cog_writer(
+        out,
+        grid,
+        "uint8",
+        nodata=CONFIDENCE_NODATA,
+        resampling="AVERAGE",
+        colormap=confidence_colormap(),
+        tags={"MEANING": "probability of the mapped class, percent (max softmax / tree vote share)"}
+        | (extra_tags or {}),
+        description="confidence (%)",
+        threads=threads,
+    ) as sink:
+        yield sink
+
+
 def write_class_map(
     out: str | os.PathLike[str],
     grid: Grid,

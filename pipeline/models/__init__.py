@@ -1,19 +1,14 @@
 """Classifier registry: ``name -> model class``, so stages dispatch on the config's ``classifiers``.
 
-A model is anything following :class:`Classifier`. Adding one (e.g. FG-UNET) is a module with a
-class decorated ``@register("fg-unet")`` and one line in :data:`_MODULES` (imported lazily, so the
-RF stages never import torch)::
-
-    @register("fg-unet")
-    class FGUNet:
-        name = "fg-unet"
-        pixelwise = False
-        ...
+A model is anything following :class:`Classifier`. Adding one is a module with a class decorated
+``@register("name")`` and one line in :data:`_MODULES` (imported lazily, so the RF stages never
+import torch). The network family registers one subclass of
+:class:`pipeline.models.net.NetClassifier` per architecture of :mod:`pipeline.models.nets`.
 
 Pixel-wise models (``pixelwise = True``) are trained by :func:`pipeline.train.train` on a
 class-balanced pixel sample and predicted on (N, F) features; patch models implement their own
-``train_stage(cfg, gapfilled, labels, percentiles, out_dir)`` classmethod, which
-:func:`pipeline.train.train` hands over to.
+``train_stage(cfg, gapfilled, labels, percentiles, out_dir, **kw)`` classmethod, which
+:func:`pipeline.train.train` hands over to, and ``classify_window(cube, norm)`` for prediction.
 """
 
 from __future__ import annotations
@@ -28,8 +23,10 @@ import numpy as np
 from pipeline.errors import PipelineError
 
 # name -> module that registers it; imported on first lookup so heavy deps load only when used
+NETWORKS = ("fgunet", "unet3", "mlp3", "lstm3", "tsfgunet")  # the seed's network family (§3.2, §4.2)
 _MODULES: dict[str, str] = {
     "rf": "pipeline.models.rf",
+    **{arch: "pipeline.models.net" for arch in NETWORKS},
 }
 
 REGISTRY: dict[str, type[Classifier]] = {}
@@ -80,6 +77,11 @@ def register(name: str) -> Callable[[type], type]:
 def derive_seed(seed: int, purpose: str) -> int:
     """A per-purpose seed from the run's root seed, so sampling and model init draw independent streams."""
     return int(np.random.SeedSequence([seed, *purpose.encode()]).generate_state(1)[0])
+
+
+def is_network(name: str) -> bool:
+    """True for patch-trained networks (they need patch positions); answered without importing torch."""
+    return name in NETWORKS
 
 
 def known() -> list[str]:

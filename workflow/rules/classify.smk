@@ -1,17 +1,42 @@
-# Train each configured classifier on all tiles, map every tile, validate.
+# Train each configured classifier on all tiles, map every tile, validate, compare.
+
+from pipeline.models import is_network
+
+
+def train_inputs(wildcards):
+    """Networks also need every tile's precomputed patch positions."""
+    inputs = {
+        "gapfilled": expand(str(LAYOUT.gapfilled("{tile}")), tile=TILES),
+        "labels": expand(str(LAYOUT.labels("{tile}")), tile=TILES),
+        "percentiles": str(LAYOUT.percentiles()),
+    }
+    if is_network(wildcards.model):
+        inputs["patches"] = expand(str(LAYOUT.patches("{tile}")), tile=TILES)
+    return inputs
+
+
+rule patches:
+    input:
+        str(LAYOUT.labels("{tile}")),
+    output:
+        train=str(LAYOUT.patches("{tile}", "train")),
+        validation=str(LAYOUT.patches("{tile}", "validation")),
+    log:
+        str(LAYOUT.workdir / "logs" / "patches_{tile}.log"),
+    shell:
+        "{LANDCOVER} patches --tile {wildcards.tile} --labels {input} --out {output.train} 2> {log}"
 
 
 rule train:
     input:
-        gapfilled=expand(str(LAYOUT.gapfilled("{tile}")), tile=TILES),
-        labels=expand(str(LAYOUT.labels("{tile}")), tile=TILES),
-        percentiles=str(LAYOUT.percentiles()),
+        unpack(train_inputs),
     output:
         directory(str(LAYOUT.model_dir("{model}"))),
     log:
         str(LAYOUT.workdir / "logs" / "train_{model}.log"),
     threads: workflow.cores
     shell:
+        # networks checkpoint every epoch into <model>.checkpoints/: rerunning resumes there
         "{LANDCOVER} train --model {wildcards.model} --out {output} 2> {log}"
 
 
@@ -20,12 +45,13 @@ rule predict:
         model=str(LAYOUT.model_dir("{model}")),
         gapfilled=str(LAYOUT.gapfilled("{tile}")),
     output:
-        str(LAYOUT.class_map("{model}", "{tile}")),
+        map=str(LAYOUT.class_map("{model}", "{tile}")),
+        confidence=str(LAYOUT.confidence("{model}", "{tile}")),
     log:
         str(LAYOUT.workdir / "logs" / "predict_{model}_{tile}.log"),
     shell:
         "{LANDCOVER} predict --model {wildcards.model} --tile {wildcards.tile} --model-dir {input.model}"
-        " --src {input.gapfilled} --out {output} 2> {log}"
+        " --src {input.gapfilled} --out {output.map} --confidence {output.confidence} 2> {log}"
 
 
 rule validate:
@@ -50,3 +76,15 @@ rule summarise:
         str(LAYOUT.workdir / "logs" / "summarise_{model}.log"),
     shell:
         "{LANDCOVER} summarise --model {wildcards.model} --out {output} {input} 2> {log}"
+
+
+rule compare:
+    input:
+        expand(str(LAYOUT.overall_metrics("{model}")), model=CLASSIFIERS),
+    output:
+        md=str(LAYOUT.comparison("md")),
+        csv=str(LAYOUT.comparison("csv")),
+    log:
+        str(LAYOUT.workdir / "logs" / "compare.log"),
+    shell:
+        "{LANDCOVER} compare --out {output.md} {input} 2> {log}"

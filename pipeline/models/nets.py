@@ -1,0 +1,475 @@
+"""The seed's network family (Stoian et al. 2019, §3.2 and the §4.2 baselines), built from one typed spec.
+
+Every architecture is the same three pieces, so one builder (:func:`build`) serves them all:
+
+1. a per-group feature extractor whose weights are shared by the G temporal groups (the paper's
+   "network duplicated G times with parameter sharing"): a 3-level U-Net, a pixel-wise 1x1 path, or
+   both side by side, made of plain conv+ReLU units or, for ``tsfgunet``, of ConvLSTM units that
+   run over the group sequence;
+2. a fusion head: concatenation + one linear 1x1 classifier (``fgunet``, ``unet3``, ``mlp3``), an
+   LSTM over the per-pixel group sequence (``lstm3``), or the last step of the ConvLSTMs (``tsfgunet``);
+3. :class:`Net`, which folds the groups into the batch for training (:meth:`Net.forward`) or streams
+   them one at a time so only one group's activations are alive (:meth:`Net.forward_lowmem`, used for
+   inference on large windows). Both compute the same function.
+
+Input convention: ``x`` is (B, G*Cg, H, W) float32 with date-major channels, i.e. temporal group g is
+the channel slice ``[g*Cg:(g+1)*Cg]``; the output is logits (B, K, H, W), no softmax.
+
+Parameter counts with the paper's sizes (Cg=30, G=11, K=17, default filters), cf. Table 2:
+fgunet 525,997, unet3 485,297 and mlp3 40,717 match exactly; lstm3 gives 125,703 (paper 324,024,
+not reproducible from its description) and tsfgunet 4,170,923 = 3,834,112 (ConvLSTM U-Net) +
+335,400 (1x1 ConvLSTM path) + 1,411 (classifier, 83*17); the paper's 4,137,272 is 33,651 fewer and
+its layer sizes are not given. Formulas in :class:`_LSTMHead` and :class:`ConvLSTM2d`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+ARCHS = ("fgunet", "unet3", "mlp3", "lstm3", "tsfgunet")
+
+KERNEL = 3  # spatial kernel of the U-Net convolutions (the 1x1 path uses 1)
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """What an architecture is made of; the single table :func:`build` reads."""
+
+    unet: bool  # 3x3 U-Net part in the per-group extractor
+    pixel: bool  # 1x1 pixel-wise path in the per-group extractor
+    recurrent: bool  # every convolution is a ConvLSTM over the group sequence
+    fusion: str  # "concat" | "lstm" | "last"
+
+
+_LAYOUTS: dict[str, _Layout] = {
+    "fgunet": _Layout(unet=True, pixel=True, recurrent=False, fusion="concat"),
+    "unet3": _Layout(unet=True, pixel=False, recurrent=False, fusion="concat"),
+    "mlp3": _Layout(unet=False, pixel=True, recurrent=False, fusion="concat"),
+    "lstm3": _Layout(unet=False, pixel=True, recurrent=False, fusion="lstm"),
+    "tsfgunet": _Layout(unet=True, pixel=True, recurrent=True, fusion="last"),
+}
+assert tuple(_LAYOUTS) == ARCHS
+
+
+def _positive_int(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"NetSpec.{name} must be a positive integer, got {value!r}")
+
+
+def _filters(name: str, value: Any) -> tuple[int, ...]:
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
+        raise ValueError(f"NetSpec.{name} must be a list of positive integers, got {value!r}")
+    out = tuple(value)
+    if not out:
+        raise ValueError(f"NetSpec.{name} must not be empty")
+    for i, v in enumerate(out):
+        _positive_int(f"{name}[{i}]", v)
+    return out
+
+
+@dataclass(frozen=True)
+class NetSpec:
+    """Everything needed to rebuild a network (stored next to its weights as JSON).
+
+    ``in_channels`` is the per-group channel count Cg (not G*Cg), so one spec describes both the
+    input layout and the shared sub-network. Validated on construction: a spec that exists builds.
+    """
+
+    arch: str
+    in_channels: int
+    groups: int
+    n_classes: int
+    unet_filters: tuple[int, ...] = (32, 64, 128)  # one entry per U-Net level (3 levels -> 2 poolings)
+    mlp_filters: tuple[int, ...] = (200, 100, 50)  # the 1x1 pixel-wise path
+    dropout: float = 0.2
+    lstm_hidden: int = 128
+
+    def __post_init__(self) -> None:
+        if self.arch not in ARCHS:
+            raise ValueError(f"NetSpec.arch must be one of {', '.join(ARCHS)}; got {self.arch!r}")
+        for name in ("in_channels", "groups", "n_classes", "lstm_hidden"):
+            _positive_int(name, getattr(self, name))
+        # lists (from JSON) become tuples so the spec stays hashable and compares equal
+        object.__setattr__(self, "unet_filters", _filters("unet_filters", self.unet_filters))
+        object.__setattr__(self, "mlp_filters", _filters("mlp_filters", self.mlp_filters))
+        d = self.dropout
+        if isinstance(d, bool) or not isinstance(d, (int, float)) or not 0.0 <= d < 1.0:
+            raise ValueError(f"NetSpec.dropout must be a number in [0, 1), got {d!r}")
+        object.__setattr__(self, "dropout", float(d))
+
+    def to_json(self) -> dict[str, Any]:
+        """Plain JSON types only (tuples as lists)."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> NetSpec:
+        """Inverse of :meth:`to_json`; unknown or missing keys and bad values raise ``ValueError``."""
+        if not isinstance(d, dict):
+            raise ValueError(f"a NetSpec is a JSON object, got {type(d).__name__}")
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown NetSpec key(s): {', '.join(unknown)}")
+        missing = [n for n in ("arch", "in_channels", "groups", "n_classes") if n not in d]
+        if missing:
+            raise ValueError(f"NetSpec is missing required key(s): {', '.join(missing)}")
+        return cls(**d)
+
+
+# ---------------------------------------------------------------------------------------------------
+# units: the thing every "convolution" of the paper's diagrams is
+
+
+Unit = Callable[[int, int, int], nn.Module]  # (in_channels, out_channels, kernel) -> module
+
+
+def _conv_relu(in_ch: int, out_ch: int, k: int) -> nn.Module:
+    """Zero-padded conv + ReLU: 'same' output size, so the whole window is kept (§3.2.1)."""
+    return nn.Sequential(nn.Conv2d(in_ch, out_ch, k, padding=k // 2), nn.ReLU(inplace=True))
+
+
+class ConvLSTM2d(nn.Module):
+    """ConvLSTM layer (Shi et al. 2015) over the G groups, returning the whole hidden sequence.
+
+    Gates come from ONE conv over concat(input, hidden): i, f, o = sigmoid, g = tanh;
+    c' = f*c + i*g, h' = o*tanh(c'). Parameters: (C_in + C_h) * k^2 * 4*C_h + 4*C_h, the same count
+    as Keras' ConvLSTM2D (separate input and recurrent kernels, one bias).
+
+    The sequence is carried folded into the batch, (B*T, C, H, W) with T = ``steps``, so pooling,
+    upsampling, dropout and concatenation around it are applied per step by ordinary layers. In
+    streaming mode (see :meth:`Net.forward_lowmem`) each call is ONE step of shape (B, C, H, W) and
+    the (h, c) state is carried between calls instead.
+    """
+
+    def __init__(self, in_ch: int, hidden: int, k: int, steps: int) -> None:
+        super().__init__()
+        self.in_ch, self.hidden, self.steps = in_ch, hidden, steps
+        self.conv = nn.Conv2d(in_ch + hidden, 4 * hidden, k, padding=k // 2)
+        with torch.no_grad():  # forget-gate bias 1 (Keras' unit_forget_bias): remember by default
+            self.conv.bias[hidden : 2 * hidden].fill_(1.0)
+        self._streaming = False
+        self._state: tuple[Tensor, Tensor] | None = None
+
+    def _update(self, gates: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
+        i, f, o, g = gates.chunk(4, dim=1)
+        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+        return torch.sigmoid(o) * torch.tanh(c), c
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self._step(x) if self._streaming else self._sequence(x)
+
+    def _sequence(self, x: Tensor) -> Tensor:
+        # The input half of the gate conv does not depend on the recurrence: one batched conv for
+        # all steps, then only the hidden half runs step by step (same maths as _step, faster).
+        n, _, hh, ww = x.shape
+        b = n // self.steps
+        w = self.conv.weight
+        pad = w.shape[-1] // 2
+        xg = F.conv2d(x, w[:, : self.in_ch], self.conv.bias, padding=pad).view(b, self.steps, -1, hh, ww)
+        h = x.new_zeros(b, self.hidden, hh, ww)
+        c = torch.zeros_like(h)
+        out = []
+        for t in range(self.steps):
+            gates = xg[:, t] if t == 0 else xg[:, t] + F.conv2d(h, w[:, self.in_ch :], padding=pad)
+            h, c = self._update(gates, c)
+            out.append(h)
+        return torch.stack(out, 1).view(n, self.hidden, hh, ww)
+
+    def _step(self, x: Tensor) -> Tensor:
+        if self._state is None:
+            h = x.new_zeros(x.shape[0], self.hidden, *x.shape[2:])
+            self._state = (h, torch.zeros_like(h))
+        h, c = self._state
+        h, c = self._update(self.conv(torch.cat([x, h], 1)), c)
+        self._state = (h, c)
+        return h
+
+    def stream(self, on: bool) -> None:
+        """Enter/leave one-step-per-call mode; both directions drop any carried state."""
+        self._streaming, self._state = on, None
+
+
+def _conv_lstm(steps: int) -> Unit:
+    return lambda in_ch, out_ch, k: ConvLSTM2d(in_ch, out_ch, k, steps)
+
+
+# ---------------------------------------------------------------------------------------------------
+# the shared per-group extractor
+
+
+class _Block(nn.Module):
+    """Two 3x3 units with Dropout between them: the only dropout of the network (§3.1)."""
+
+    def __init__(self, in_ch: int, out_ch: int, dropout: float, unit: Unit) -> None:
+        super().__init__()
+        self.conv1 = unit(in_ch, out_ch, KERNEL)
+        self.drop = nn.Dropout(dropout)
+        self.conv2 = unit(out_ch, out_ch, KERNEL)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.conv2(self.drop(self.conv1(x)))
+
+
+class UNet(nn.Module):
+    """The FG-UNET's U-Net part: one block per level, 2x2 max-pool down, 2x nearest upsampling up.
+
+    Nearest upsampling has no parameters, which is what makes the Table 2 counts come out exactly.
+    Output: ``filters[0]`` channels at full resolution.
+    """
+
+    def __init__(self, in_ch: int, filters: tuple[int, ...], dropout: float, unit: Unit) -> None:
+        super().__init__()
+        chans = (in_ch, *filters)
+        self.down = nn.ModuleList(_Block(chans[i], f, dropout, unit) for i, f in enumerate(filters))
+        # deepest first; input = upsampled level l+1 concatenated with the level-l skip
+        self.up = nn.ModuleList(
+            _Block(filters[lv + 1] + filters[lv], filters[lv], dropout, unit)
+            for lv in reversed(range(len(filters) - 1))
+        )
+        self.out_channels = filters[0]
+
+    def forward(self, x: Tensor) -> Tensor:
+        skips = []
+        for lv, block in enumerate(self.down):
+            x = block(F.max_pool2d(x, 2) if lv else x)
+            skips.append(x)
+        skips.pop()  # the bottleneck is not a skip
+        for block in self.up:
+            x = block(torch.cat([F.interpolate(x, scale_factor=2.0, mode="nearest"), skips.pop()], 1))
+        return x
+
+
+class PixelPath(nn.Module):
+    """The 1x1 pixel-wise path (200-100-50 filters): sharp class boundaries (§3.2.2)."""
+
+    def __init__(self, in_ch: int, filters: tuple[int, ...], unit: Unit) -> None:
+        super().__init__()
+        chans = (in_ch, *filters)
+        self.layers = nn.Sequential(*(unit(chans[i], f, 1) for i, f in enumerate(filters)))
+        self.out_channels = filters[-1]
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.layers(x)
+
+
+class GroupFeatures(nn.Module):
+    """The sub-network applied to each temporal group with shared weights: concat(U-Net, 1x1 path)."""
+
+    def __init__(self, unet: UNet | None, pixel: PixelPath | None) -> None:
+        super().__init__()
+        self.unet, self.pixel = unet, pixel
+        self.out_channels = sum(m.out_channels for m in (unet, pixel) if m is not None)
+
+    def forward(self, x: Tensor) -> Tensor:
+        parts = [m(x) for m in (self.unet, self.pixel) if m is not None]
+        return parts[0] if len(parts) == 1 else torch.cat(parts, 1)
+
+
+# ---------------------------------------------------------------------------------------------------
+# fusion heads: forward(f, batch) on folded features, or step/finish one group at a time
+
+
+class _FusionHead(nn.Module):
+    """How the G per-group features become logits, on folded features or streamed group by group."""
+
+    def forward(self, f: Tensor, batch: int) -> Tensor:
+        """``f``: (batch*G, F, H, W), groups folded into the batch -> (batch, K, H, W)."""
+        raise NotImplementedError
+
+    def step(self, state: Any, f: Tensor, g: int) -> Any:
+        """Fold group ``g``'s features (B, F, H, W) into ``state`` (None before the first group)."""
+        raise NotImplementedError
+
+    def finish(self, state: Any) -> Tensor:
+        raise NotImplementedError
+
+
+class _ConcatHead(_FusionHead):
+    """Concatenate the G group features and classify with one 1x1 conv (late fusion, §3.2.3).
+
+    Linear in the concatenation, so logits = bias + sum_g W_g f_g: streaming accumulates the group
+    terms and never holds more than one group's features.
+    """
+
+    def __init__(self, feat: int, groups: int, n_classes: int) -> None:
+        super().__init__()
+        self.feat = feat
+        self.classifier = nn.Conv2d(groups * feat, n_classes, 1)
+
+    def forward(self, f: Tensor, batch: int) -> Tensor:
+        return self.classifier(f.reshape(batch, -1, *f.shape[-2:]))
+
+    def step(self, state: Tensor | None, f: Tensor, g: int) -> Tensor:
+        y = F.conv2d(f, self.classifier.weight[:, g * self.feat : (g + 1) * self.feat])
+        return y if state is None else state + y
+
+    def finish(self, state: Tensor) -> Tensor:
+        return state + self.classifier.bias.view(1, -1, 1, 1)
+
+
+class _LSTMHead(_FusionHead):
+    """``lstm3``: an LSTM over each pixel's G group features, last hidden state -> linear to K.
+
+    Parameters of the whole lstm3 net: 1x1 path sum_l (c_{l-1}+1) c_l, plus the LSTM
+    4 (F h + h^2 + 2 h) (PyTorch keeps two bias vectors; Keras has one, 4 h fewer), plus (h+1) K,
+    with F = mlp_filters[-1], h = lstm_hidden. Paper sizes: 31,350 + 92,160 + 2,193 = 125,703; the
+    paper's 324,024 is not reached by any h with this structure.
+    """
+
+    def __init__(self, feat: int, hidden: int, n_classes: int) -> None:
+        super().__init__()
+        self.lstm = nn.LSTM(feat, hidden, batch_first=True)
+        self.classifier = nn.Linear(hidden, n_classes)
+
+    def _logits(self, h: Tensor, b: int, hh: int, ww: int) -> Tensor:
+        return self.classifier(h).view(b, hh, ww, -1).permute(0, 3, 1, 2).contiguous()
+
+    def forward(self, f: Tensor, batch: int) -> Tensor:
+        _, c, hh, ww = f.shape
+        seq = f.view(batch, -1, c, hh, ww).permute(0, 3, 4, 1, 2).reshape(batch * hh * ww, -1, c)
+        _, (h, _) = self.lstm(seq)
+        return self._logits(h[-1], batch, hh, ww)
+
+    def step(self, state: Any, f: Tensor, g: int) -> Any:
+        b, c, hh, ww = f.shape
+        _, hc = self.lstm(f.permute(0, 2, 3, 1).reshape(-1, 1, c), None if state is None else state[0])
+        return hc, (b, hh, ww)
+
+    def finish(self, state: Any) -> Tensor:
+        (h, _), shape = state
+        return self._logits(h[-1], *shape)
+
+
+class _LastStepHead(_FusionHead):
+    """``tsfgunet``: the ConvLSTMs have already fused the sequence; classify their last step."""
+
+    def __init__(self, feat: int, groups: int, n_classes: int) -> None:
+        super().__init__()
+        self.groups = groups
+        self.classifier = nn.Conv2d(feat, n_classes, 1)
+
+    def forward(self, f: Tensor, batch: int) -> Tensor:
+        return self.classifier(f.view(batch, self.groups, *f.shape[1:])[:, -1])
+
+    def step(self, state: Tensor | None, f: Tensor, g: int) -> Tensor:
+        return f
+
+    def finish(self, state: Tensor) -> Tensor:
+        return self.classifier(state)
+
+
+# ---------------------------------------------------------------------------------------------------
+
+
+def unet_receptive_radius(levels: int, steps: int = 1, kernel: int = KERNEL) -> int:
+    """Chebyshev radius of the U-Net's dependence on its input, for pool-aligned windows.
+
+    Count per layer in input pixels, at level l (one feature cell = 2**l px): a k x k conv adds
+    (k//2) * 2**l; a 2x2 max-pool adds nothing beyond the cell it pools into; 2x nearest upsampling
+    to level l makes output cell i read coarse cell i//2, which reaches 2**l px past cell i on one
+    side (which side depends on the parity of i, so both sides are reached by some pixel). Hence
+    encoder sum_l 2 k' 2**l, decoder sum_{l<L-1} (2**l + 2 k' 2**l): 23 px for 3 levels, 3x3 convs
+    (a 47 px wide field; the paper quotes "23 pixels"). The bound is attained: along one axis,
+    pixels at 1 (mod 4) reach 23 px to the left, 2 (mod 4) 23 px to the right, the others 22.
+
+    A 3x3 ConvLSTM also convolves its previous hidden state, so each step can move a dependency one
+    more cell; the farthest route spends all ``steps - 1`` moves at the coarsest level:
+    + (steps - 1) k' 2**(L-1).
+    """
+    kr = kernel // 2
+    enc = sum(2 * kr * 2**lv for lv in range(levels))
+    dec = sum(2**lv + 2 * kr * 2**lv for lv in range(levels - 1))
+    return enc + dec + (steps - 1) * kr * 2 ** (levels - 1)
+
+
+class Net(nn.Module):
+    """A network of the family: shared per-group extractor + fusion head (see the module docstring)."""
+
+    def __init__(self, spec: NetSpec, features: GroupFeatures, head: _FusionHead) -> None:
+        super().__init__()
+        self.spec = spec
+        self.features = features
+        self.head = head
+        self._layout = _LAYOUTS[spec.arch]
+        self.pool_factor = 2 ** (len(spec.unet_filters) - 1) if self._layout.unet else 1
+
+    def _check(self, x: Tensor) -> tuple[int, int, int]:
+        s = self.spec
+        if x.ndim != 4 or x.shape[1] != s.groups * s.in_channels:
+            raise ValueError(
+                f"expected input (B, {s.groups * s.in_channels}, H, W) = {s.groups} groups x "
+                f"{s.in_channels} channels, got {tuple(x.shape)}"
+            )
+        b, _, h, w = x.shape
+        if h % self.pool_factor or w % self.pool_factor:
+            raise ValueError(f"H and W must be multiples of {self.pool_factor} (pad the input), got {h}x{w}")
+        return b, h, w
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Training path: the G groups are folded into the batch so the extractor runs once."""
+        b, h, w = self._check(x)
+        f = self.features(x.reshape(b * self.spec.groups, self.spec.in_channels, h, w))
+        return self.head(f, b)
+
+    def forward_lowmem(self, x: Tensor) -> Tensor:
+        """Same function as :meth:`forward`, one group at a time: ~1/G of the activation memory."""
+        self._check(x)
+        cg = self.spec.in_channels
+        state = None
+        with self._streaming():
+            for g in range(self.spec.groups):
+                state = self.head.step(state, self.features(x[:, g * cg : (g + 1) * cg]), g)
+        return self.head.finish(state)
+
+    @contextlib.contextmanager
+    def _streaming(self) -> Iterator[None]:
+        cells = [m for m in self.modules() if isinstance(m, ConvLSTM2d)]
+        for m in cells:
+            m.stream(True)
+        try:
+            yield
+        finally:
+            for m in cells:
+                m.stream(False)
+
+    def receptive_radius(self) -> int:
+        """Output pixels depend only on input pixels within this Chebyshev radius (pool-aligned windows).
+
+        0 without a U-Net (1x1 path, per-pixel LSTM); see :func:`unet_receptive_radius` otherwise.
+        Used to size the inference margin, so it is a bound, and tested to be attained.
+        """
+        if not self._layout.unet:
+            return 0
+        steps = self.spec.groups if self._layout.recurrent else 1
+        return unet_receptive_radius(len(self.spec.unet_filters), steps)
+
+
+def build(spec: NetSpec) -> Net:
+    """The one builder: the arch's layout picks the extractor parts, the unit and the fusion head."""
+    lay = _LAYOUTS[spec.arch]
+    unit = _conv_lstm(spec.groups) if lay.recurrent else _conv_relu
+    unet = UNet(spec.in_channels, spec.unet_filters, spec.dropout, unit) if lay.unet else None
+    pixel = PixelPath(spec.in_channels, spec.mlp_filters, unit) if lay.pixel else None
+    features = GroupFeatures(unet, pixel)
+    fo, k = features.out_channels, spec.n_classes
+    head: _FusionHead
+    if lay.fusion == "concat":
+        head = _ConcatHead(fo, spec.groups, k)
+    elif lay.fusion == "lstm":
+        head = _LSTMHead(fo, spec.lstm_hidden, k)
+    else:
+        head = _LastStepHead(fo, spec.groups, k)
+    return Net(spec, features, head)
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of parameter scalars (trainable or not), as Keras' ``count_params`` reports them."""
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,522 @@
+"""Training patches for the patch-based networks (FG-UNET family): positions, sampling, reading, inputs.
+
+Seed §3.3.2: a patch is worth drawing only when >= 10 % of its pixels are labelled, so the valid
+top-left corners of every tile are precomputed once (:func:`index_tile`, one ``.npz`` per tile) on
+a lattice of step ``stride``, with, per class, the positions holding >= 10 % of that class.
+Seed §3.3.4 / §3.3.6 steps 1-2: training draws a class uniformly first, then a position uniformly
+among that class's positions pooled over every tile (:class:`ClassFirstSampler`), so minority
+classes are seen as often as water. Patches are then sliced out of the gapfilled zarr cubes
+(:func:`read_patches`, a 64-px patch touches 1-4 inner chunks, never a tile), normalised by eq. 2
+plus optional spectral indices (§3.2.5, :func:`patch_inputs`) and augmented by the 8 rotations /
+mirrors of the square (§3.3.5, :func:`augment`).
+
+The array functions are pure and independent of zarr, so they are tested against brute-force
+oracles; only :func:`index_tile` and :func:`read_patches` touch stores.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, NamedTuple
+
+import numpy as np
+import zarr
+
+from pipeline.errors import PipelineError
+from pipeline.io.atomic import atomic_path
+from pipeline.io.tilestore import SHARD, open_store
+from pipeline.stats import NODATA
+
+if TYPE_CHECKING:
+    from pipeline.models.features import Normalisation
+
+log = logging.getLogger(__name__)
+
+INDICES = ("ndvi", "ndwi", "brightness")
+# raw bands each index needs (brightness uses the normalised bands of its date, whatever they are)
+_INDEX_BANDS = {"ndvi": ("B8", "B4"), "ndwi": ("B3", "B8"), "brightness": ()}
+
+
+# --------------------------------------------------------------------------- valid patch positions
+
+
+def min_pixels(size: int, min_fraction: float) -> int:
+    """Pixels a ``size`` x ``size`` patch needs: ``ceil(min_fraction * size**2)``, at least 1.
+
+    The product is rounded to 9 decimals first so float noise (0.1 * 900 = 90.00000000000001) does
+    not push an exact threshold up by one pixel.
+    """
+    return max(1, math.ceil(round(min_fraction * size * size, 9)))
+
+
+class BlockPositions(NamedTuple):
+    """Valid positions of one label block: absolute top-left rows/cols and, per requested code, the
+    indices (into rows/cols) of the positions holding enough pixels of that code."""
+
+    rows: np.ndarray  # (n,) int32
+    cols: np.ndarray  # (n,) int32
+    members: list[np.ndarray]  # one sorted int64 index array per code, in the order of ``codes``
+
+
+def _lattice(start: int, length: int, size: int, stride: int) -> np.ndarray:
+    """Local offsets of the lattice points ``k * stride`` whose patch fits in [start, start + length)."""
+    first = -(-start // stride) * stride
+    last = start + length - size  # last absolute top-left whose patch still fits
+    return np.arange(first, last + 1, stride, dtype=np.int64) - start
+
+
+def _box_sums(mask: np.ndarray, lr: np.ndarray, lc: np.ndarray, size: int, stride: int) -> np.ndarray:
+    """Pixel counts of ``mask`` in the size x size boxes at local (lr x lc), by separable cumulative sums.
+
+    Lattice points and patch sides are multiples of ``g = gcd(size, stride)``, so the mask is first
+    summed over g x g cells aligned on the lattice (one cheap pass) and the integral image is taken
+    over cells: 64x fewer cumulative sums for the default 64-px patches on an 8-px lattice.
+    """
+    g = math.gcd(size, stride)
+    if g > 1:
+        nr = (int(lr[-1] - lr[0]) + size) // g
+        nc = (int(lc[-1] - lc[0]) + size) // g
+        sub = mask[lr[0] : lr[0] + nr * g, lc[0] : lc[0] + nc * g]
+        mask = sub.reshape(nr, g, nc, g).sum(axis=(1, 3), dtype=np.int32)
+        lr, lc, size = (lr - lr[0]) // g, (lc - lc[0]) // g, size // g
+    h, w = mask.shape
+    col_cum = np.zeros((h + 1, w), np.int32)
+    np.cumsum(mask, axis=0, dtype=np.int32, out=col_cum[1:])
+    band = col_cum[lr + size] - col_cum[lr]  # (nr, W): per column, the pixels in each row window
+    row_cum = np.zeros((lr.size, w + 1), np.int32)
+    np.cumsum(band, axis=1, out=row_cum[:, 1:])
+    return row_cum[:, lc + size] - row_cum[:, lc]
+
+
+def _check_params(size: int, stride: int, min_fraction: float, codes: Sequence[int]) -> list[int]:
+    if size < 1 or stride < 1:
+        raise ValueError(f"size and stride must be >= 1, got {size} and {stride}")
+    if not 0 < min_fraction <= 1:
+        raise ValueError(f"min_fraction must be in (0, 1], got {min_fraction}")
+    codes = [int(c) for c in codes]
+    if bad := [c for c in codes if not 0 < c < 256]:
+        raise ValueError(f"class codes must be in 1..255, got {bad}")
+    return codes
+
+
+def _present(labels: np.ndarray) -> set[int]:
+    """Codes occurring in a uint8 block (a bincount: much faster than np.unique's sort)."""
+    return set(np.flatnonzero(np.bincount(labels.ravel(), minlength=256)).tolist())
+
+
+def patch_positions(
+    labels: np.ndarray,
+    size: int,
+    stride: int,
+    min_fraction: float,
+    codes: Sequence[int],
+    row0: int = 0,
+    col0: int = 0,
+) -> BlockPositions:
+    """Valid patch positions of a (H, W) label block whose top-left pixel is at absolute (row0, col0).
+
+    Candidates are the absolute lattice points (``row % stride == col % stride == 0``) whose
+    ``size`` x ``size`` patch lies inside the block, so blocks cut from one tile with ``size - 1``
+    px of overlap give each position exactly once. A position is valid when >= :func:`min_pixels`
+    pixels are labelled (any non-zero code) and is listed for code ``c`` when that many are ``c``.
+    Counts come from integral images over the whole block (one per code present), not a loop.
+    """
+    if labels.ndim != 2:
+        raise ValueError(f"labels must be 2-D, got shape {labels.shape}")
+    codes = _check_params(size, stride, min_fraction, codes)
+    need = min_pixels(size, min_fraction)
+    lr = _lattice(row0, labels.shape[0], size, stride)
+    lc = _lattice(col0, labels.shape[1], size, stride)
+    empty = BlockPositions(np.empty(0, np.int32), np.empty(0, np.int32), [np.empty(0, np.int64)] * len(codes))
+    if lr.size == 0 or lc.size == 0:
+        return empty
+    labelled = labels != 0
+    if not labelled.any():
+        return empty
+    valid = (_box_sums(labelled, lr, lc, size, stride) >= need).ravel()
+    vid = np.flatnonzero(valid)
+    if vid.size == 0:
+        return empty
+    present = set(np.unique(labels).tolist()) if labels.dtype != np.uint8 else _present(labels)
+    members = []
+    for code in codes:
+        if code not in present:
+            members.append(np.empty(0, np.int64))
+            continue
+        hit = np.flatnonzero((_box_sums(labels == code, lr, lc, size, stride) >= need).ravel())
+        members.append(np.searchsorted(vid, hit))  # hit is a subset of vid: its rank among valid positions
+    rows = (lr[vid // lc.size] + row0).astype(np.int32)
+    cols = (lc[vid % lc.size] + col0).astype(np.int32)
+    return BlockPositions(rows, cols, members)
+
+
+@dataclass(frozen=True, eq=False)
+class PatchIndex:
+    """One tile's valid patch positions (row-major) and, per class, the positions rich in that class (CSR)."""
+
+    tile: str
+    size: int
+    stride: int
+    min_fraction: float
+    rows: np.ndarray  # (n,) int32 top-left rows
+    cols: np.ndarray  # (n,) int32 top-left cols
+    class_codes: np.ndarray  # (K,) uint8, ascending, codes with at least one position
+    class_offsets: np.ndarray  # (K + 1,) int64
+    class_members: np.ndarray  # (class_offsets[-1],) int64 indices into rows/cols
+
+    @property
+    def n_positions(self) -> int:
+        return int(self.rows.size)
+
+    def members_of(self, code: int) -> np.ndarray:
+        """Indices (into rows/cols) of the positions holding enough pixels of ``code`` (empty if none)."""
+        i = np.flatnonzero(self.class_codes == code)
+        if i.size == 0:
+            return np.empty(0, np.int64)
+        return self.class_members[self.class_offsets[i[0]] : self.class_offsets[i[0] + 1]]
+
+    def positions_of(self, code: int) -> tuple[np.ndarray, np.ndarray]:
+        m = self.members_of(code)
+        return self.rows[m], self.cols[m]
+
+    def counts(self) -> dict[int, int]:
+        """Positions per class code."""
+        return {int(c): int(n) for c, n in zip(self.class_codes, np.diff(self.class_offsets), strict=True)}
+
+    def save(self, path: Path) -> None:
+        """Write a compressed ``.npz`` atomically (an interrupted run leaves no half index)."""
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:
+            np.savez_compressed(
+                f,
+                tile=np.array(self.tile),
+                size=np.int64(self.size),
+                stride=np.int64(self.stride),
+                min_fraction=np.float64(self.min_fraction),
+                rows=self.rows,
+                cols=self.cols,
+                class_codes=self.class_codes,
+                class_offsets=self.class_offsets,
+                class_members=self.class_members,
+            )
+
+    @classmethod
+    def load(cls, path: Path) -> PatchIndex:
+        """Read and check an index; a missing, unreadable or inconsistent file is a PipelineError."""
+        path = Path(path)
+        if not path.is_file():
+            raise PipelineError(path, "patch index not found")
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                ix = cls(
+                    tile=str(z["tile"]),
+                    size=int(z["size"]),
+                    stride=int(z["stride"]),
+                    min_fraction=float(z["min_fraction"]),
+                    rows=z["rows"].astype(np.int32, copy=False),
+                    cols=z["cols"].astype(np.int32, copy=False),
+                    class_codes=z["class_codes"].astype(np.uint8, copy=False),
+                    class_offsets=z["class_offsets"].astype(np.int64, copy=False),
+                    class_members=z["class_members"].astype(np.int64, copy=False),
+                )
+        except Exception as exc:  # np.load raises OSError, ValueError, BadZipFile, EOFError, KeyError...
+            raise PipelineError(path, f"not a readable patch index ({type(exc).__name__}: {exc})") from exc
+        if why := ix._inconsistency():
+            raise PipelineError(path, f"corrupt patch index: {why}")
+        return ix
+
+    def _inconsistency(self) -> str | None:
+        n, k = self.rows.size, self.class_codes.size
+        if self.rows.ndim != 1 or self.cols.shape != self.rows.shape:
+            return f"rows {self.rows.shape} and cols {self.cols.shape} differ"
+        if self.class_offsets.shape != (k + 1,) or self.class_offsets[0] != 0:
+            return f"{self.class_offsets.size} class offsets for {k} classes"
+        if (np.diff(self.class_offsets) < 0).any() or self.class_offsets[-1] != self.class_members.size:
+            return "class offsets do not delimit the class members"
+        if self.class_members.size and (self.class_members.min() < 0 or self.class_members.max() >= n):
+            return f"class members outside the {n} positions"
+        return None
+
+
+def index_tile(
+    labels_store: Path,
+    tile: str,
+    out: Path,
+    size: int,
+    stride: int,
+    min_fraction: float,
+    codes: Sequence[int],
+    split: str = "train",
+    block: int = SHARD,
+) -> PatchIndex:
+    """Precompute one tile's valid patch positions from its ``split`` labels and write ``out``.
+
+    The labels are streamed in full-width bands of ``block`` position rows (``block + size - 1``
+    label rows each), so memory stays ~(block + size) x width whatever the tile's height; only
+    patches fully inside the tile are kept. A tile without any valid position only logs a warning:
+    it still gets mapped, it just contributes no training patch.
+    """
+    labels_store = Path(labels_store)
+    group = open_store(labels_store, "reference", (split,))
+    arr: zarr.Array = group[split]  # type: ignore[assignment]
+    if len(arr.shape) != 2:
+        raise PipelineError(labels_store, f"'{split}' labels have shape {arr.shape}, expected (H, W)")
+    height, width = arr.shape
+    codes = sorted(set(_check_params(size, stride, min_fraction, codes)))
+    if block < 1:
+        raise ValueError(f"block must be >= 1, got {block}")
+    rows: list[np.ndarray] = []
+    cols: list[np.ndarray] = []
+    members: list[list[np.ndarray]] = [[] for _ in codes]
+    n = 0
+    for a in range(0, max(0, height - size + 1), block):
+        lab = np.asarray(arr[a : min(height, a + block + size - 1), :])
+        if bad := sorted(_present(lab) - {0, *codes}):
+            raise PipelineError(labels_store, f"{split} labels hold codes {bad} not in the nomenclature")
+        got = patch_positions(lab, size, stride, min_fraction, codes, row0=a, col0=0)
+        rows.append(got.rows)
+        cols.append(got.cols)
+        for i, m in enumerate(got.members):
+            members[i].append(m + n)
+        n += got.rows.size
+    per_code = [np.concatenate(m) if m else np.empty(0, np.int64) for m in members]
+    keep = [i for i, m in enumerate(per_code) if m.size]
+    index = PatchIndex(
+        tile=tile,
+        size=size,
+        stride=stride,
+        min_fraction=float(min_fraction),
+        rows=np.concatenate(rows) if rows else np.empty(0, np.int32),
+        cols=np.concatenate(cols) if cols else np.empty(0, np.int32),
+        class_codes=np.array([codes[i] for i in keep], np.uint8),
+        class_offsets=np.concatenate([[0], np.cumsum([per_code[i].size for i in keep])]).astype(np.int64),
+        class_members=np.concatenate([per_code[i] for i in keep] or [np.empty(0, np.int64)]).astype(np.int64),
+    )
+    if index.n_positions == 0:
+        log.warning(
+            "%s: tile %s has no %dx%d patch with >= %d labelled '%s' pixels, so it gives no %s patch"
+            " (the tile is still mapped)",
+            labels_store,
+            tile,
+            size,
+            size,
+            min_pixels(size, min_fraction),
+            split,
+            split,
+        )
+    else:
+        log.info(
+            "%s patch index %s: %d positions, per class %s", split, tile, index.n_positions, index.counts()
+        )
+    index.save(out)
+    return index
+
+
+# --------------------------------------------------------------------------- class-first sampling
+
+
+@dataclass(frozen=True)
+class PatchRef:
+    """One drawn patch: tile, top-left pixel and the class it was drawn for."""
+
+    tile: str
+    row: int
+    col: int
+    code: int
+
+
+class ClassFirstSampler:
+    """Draw a class uniformly, then a position uniformly among that class's positions of all tiles.
+
+    ``classes`` are ``codes`` (default: every class of the indices) that have at least one position
+    in some tile; a tile lacking a class is never chosen for it (seed §3.3.2, §3.3.4).
+    """
+
+    def __init__(self, indices: Sequence[PatchIndex], codes: Sequence[int] | None = None) -> None:
+        self.indices = list(indices)
+        if not self.indices:
+            raise ValueError("no patch index given")
+        self.tiles = [ix.tile for ix in self.indices]
+        if len(set(self.tiles)) != len(self.tiles):
+            raise ValueError(f"duplicate tiles among the patch indices: {self.tiles}")
+        sizes = {ix.size for ix in self.indices}
+        if len(sizes) != 1:
+            raise ValueError(f"patch indices of different patch sizes {sorted(sizes)}")
+        self.size = sizes.pop()
+        union = {int(c) for ix in self.indices for c in ix.class_codes}
+        wanted = sorted(union if codes is None else {int(c) for c in codes})
+        # per class: members per tile and the cumulative counts that pool them
+        self._members: dict[int, list[np.ndarray]] = {}
+        self._cum: dict[int, np.ndarray] = {}
+        for code in wanted:
+            parts = [ix.members_of(code) for ix in self.indices]
+            cum = np.concatenate([[0], np.cumsum([p.size for p in parts])]).astype(np.int64)
+            if cum[-1]:
+                self._members[code], self._cum[code] = parts, cum
+        if missing := [c for c in wanted if c not in self._members]:
+            log.warning("classes without any valid patch position in any tile (never drawn): %s", missing)
+        if not self._members:
+            raise PipelineError(None, f"no tile among {self.tiles} has a valid patch position for any class")
+        self.classes = np.array(sorted(self._members), np.uint8)
+
+    @property
+    def counts(self) -> dict[int, int]:
+        """Positions per class, pooled over the tiles."""
+        return {c: int(self._cum[c][-1]) for c in self._members}
+
+    def draw(self, n: int, rng: np.random.Generator) -> list[PatchRef]:
+        """``n`` patches (seed §3.3.6 steps 1-2); the same ``rng`` state gives the same draws."""
+        if n <= 0:
+            return []
+        which = rng.integers(0, self.classes.size, size=n)
+        totals = np.array([self._cum[int(c)][-1] for c in self.classes], np.int64)
+        pick = rng.integers(0, totals[which])  # pooled rank within the drawn class
+        tile_i = np.empty(n, np.int64)
+        rows = np.empty(n, np.int64)
+        cols = np.empty(n, np.int64)
+        for k, code in enumerate(self.classes.tolist()):
+            sel = np.flatnonzero(which == k)
+            if sel.size == 0:
+                continue
+            cum = self._cum[code]
+            t = np.searchsorted(cum, pick[sel], side="right") - 1
+            local = pick[sel] - cum[t]
+            for ti in np.unique(t):
+                m = t == ti
+                pos = self._members[code][ti][local[m]]
+                tile_i[sel[m]] = ti
+                rows[sel[m]] = self.indices[ti].rows[pos]
+                cols[sel[m]] = self.indices[ti].cols[pos]
+        codes = self.classes[which]
+        return [
+            PatchRef(self.tiles[t], int(r), int(c), int(k))
+            for t, r, c, k in zip(tile_i.tolist(), rows.tolist(), cols.tolist(), codes.tolist(), strict=True)
+        ]
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def read_patches(
+    refl: zarr.Array, labels: zarr.Array, refs: Sequence[PatchRef], size: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Slice the patches of one tile: (n, T, C, size, size) raw reflectance and (n, size, size) labels.
+
+    Only the patch slices are read (with 64-px inner chunks a 64-px patch decodes 1-4 chunks).
+    ``refs`` must all belong to the tile of ``refl``/``labels``; ``ref.tile`` is not checked here.
+    """
+    t, c, h, w = refl.shape
+    if tuple(labels.shape) != (h, w):
+        raise ValueError(f"labels of shape {labels.shape} for a cube of shape {refl.shape}")
+    x = np.empty((len(refs), t, c, size, size), refl.dtype)
+    y = np.empty((len(refs), size, size), labels.dtype)
+    for i, ref in enumerate(refs):
+        r, q = ref.row, ref.col
+        if r < 0 or q < 0 or r + size > h or q + size > w:
+            raise ValueError(f"patch {ref} of {size} px is outside the {h}x{w} tile")
+        x[i] = refl[:, :, r : r + size, q : q + size]
+        y[i] = labels[r : r + size, q : q + size]
+    return x, y
+
+
+# --------------------------------------------------------------------------- model inputs
+
+
+def _check_indices(bands: Sequence[str], indices: Sequence[str]) -> None:
+    unknown = [i for i in indices if i not in _INDEX_BANDS]
+    if unknown:
+        raise ValueError(f"unknown spectral indices {unknown} (known: {', '.join(INDICES)})")
+    if len(set(indices)) != len(indices):
+        raise ValueError(f"spectral indices repeated: {list(indices)}")
+    lacking = sorted({b for i in indices for b in _INDEX_BANDS[i]} - set(bands))
+    if lacking:
+        raise ValueError(f"spectral indices {list(indices)} need bands {lacking}, absent from {list(bands)}")
+
+
+def channels_per_date(bands: Sequence[str], indices: Sequence[str]) -> int:
+    """Input channels per date: the bands, then the indices (checked as in :func:`patch_inputs`)."""
+    _check_indices(bands, indices)
+    return len(bands) + len(indices)
+
+
+def _normalised_difference(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """``((a - b) / (a + b) + 1) / 2`` in [0, 1] on raw reflectance; 0 for no-data or a zero denominator."""
+    a = a.astype(np.float32)
+    b = b.astype(np.float32)
+    den = a + b
+    ok = (den != 0) & (a != NODATA) & (b != NODATA)
+    v = np.divide(a - b, den, out=np.zeros_like(den), where=ok)
+    v = (v + 1) / 2
+    np.clip(v, 0, 1, out=v)  # negative surface reflectances can push the ratio outside [-1, 1]
+    v[~ok] = 0
+    return v
+
+
+def patch_inputs(raw: np.ndarray, norm: Normalisation, indices: Sequence[str]) -> np.ndarray:
+    """Raw (..., T, C, H, W) int16 -> float32 (..., T * (C + I), H, W), date-major, in [0, 1].
+
+    For date ``t``: the C bands normalised by eq. 2 (``norm.percentiles.normalise_cube``, the one
+    implementation every model uses), then the I indices in the order given: NDVI = (B8-B4)/(B8+B4)
+    and NDWI = (B3-B8)/(B3+B8) on raw reflectance mapped to [0, 1] by (v + 1) / 2, brightness = mean
+    of the date's normalised bands. Date-major keeps each temporal group's channels contiguous.
+    """
+    bands = list(norm.bands)
+    _check_indices(bands, indices)
+    raw = np.asarray(raw)
+    x = norm.percentiles.normalise_cube(raw)  # (..., T*C, H, W); checks the (T, C) shape
+    t, c = len(norm.dates), len(bands)
+    lead, hw = raw.shape[:-4], raw.shape[-2:]
+    x = x.reshape(*lead, t, c, *hw)
+    if not indices:
+        return np.ascontiguousarray(x.reshape(*lead, t * c, *hw))
+    out = np.empty((*lead, t, c + len(indices), *hw), np.float32)
+    out[..., :c, :, :] = x
+    band = {b: raw[..., :, i, :, :] for i, b in enumerate(bands)}  # (..., T, H, W) raw
+    for j, name in enumerate(indices):
+        if name == "ndvi":
+            out[..., c + j, :, :] = _normalised_difference(band["B8"], band["B4"])
+        elif name == "ndwi":
+            out[..., c + j, :, :] = _normalised_difference(band["B3"], band["B8"])
+        else:  # brightness
+            out[..., c + j, :, :] = x.mean(axis=-3)
+    return out.reshape(*lead, t * (c + len(indices)), *hw)
+
+
+# --------------------------------------------------------------------------- augmentation
+
+
+def augment(x: np.ndarray, y: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Element ``k`` (0..7) of the dihedral group D4 on the last two axes of ``x`` and ``y``.
+
+    Rotation by ``90 * (k % 4)`` degrees (``np.rot90`` direction), then a left-right mirror when
+    ``k >= 4``: the seed's 90/180/270 rotations and horizontal/vertical mirrors (a vertical mirror is
+    k = 6: rotate 180, mirror left-right) and their compositions. ``k = 0`` is the identity. Image
+    and labels get the same transform; contiguous copies are returned.
+    """
+    if not 0 <= k < 8:
+        raise ValueError(f"augmentation index must be in 0..7, got {k}")
+
+    def one(a: np.ndarray) -> np.ndarray:
+        a = np.rot90(a, k % 4, axes=(-2, -1))
+        if k >= 4:
+            a = a[..., ::-1]
+        return a.copy(order="C")  # a copy even for k = 0, so callers may modify it in place
+
+    return one(x), one(y)
+
+
+def random_augment(x: np.ndarray, y: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Augment each patch of a batch (axis 0) by its own D4 element, ``rng.integers(0, 8, size=n)``."""
+    if x.shape[0] != y.shape[0]:
+        raise ValueError(f"batches of {x.shape[0]} images and {y.shape[0]} label patches")
+    if x.shape[-1] != x.shape[-2] or y.shape[-2:] != x.shape[-2:]:
+        raise ValueError(f"square, aligned patches needed, got {x.shape} and {y.shape}")
+    ks = rng.integers(0, 8, size=x.shape[0])
+    xo = np.empty_like(x)
+    yo = np.empty_like(y)
+    for i, k in enumerate(ks.tolist()):
+        xo[i], yo[i] = augment(x[i], y[i], k)
+    return xo, yo

@@ -1,0 +1,274 @@
+"""The network family of pipeline.models.nets: Table 2 parameter counts, the two forward paths agreeing,
+group weight sharing, and the receptive radius that sizes the inference margin, checked empirically.
+
+Everything but the parameter-count tests (which only build) runs on tiny-filter nets, so the file
+stays well under the CPU time budget.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from pipeline.models.nets import ARCHS, Net, NetSpec, build, count_parameters, unet_receptive_radius
+
+SMALL = {"unet_filters": (4, 8, 16), "mlp_filters": (8, 6), "lstm_hidden": 7}
+PAPER = {"in_channels": 30, "groups": 11, "n_classes": 17}
+
+
+def small(arch: str, cg: int = 3, groups: int = 2, k: int = 4, seed: int = 0) -> Net:
+    torch.manual_seed(seed)
+    return build(NetSpec(arch, cg, groups, k, **SMALL))
+
+
+# ---------------------------------------------------------------------------------------------------
+# parameter counts, by independent hand formulas
+
+
+def conv(cin: int, cout: int, k: int = 1) -> int:
+    return cin * cout * k * k + cout
+
+
+def convlstm(cin: int, hid: int, k: int) -> int:
+    return conv(cin + hid, 4 * hid, k)
+
+
+def unet_params(cg: int, f: tuple[int, ...], unit=lambda i, o: conv(i, o, 3)) -> int:
+    chans = (cg, *f)
+    down = sum(unit(chans[i], c) + unit(c, c) for i, c in enumerate(f))
+    up = sum(unit(f[i + 1] + f[i], f[i]) + unit(f[i], f[i]) for i in range(len(f) - 1))
+    return down + up
+
+
+def path_params(cg: int, f: tuple[int, ...], unit=conv) -> int:
+    chans = (cg, *f)
+    return sum(unit(chans[i], c) for i, c in enumerate(f))
+
+
+def expected(arch: str, cg: int, g: int, k: int, f=(32, 64, 128), m=(200, 100, 50), h: int = 128) -> int:
+    if arch == "fgunet":
+        return unet_params(cg, f) + path_params(cg, m) + (g * (f[0] + m[-1]) + 1) * k
+    if arch == "unet3":
+        return unet_params(cg, f) + (g * f[0] + 1) * k
+    if arch == "mlp3":
+        return path_params(cg, m) + (g * m[-1] + 1) * k
+    if arch == "lstm3":  # PyTorch's LSTM has two bias vectors
+        return path_params(cg, m) + 4 * (m[-1] * h + h * h + 2 * h) + (h + 1) * k
+    return (
+        unet_params(cg, f, lambda i, o: convlstm(i, o, 3))
+        + path_params(cg, m, lambda i, o: convlstm(i, o, 1))
+        + (f[0] + m[-1] + 1) * k
+    )
+
+
+@pytest.mark.parametrize(
+    ("arch", "n"),
+    [
+        ("fgunet", 525_997),  # Table 2
+        ("unet3", 485_297),  # Table 2
+        ("mlp3", 40_717),  # Table 2
+        ("lstm3", 125_703),  # paper 324,024: not reproducible from its description
+        ("tsfgunet", 4_170_923),  # paper 4,137,272
+    ],
+)
+def test_paper_parameter_counts(arch: str, n: int) -> None:
+    net = build(NetSpec(arch, **PAPER))
+    assert count_parameters(net) == n == expected(arch, 30, 11, 17)
+
+
+def test_fgunet_parts_match_paper_arithmetic() -> None:
+    net = build(NetSpec("fgunet", **PAPER))
+    assert count_parameters(net.features.unet) == 479_296
+    assert count_parameters(net.features.pixel) == 31_350
+    assert count_parameters(net.head) == 903 * 17
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize(("cg", "g", "k"), [(10, 11, 17), (30, 3, 5), (7, 1, 2)])
+def test_parameter_count_formula(arch: str, cg: int, g: int, k: int) -> None:
+    spec = NetSpec(arch, cg, g, k, unet_filters=(8, 16), mlp_filters=(12, 5), lstm_hidden=9)
+    got = count_parameters(build(spec))
+    assert got == expected(arch, cg, g, k, f=(8, 16), m=(12, 5), h=9)
+
+
+# ---------------------------------------------------------------------------------------------------
+# forward paths
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_output_shape(arch: str) -> None:
+    net = small(arch, cg=3, groups=3, k=5).eval()
+    with torch.no_grad():
+        assert net(torch.rand(2, 9, 32, 32)).shape == (2, 5, 32, 32)
+        assert net(torch.rand(1, 9, 16, 24)).shape == (1, 5, 16, 24)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_forward_lowmem_matches_forward(arch: str) -> None:
+    net = small(arch, cg=3, groups=4, k=5).eval()
+    x = torch.rand(2, 12, 32, 24)
+    with torch.no_grad():
+        full = net(x)
+        low = net.forward_lowmem(x)
+        again = net(x)  # streaming state must not leak into the next call
+    assert low.shape == full.shape
+    torch.testing.assert_close(low, full, atol=1e-5, rtol=0)
+    torch.testing.assert_close(again, full, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_gradients_reach_every_parameter(arch: str) -> None:
+    net = small(arch, cg=3, groups=2, k=3).train()
+    loss = net(torch.rand(2, 6, 16, 16)).square().mean()
+    loss.backward()
+    for name, p in net.named_parameters():
+        assert p.grad is not None, name
+        assert torch.isfinite(p.grad).all(), name
+        assert p.grad.abs().sum() > 0, name
+
+
+def test_bad_input_shape_raises() -> None:
+    net = small("fgunet", cg=3, groups=2)
+    assert net.pool_factor == 4
+    with pytest.raises(ValueError, match="multiples of 4"):
+        net(torch.rand(1, 6, 30, 32))
+    with pytest.raises(ValueError, match="multiples of 4"):
+        net.forward_lowmem(torch.rand(1, 6, 32, 18))
+    with pytest.raises(ValueError, match="2 groups x 3 channels"):
+        net(torch.rand(1, 5, 32, 32))
+    assert small("mlp3").pool_factor == small("lstm3").pool_factor == 1
+    small("mlp3")(torch.rand(1, 6, 7, 5))  # no pooling: any size
+
+
+# ---------------------------------------------------------------------------------------------------
+# group weight sharing
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_extractor_is_shared_over_groups(arch: str) -> None:
+    nets = {g: build(NetSpec(arch, 3, g, 4, **SMALL)) for g in (1, 2, 7)}
+    sizes = {g: count_parameters(n.features) for g, n in nets.items()}
+    assert len(set(sizes.values())) == 1  # one extractor, whatever G
+    heads = {g: count_parameters(n.head) for g, n in nets.items()}
+    if arch in ("fgunet", "unet3", "mlp3"):  # only the classifier's (G*F + 1) * K grows
+        feat = nets[1].features.out_channels
+        assert heads[7] - heads[1] == 6 * feat * 4
+    else:  # sequence fusion: nothing depends on G
+        assert len(set(heads.values())) == 1
+
+
+def test_fgunet_swapping_groups_is_swapping_classifier_slices() -> None:
+    net = small("fgunet", cg=3, groups=3).eval()
+    x = torch.rand(1, 9, 16, 16)
+    swapped = torch.cat([x[:, 3:6], x[:, 0:3], x[:, 6:9]], 1)
+    f = net.features.out_channels
+    other = small("fgunet", cg=3, groups=3).eval()
+    other.load_state_dict(net.state_dict())
+    w = other.head.classifier.weight.data
+    w[:, : 2 * f] = torch.cat([w[:, f : 2 * f], w[:, :f]], 1).clone()
+    with torch.no_grad():
+        torch.testing.assert_close(other(swapped), net(x), atol=1e-6, rtol=0)
+        assert not torch.allclose(net(swapped), net(x), atol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------------
+# receptive radius
+
+
+def test_analytic_radius_values() -> None:
+    assert unet_receptive_radius(1) == 2  # two 3x3 convs
+    assert unet_receptive_radius(2) == 9  # 2 + 4 (level 1) + 1 (upsampling) + 2
+    assert unet_receptive_radius(3) == 23
+    assert unet_receptive_radius(3, steps=11) == 63
+    radii = {a: build(NetSpec(a, **PAPER)).receptive_radius() for a in ARCHS}
+    assert radii == {"fgunet": 23, "unet3": 23, "mlp3": 0, "lstm3": 0, "tsfgunet": 63}
+
+
+def _chebyshev(size: int, i: int, j: int) -> torch.Tensor:
+    yy, xx = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+    return torch.maximum((yy - i).abs(), (xx - j).abs())
+
+
+def _positions(size: int, p: int = 4) -> list[tuple[int, int]]:
+    """Pixels near the centre covering every alignment modulo the pooling factor (on both axes)."""
+    c = size // 2
+    return [(c + a, c + b) for a in range(p) for b in range(p)]
+
+
+@pytest.mark.parametrize(
+    ("arch", "groups", "size"),
+    [("fgunet", 2, 64), ("unet3", 2, 64), ("mlp3", 2, 16), ("lstm3", 2, 16), ("tsfgunet", 2, 72)],
+)
+def test_receptive_radius_is_attained_by_gradients(arch: str, groups: int, size: int) -> None:
+    """Gradient support of one output pixel: inside r for every alignment, reaching r for some.
+
+    Float64 autograd gives exact zeros outside the dependence cone (no rounding noise), and sees the
+    tiny but non-zero long-range terms of the saturating ConvLSTMs a perturbation would drown in.
+    """
+    net = small(arch, groups=groups).double().eval()
+    r = net.receptive_radius()
+    pos = _positions(size)
+    x = torch.rand(1, groups * 3, size, size, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    x = x.repeat(len(pos), 1, 1, 1).requires_grad_(True)
+    y = net(x)
+    torch.stack([y[b, :, i, j].sum() for b, (i, j) in enumerate(pos)]).sum().backward()
+    support = x.grad.abs().amax(1) != 0
+    reach = [int(_chebyshev(size, i, j)[support[b]].max()) for b, (i, j) in enumerate(pos)]
+    assert max(reach) == r
+    assert min(reach) >= r - 1  # every alignment gets within one pixel of the bound
+
+
+@pytest.mark.parametrize(("arch", "size"), [("fgunet", 64), ("unet3", 64), ("mlp3", 16)])
+def test_perturbing_a_pixel_changes_outputs_only_within_radius(arch: str, size: int) -> None:
+    """Large finite perturbations (which also flip max-pool winners) stay within r, and reach r."""
+    net = small(arch).double().eval()
+    r = net.receptive_radius()
+    pos = _positions(size)
+    gen = torch.Generator().manual_seed(2)
+    x = torch.rand(1, 6, size, size, dtype=torch.float64, generator=gen).repeat(len(pos) + 1, 1, 1, 1)
+    for b, (i, j) in enumerate(pos, start=1):  # sample 0 stays the unperturbed reference
+        x[b, :, i, j] += 10 * torch.randn(6, dtype=torch.float64, generator=gen)
+    with torch.no_grad():
+        y = net(x)
+    changed = (y[1:] != y[:1]).any(1)
+    reach = [int(_chebyshev(size, i, j)[changed[b]].max()) for b, (i, j) in enumerate(pos)]
+    assert max(reach) == r
+
+
+# ---------------------------------------------------------------------------------------------------
+# spec
+
+
+def test_spec_json_round_trip() -> None:
+    spec = NetSpec("tsfgunet", 30, 11, 17, unet_filters=(16, 32), mlp_filters=(20, 10), dropout=0.1)
+    d = json.loads(json.dumps(spec.to_json()))
+    assert d["unet_filters"] == [16, 32]
+    back = NetSpec.from_json(d)
+    assert back == spec and isinstance(back.unet_filters, tuple)
+    assert NetSpec.from_json({"arch": "mlp3", "in_channels": 3, "groups": 2, "n_classes": 4}).dropout == 0.2
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"arch": "unet5"}, "arch must be one of"),
+        ({"in_channels": 0}, "in_channels must be a positive integer"),
+        ({"groups": 2.0}, "groups must be a positive integer"),
+        ({"n_classes": True}, "n_classes must be a positive integer"),
+        ({"unet_filters": []}, "unet_filters must not be empty"),
+        ({"mlp_filters": [200, -1]}, r"mlp_filters\[1\] must be a positive integer"),
+        ({"dropout": 1.0}, "dropout must be a number in"),
+        ({"colour": "red"}, "unknown NetSpec key"),
+    ],
+)
+def test_spec_rejects_bad_values(change: dict, message: str) -> None:
+    d = {"arch": "fgunet", "in_channels": 30, "groups": 11, "n_classes": 17, **change}
+    with pytest.raises(ValueError, match=message):
+        NetSpec.from_json(d)
+
+
+def test_spec_rejects_missing_key() -> None:
+    with pytest.raises(ValueError, match="missing required key"):
+        NetSpec.from_json({"arch": "fgunet", "in_channels": 30, "groups": 11})

@@ -1,0 +1,304 @@
+"""Network training: eq. 3 warm-up, eq. 1/4 loss, checkpoints, exact resume, bad-input stops.
+
+The run is the separable synthetic scene of ``test_rf.py`` (two tiles, 3 dates x 10 bands, three
+classes in stripes) with a tiny FG-UNET, so a whole training takes a few seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import pickle
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+import pipeline.nettrain as nettrain
+from pipeline.config import Config, validate
+from pipeline.errors import PipelineError
+from pipeline.models import NETWORKS, get
+from pipeline.models.net import WEIGHTS, load_weights
+from pipeline.models.nets import ARCHS
+from pipeline.nettrain import (
+    class_weights,
+    index_patches,
+    latest_checkpoint,
+    train_network,
+    warmup_lr,
+    weighted_sparse_ce,
+)
+from pipeline.train import load_meta
+from tests.test_rf import make_config, make_scene
+
+TINY = {
+    "groups": 3,
+    "unet_filters": [4, 8, 16],
+    "mlp_filters": [16, 8, 8],
+    "lstm_hidden": 8,
+    "patch_size": 32,
+    "patch_stride": 8,
+    "batch_size": 4,
+    "epochs": 2,
+    "steps_per_epoch": 3,
+    "warmup_epochs": 1,
+    "validation_patches": 4,
+    "device": "cpu",
+}
+
+
+def net_config(tmp_path, classifiers=("fgunet",), **nets) -> Config:
+    raw = make_config(tmp_path).data
+    raw["classifiers"] = ["rf", *classifiers]
+    raw["nets"] = TINY | nets
+    return Config(validate(json.loads(json.dumps(raw))))
+
+
+# --- eq. 3 ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("nodes", "expected"),
+    [
+        (1, [1e-3] * 7),
+        # lr/4 * (3/5 i + 1): 2.5e-4, 4e-4, 5.5e-4, 7e-4, 8.5e-4, then 1e-3
+        (4, [2.5e-4, 4e-4, 5.5e-4, 7e-4, 8.5e-4, 1e-3, 1e-3]),
+        # the paper's 11 nodes: lr/11 * (2 i + 1)
+        (11, [1e-3 / 11 * (2 * i + 1) for i in range(5)] + [1e-3, 1e-3]),
+    ],
+)
+def test_warmup_eq3(nodes, expected):
+    got = [warmup_lr(1e-3, nodes, 5, i) for i in range(7)]
+    np.testing.assert_allclose(got, expected, rtol=1e-12)
+
+
+def test_warmup_reaches_base_at_w_and_is_off_without_warmup():
+    for nodes in (2, 3, 8, 64):
+        assert warmup_lr(1e-3, nodes, 5, 0) == pytest.approx(1e-3 / nodes)
+        # eq. 3 at i = w gives lr exactly: the rate is continuous where warm-up ends
+        assert 1e-3 / nodes * ((nodes - 1) / 5 * 5 + 1) == pytest.approx(1e-3)
+        assert warmup_lr(1e-3, nodes, 0, 0) == 1e-3
+    with pytest.raises(ValueError):
+        warmup_lr(1e-3, 0, 5, 0)
+
+
+# --- eq. 1 and 4 ----------------------------------------------------------------------------------
+
+
+def test_class_weights_eq4():
+    np.testing.assert_allclose(class_weights(np.array([10, 0, 30])), [4.0, 0.0, 4.0 / 3.0])
+
+
+def test_loss_hand_computed_value():
+    logits = torch.zeros(1, 2, 1, 2)
+    logits[0, 1, 0, 0] = math.log(3.0)  # p = (1/4, 3/4) at the labelled pixel
+    target = torch.tensor([[[1, -1]]])
+    w = torch.tensor([1.0, 2.0])
+    # -w_1 log(3/4), averaged over both pixels (the unlabelled one counts 0)
+    assert weighted_sparse_ce(logits, target, w).item() == pytest.approx(-2.0 * math.log(0.75) / 2)
+
+
+def test_unlabelled_pixels_contribute_exactly_zero():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 5, 8, 8, generator=g, requires_grad=True)
+    target = torch.randint(0, 5, (2, 8, 8), generator=g)
+    unlabelled = torch.rand(2, 8, 8, generator=g) < 0.6
+    target[unlabelled] = -1
+    w = torch.rand(5, generator=g) + 0.5
+    loss = weighted_sparse_ce(logits, target, w)
+    loss.backward()
+    grad = logits.grad.permute(0, 2, 3, 1)
+    assert torch.all(grad[unlabelled] == 0)  # exactly zero, not merely small
+    assert torch.all(grad[~unlabelled].abs().sum(-1) > 0)
+    # anything (even -inf log-probabilities) at unlabelled pixels leaves the loss unchanged
+    wild = logits.detach().clone()
+    wild.permute(0, 2, 3, 1)[unlabelled] = torch.tensor([1e4, -1e4, 0.0, 3.0, -7.0])
+    assert weighted_sparse_ce(wild, target, w).item() == pytest.approx(loss.item(), rel=1e-6)
+    none = torch.full_like(target, -1)
+    zero = weighted_sparse_ce(logits, none, w)
+    assert zero.item() == 0.0
+    logits.grad = None
+    zero.backward()
+    assert torch.all(logits.grad == 0)
+
+
+# --- whole training runs ------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("nets")
+    scene = make_scene(tmp)
+    patches = {}
+    cfg = net_config(tmp)
+    for tile, lab in scene.labels.items():
+        patches[tile] = tmp / "patches" / f"{tile}.train.npz"
+        index_patches(cfg, tile, lab, patches[tile])
+    return tmp, scene, patches
+
+
+def _train(cfg, scene, patches, out, name="fgunet"):
+    train_network(cfg, name, scene.gapfilled, scene.labels, scene.percentiles, out, patches=patches)
+
+
+def _weights(model_dir):
+    return load_weights(model_dir / WEIGHTS)["state_dict"]
+
+
+def _same_weights(a, b) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(run):
+    tmp, scene, patches = run
+    cfg = net_config(tmp / "a")
+    out = tmp / "a" / "models" / "fgunet"
+    _train(cfg, scene, patches, out)
+    return cfg, out
+
+
+def test_model_folder(uninterrupted):
+    cfg, out = uninterrupted
+    meta = load_meta(out)
+    assert meta["name"] == "fgunet"
+    assert meta["classes"]["codes"] == [int(c) for c in cfg.class_codes]
+    assert meta["features"]["groups"] == 3 and meta["features"]["channels_per_group"] == 10
+    hist = meta["training"]["history"]
+    assert [h["epoch"] for h in hist] == [1, 2]
+    assert hist[0]["lr"] == pytest.approx(1e-3)  # one process: eq. 3 is the base rate
+    assert all(0 <= h["val_oa"] <= 1 for h in hist)
+    assert (out / "training.png").stat().st_size > 0
+    assert (out / "history.csv").read_text().splitlines()[0].startswith("epoch,lr,train_loss")
+    # the weights file holds no code: it loads under weights_only=True
+    blob = torch.load(out / WEIGHTS, weights_only=True)
+    assert blob["arch"] == "fgunet" and blob["codes"] == meta["classes"]["codes"]
+    model = get("fgunet").load(out)
+    assert model.classes_.tolist() == meta["classes"]["codes"]
+    assert latest_checkpoint(out.with_name("fgunet.checkpoints")).name == "epoch_0002.pt"
+
+
+def test_resume_after_kill_between_epochs_is_exact(run, uninterrupted, monkeypatch):
+    tmp, scene, patches = run
+    cfg = net_config(tmp / "b")
+    out = tmp / "b" / "models" / "fgunet"
+    real_save = nettrain.save_checkpoint
+
+    def killed_after_first(ckdir, epoch, *a, **k):
+        path = real_save(ckdir, epoch, *a, **k)
+        if epoch == 1:
+            raise KeyboardInterrupt  # the job is killed right after writing epoch 1
+        return path
+
+    monkeypatch.setattr(nettrain, "save_checkpoint", killed_after_first)
+    with pytest.raises(KeyboardInterrupt):
+        _train(cfg, scene, patches, out)
+    assert not out.exists()  # no half-trained model folder
+    monkeypatch.setattr(nettrain, "save_checkpoint", real_save)
+    _train(cfg, scene, patches, out)
+    assert _same_weights(_weights(out), _weights(uninterrupted[1]))
+    strip = [{k: v for k, v in h.items() if k != "seconds"} for h in load_meta(out)["training"]["history"]]
+    ref = [
+        {k: v for k, v in h.items() if k != "seconds"}
+        for h in load_meta(uninterrupted[1])["training"]["history"]
+    ]
+    assert strip == ref
+
+
+def test_resume_after_kill_mid_epoch_is_exact(run, uninterrupted, monkeypatch):
+    tmp, scene, patches = run
+    cfg = net_config(tmp / "c")
+    out = tmp / "c" / "models" / "fgunet"
+    real_loss = nettrain.weighted_sparse_ce
+    calls = {"n": 0}
+
+    def dies_in_epoch_two(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 6:  # epoch 1: 3 steps + 1 validation batch; this is epoch 2, batch 2
+            raise KeyboardInterrupt
+        return real_loss(*a, **k)
+
+    monkeypatch.setattr(nettrain, "weighted_sparse_ce", dies_in_epoch_two)
+    with pytest.raises(KeyboardInterrupt):
+        _train(cfg, scene, patches, out)
+    assert latest_checkpoint(out.with_name("fgunet.checkpoints")).name == "epoch_0001.pt"
+    monkeypatch.setattr(nettrain, "weighted_sparse_ce", real_loss)
+    _train(cfg, scene, patches, out)
+    assert _same_weights(_weights(out), _weights(uninterrupted[1]))
+
+
+def test_nan_loss_stops_naming_epoch_and_batch(run, monkeypatch):
+    tmp, scene, patches = run
+    cfg = net_config(tmp / "d")
+    out = tmp / "d" / "models" / "fgunet"
+    real_loss = nettrain.weighted_sparse_ce
+    calls = {"n": 0}
+
+    def nan_in_epoch_two(*a, **k):
+        calls["n"] += 1
+        loss = real_loss(*a, **k)
+        # epoch 1: 3 training + 1 validation call; epoch 2 batch 2 is call 6
+        return loss * float("nan") if calls["n"] == 6 else loss
+
+    monkeypatch.setattr(nettrain, "weighted_sparse_ce", nan_in_epoch_two)
+    with pytest.raises(PipelineError, match=r"loss is nan at epoch 2, batch 2.*epoch_0001\.pt kept"):
+        _train(cfg, scene, patches, out)
+    assert not out.exists()
+    ck = latest_checkpoint(out.with_name("fgunet.checkpoints"))
+    assert ck.name == "epoch_0001.pt"
+    assert all(torch.isfinite(v).all() for v in load_weights(ck)["state_dict"].values())
+
+
+def test_checkpoint_of_another_run_is_refused(run, uninterrupted):
+    tmp, scene, patches = run
+    _, ref_out = uninterrupted
+    ckdir = ref_out.with_name("fgunet.checkpoints")
+    out = tmp / "e" / "models" / "fgunet"
+    # another class list (a class added to the nomenclature)
+    cfg = net_config(tmp / "e")
+    raw = cfg.data
+    raw["nomenclature"].append({"code": 12, "name": "AWC", "colour": "#ffff7f"})
+    other = Config(validate(raw))
+    with pytest.raises(PipelineError, match="class list differ"):
+        train_network(
+            other, "fgunet", scene.gapfilled, scene.labels, scene.percentiles, out,
+            patches=patches, checkpoints=ckdir,
+        )  # fmt: skip
+    # other percentiles (normalisation)
+    doc = json.loads(scene.percentiles.read_text())
+    doc["high"] = [h + 1 for h in doc["high"]]
+    pct = tmp / "e" / "percentiles.json"
+    pct.parent.mkdir(parents=True, exist_ok=True)
+    pct.write_text(json.dumps(doc))
+    with pytest.raises(PipelineError, match="normalisation"):
+        train_network(
+            net_config(tmp / "e"), "fgunet", scene.gapfilled, scene.labels, pct, out,
+            patches=patches, checkpoints=ckdir,
+        )  # fmt: skip
+    assert not out.exists()
+
+
+def test_weights_with_code_are_refused(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    path = tmp_path / WEIGHTS
+    path.write_bytes(pickle.dumps({"state_dict": Evil()}))
+    with pytest.raises(PipelineError, match="not a loadable weights file"):
+        load_weights(path)
+
+
+def test_registry_names_every_network():
+    assert set(ARCHS) == set(NETWORKS)
+    for name in NETWORKS:
+        assert not get(name).pixelwise
+
+
+def test_config_rejects_groups_that_do_not_divide_the_dates(tmp_path):
+    with pytest.raises(PipelineError, match="nets/groups"):
+        net_config(tmp_path, groups=2)  # 3 dates
+    raw = yaml.safe_load(yaml.safe_dump(make_config(tmp_path).data))
+    raw["nets"] = TINY | {"groups": 2}
+    validate(raw)  # RF alone does not care about temporal groups
