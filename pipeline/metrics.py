@@ -58,8 +58,11 @@ def scores(cm: np.ndarray) -> dict[str, Any]:
     with np.errstate(invalid="ignore", divide="ignore"):
         precision = diag / cm.sum(0)
         recall = diag / cm.sum(1)
-        f1 = 2 * precision * recall / (precision + recall)
-    f1 = np.where((precision + recall) == 0, 0.0, f1)
+        # a class present in the reference but never predicted scores F1 = 0 (sklearn's
+        # zero_division=0), not "undefined": leaving it out would flatter a mean F-score
+        p0, r0 = np.nan_to_num(precision), np.nan_to_num(recall)
+        f1 = np.where(p0 + r0 > 0, 2 * p0 * r0 / (p0 + r0), 0.0)
+    f1 = np.where((cm.sum(0) == 0) & (cm.sum(1) == 0), np.nan, f1)  # absent on both sides: undefined
 
     def clean(v: np.ndarray) -> list[float | None]:
         return [None if not np.isfinite(x) else float(x) for x in v]

@@ -45,8 +45,14 @@ def test_against_sklearn_with_unlabelled_and_nodata():
 
 def test_absent_class_gives_none_not_crash():
     s = scores(np.array([[5, 0], [0, 0]]))
-    assert s["recall"][1] is None and s["precision"][1] is None
+    assert s["recall"][1] is None and s["precision"][1] is None and s["f1"][1] is None
     assert scores(np.zeros((3, 3)))["kappa"] is None
+
+
+def test_never_predicted_class_scores_f1_zero():
+    # class 1 is in the reference (3 px) but never predicted: precision undefined, recall 0, F1 0
+    s = scores(np.array([[5, 0], [3, 0]]))
+    assert s["precision"][1] is None and s["recall"][1] == 0.0 and s["f1"][1] == 0.0
 
 
 def _tile(tmp_path, cfg, truth: np.ndarray, pred: np.ndarray, name: str = "T31TCJ"):

@@ -9,15 +9,19 @@ from __future__ import annotations
 import json
 import math
 import pickle
+import shutil
 
 import numpy as np
 import pytest
+import rasterio
 import torch
 import yaml
+import zarr
 
 import pipeline.nettrain as nettrain
 from pipeline.config import Config, validate
 from pipeline.errors import PipelineError
+from pipeline.infer import predict_tile
 from pipeline.models import NETWORKS, get
 from pipeline.models.net import WEIGHTS, load_weights
 from pipeline.models.nets import ARCHS
@@ -302,3 +306,35 @@ def test_config_rejects_groups_that_do_not_divide_the_dates(tmp_path):
     raw = yaml.safe_load(yaml.safe_dump(make_config(tmp_path).data))
     raw["nets"] = TINY | {"groups": 2}
     validate(raw)  # RF alone does not care about temporal groups
+
+
+def test_tile_without_patch_positions_warns_and_is_still_mapped(tmp_path, caplog):
+    scene = make_scene(tmp_path)
+    cfg = net_config(tmp_path, epochs=1, steps_per_epoch=2)
+    empty_tile = "T31TDJ"
+    zarr.open_group(str(scene.labels[empty_tile]), mode="r+")["train"][...] = 0
+    patches = {t: tmp_path / f"{t}.train.npz" for t in scene.labels}
+    with caplog.at_level("WARNING"):
+        for tile, lab in scene.labels.items():
+            index_patches(cfg, tile, lab, patches[tile])
+    assert any(empty_tile in r.getMessage() and r.levelname == "WARNING" for r in caplog.records)
+    out = tmp_path / "models" / "mlp3"
+    train_network(cfg, "mlp3", scene.gapfilled, scene.labels, scene.percentiles, out, patches=patches)
+    assert load_meta(out)["training"]["patch_positions"][empty_tile] == 0
+    predict_tile(cfg, out, scene.gapfilled[empty_tile], tmp_path / "m.tif", confidence=tmp_path / "c.tif")
+    with rasterio.open(tmp_path / "m.tif") as src:
+        assert (src.read(1) > 0).mean() > 0.8  # mapped everywhere it has data
+
+
+def test_predict_refuses_weights_that_disagree_with_model_json(uninterrupted, run, tmp_path):
+    _, scene, _ = run
+    cfg, out = uninterrupted
+    bad = tmp_path / "fgunet"
+    shutil.copytree(out, bad)
+    meta = json.loads((bad / "model.json").read_text())
+    meta["classes"]["codes"] = meta["classes"]["codes"][::-1]
+    (bad / "model.json").write_text(json.dumps(meta))
+    target = tmp_path / "m.tif"
+    with pytest.raises(PipelineError, match="classes .* differ from model.json"):
+        predict_tile(cfg, bad, scene.gapfilled["T31TCJ"], target, confidence=tmp_path / "c.tif")
+    assert not target.exists() and not (tmp_path / "c.tif").exists()
