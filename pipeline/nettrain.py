@@ -20,6 +20,7 @@ multi-node training of issue 4 reuses this loop with a different batch source.
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import logging
@@ -178,6 +179,16 @@ class PatchData:
             self.train_index[tile] = _load_index(patches[tile], size)
             self.valid_index[tile] = _load_index(validation_index_path(patches[tile]), size)
 
+    def digest(self) -> str:
+        """A fingerprint of every tile's train/validation patch positions (changes with the labels)."""
+        h = hashlib.sha256()
+        for tile in sorted(self.train_index):
+            h.update(tile.encode())
+            for idx in (self.train_index[tile], self.valid_index[tile]):
+                for arr in (idx.rows, idx.cols, idx.class_codes, idx.class_offsets, idx.class_members):
+                    h.update(np.ascontiguousarray(arr).tobytes())
+        return h.hexdigest()[:16]
+
     def class_counts(self, codes: np.ndarray) -> np.ndarray:
         """Training pixels per class over all tiles (streamed by window), for the eq.-4 weights."""
         counts = np.zeros(256, np.int64)
@@ -329,6 +340,8 @@ def train_network(
         "normalisation": {"low": norm.low.tolist(), "high": norm.high.tolist()},
         "spec": spec.to_json(),
         "training": _training_identity(s, cfg.seed, nodes),
+        # the labels behind the checkpoint: resuming after the references changed would be wrong
+        "data": {"pixels_per_class": [int(n) for n in counts], "patches": data.digest()},
     }
 
     history: list[dict[str, Any]] = []
@@ -490,6 +503,7 @@ def check_resumable(blob: dict[str, Any], identity: dict[str, Any], path: Path, 
         "normalisation": "normalisation (percentiles)",
         "spec": "network shape",
         "training": "training settings",
+        "data": "training labels (pixels per class or patch positions)",
     }
     for key, label in what.items():
         if got.get(key) != identity[key]:

@@ -338,3 +338,22 @@ def test_predict_refuses_weights_that_disagree_with_model_json(uninterrupted, ru
     with pytest.raises(PipelineError, match="classes .* differ from model.json"):
         predict_tile(cfg, bad, scene.gapfilled["T31TCJ"], target, confidence=tmp_path / "c.tif")
     assert not target.exists() and not (tmp_path / "c.tif").exists()
+
+
+def test_checkpoint_trained_on_other_labels_is_refused(run, uninterrupted, tmp_path):
+    _, scene, patches = run
+    _, ref_out = uninterrupted
+    cfg = net_config(tmp_path)
+    # the reference polygons changed: a few training pixels relabelled
+    labels = {}
+    for tile, src in scene.labels.items():
+        labels[tile] = tmp_path / src.name
+        shutil.copytree(src, labels[tile])
+    arr = zarr.open_group(str(labels["T31TCJ"]), mode="r+")["train"]
+    block = arr[0:8, 0:8]
+    arr[0:8, 0:8] = np.where(block > 0, 51, 0).astype(np.uint8)
+    with pytest.raises(PipelineError, match="training labels"):
+        train_network(
+            cfg, "fgunet", scene.gapfilled, labels, scene.percentiles, tmp_path / "m",
+            patches=patches, checkpoints=ref_out.with_name("fgunet.checkpoints"),
+        )  # fmt: skip

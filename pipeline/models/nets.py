@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-ARCHS = ("fgunet", "unet3", "mlp3", "lstm3", "tsfgunet")
+from pipeline.models import NETWORKS as ARCHS  # one list of names: the registry's
 
 KERNEL = 3  # spatial kernel of the U-Net convolutions (the 1x1 path uses 1)
 
