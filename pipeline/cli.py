@@ -97,21 +97,27 @@ def _train(cfg: Config, args: argparse.Namespace) -> None:
 
     lay = Layout(cfg.workdir)
     out = args.out or lay.model_dir(args.model)
-    extra = {}
-    if not get(args.model).pixelwise:
-        extra = {
-            "patches": {t: lay.patches(t) for t in cfg.tiles},
-            "checkpoints": args.checkpoints or out.with_name(f"{out.name}.checkpoints"),
-        }
-    train(
-        cfg,
-        args.model,
-        gapfilled={t: lay.gapfilled(t) for t in cfg.tiles},
-        labels={t: lay.labels(t) for t in cfg.tiles},
-        percentiles=lay.percentiles(),
-        out_dir=out,
-        **extra,
-    )
+    common = {
+        "gapfilled": {t: lay.gapfilled(t) for t in cfg.tiles},
+        "labels": {t: lay.labels(t) for t in cfg.tiles},
+        "percentiles": lay.percentiles(),
+        "out_dir": out,
+    }
+    if get(args.model).pixelwise:
+        train(cfg, args.model, **common)
+        return
+    # networks: one process, or several under torchrun / srun (each learns its rank from the env)
+    from pipeline.distributed import process_group, world_from_env
+
+    with process_group(world_from_env()) as world:
+        train(
+            cfg,
+            args.model,
+            **common,
+            patches={t: lay.patches(t) for t in cfg.tiles},
+            checkpoints=args.checkpoints or out.with_name(f"{out.name}.checkpoints"),
+            world=world,
+        )
 
 
 def _predict(cfg: Config, args: argparse.Namespace) -> None:

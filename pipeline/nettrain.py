@@ -32,10 +32,12 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
 from pipeline.config import Config
+from pipeline.distributed import BatchSource, World, tile_holders
 from pipeline.errors import PipelineError
 from pipeline.io.atomic import atomic_path
 from pipeline.io.tilestore import iter_windows, open_store, store_grid, win_slices
@@ -51,7 +53,6 @@ from pipeline.patches import (
     PatchRef,
     channels_per_date,
     patch_inputs,
-    random_augment,
     read_patches,
 )
 
@@ -189,13 +190,24 @@ class PatchData:
                     h.update(np.ascontiguousarray(arr).tobytes())
         return h.hexdigest()[:16]
 
-    def class_counts(self, codes: np.ndarray) -> np.ndarray:
-        """Training pixels per class over all tiles (streamed by window), for the eq.-4 weights."""
+    def class_counts(self, codes: np.ndarray, world: World | None = None) -> np.ndarray:
+        """Training pixels per class over all tiles (streamed by window), for the eq.-4 weights.
+
+        With several processes each counts the tiles it holds and the counts are summed.
+        """
+        world = world or World()
+        holders = tile_holders(list(self.labels), world.size)
         counts = np.zeros(256, np.int64)
-        for ref in self.labels.values():
+        for tile, ref in self.labels.items():
+            if holders[tile][0] != world.rank:
+                continue
             arr = ref["train"]
             for win in iter_windows(*arr.shape):
                 counts += np.bincount(np.asarray(arr[win_slices(win)]).ravel(), minlength=256)
+        if world.size > 1:
+            total = torch.from_numpy(counts)
+            dist.all_reduce(total)
+            counts = total.numpy()
         return counts[np.asarray(codes, dtype=np.int64)]
 
     def read(self, refs: Sequence[PatchRef], split: str = "train") -> tuple[np.ndarray, np.ndarray]:
@@ -281,9 +293,15 @@ def train_network(
     *,
     patches: Mapping[str, Path] | None = None,
     checkpoints: Path | None = None,
-    nodes: int = 1,
+    world: World | None = None,
 ) -> None:
-    """Train network ``name`` on every tile's training labels into the model folder ``out_dir``."""
+    """Train network ``name`` on every tile's training labels into the model folder ``out_dir``.
+
+    ``world``: this process's rank among the training processes (default: a single process);
+    with several, each reads its own tiles' patches, process 0 plans batches, validates and writes.
+    """
+    world = world or World()
+    nodes = world.size
     s = NetSettings.from_config(cfg)
     out_dir = Path(out_dir)
     lay = Layout(cfg.workdir)
@@ -295,7 +313,7 @@ def train_network(
     norm = Normalisation.from_percentiles(percentiles)
     data = PatchData(gapfilled, labels, patches, norm, s.patch_size)
     codes = cfg.class_codes
-    counts = data.class_counts(codes)
+    counts = data.class_counts(codes, world)
     empty = [int(c) for c, n in zip(codes, counts, strict=True) if n == 0]
     if empty:
         log.warning("classes without training pixels (never a target): %s", empty)
@@ -325,7 +343,7 @@ def train_network(
         dropout=s.dropout,
         lstm_hidden=s.lstm_hidden,
     )
-    torch.manual_seed(derive_seed(cfg.seed, f"{name}/init"))
+    torch.manual_seed(derive_seed(cfg.seed, f"{name}/init"))  # same initial weights on every process
     net = build(spec).to(device)
     if s.patch_size % net.pool_factor:
         raise PipelineError(None, f"nets.patch_size {s.patch_size} is not a multiple of {net.pool_factor}")
@@ -355,42 +373,55 @@ def train_network(
         start = int(blob["epoch"])
         log.info("resuming %s from %s (epoch %d of %d)", name, latest.name, start, s.epochs)
 
-    val_refs = data.validation_refs(s.validation_patches, derive_seed(cfg.seed, f"{name}/validation"))
-    if val_refs:
-        val_x, val_y = data.read(val_refs, split="validation")
-    else:
-        log.warning("no validation patches: validation scores are not computed")
+    val_refs: list[PatchRef] = []
+    if world.is_main:
+        val_refs = data.validation_refs(s.validation_patches, derive_seed(cfg.seed, f"{name}/validation"))
+        if val_refs:
+            val_x, val_y = data.read(val_refs, split="validation")
+        else:
+            log.warning("no validation patches: validation scores are not computed")
+    batches = BatchSource(data, sampler, world, s.batch_size, s.augment)
+    model_fwd: torch.nn.Module = net
+    if world.size > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        model_fwd = DistributedDataParallel(net, device_ids=None if device == "cpu" else [world.local_rank])
     t_start = time.perf_counter()
     for epoch in range(start, s.epochs):
         t0 = time.perf_counter()
         lr = warmup_lr(s.learning_rate, nodes, s.warmup_epochs, epoch)
         for group in opt.param_groups:
             group["lr"] = lr
-        rng = np.random.default_rng(derive_seed(cfg.seed, f"{name}/epoch/{epoch}"))
-        torch.manual_seed(derive_seed(cfg.seed, f"{name}/dropout/{epoch}"))
+        rng = np.random.default_rng(derive_seed(cfg.seed, f"{name}/epoch/{epoch}"))  # used by process 0
+        torch.manual_seed(derive_seed(cfg.seed, f"{name}/dropout/{epoch}/{world.rank}"))
         net.train()
         total = 0.0
         bar = tqdm(
-            range(s.steps_per_epoch), desc=f"{name} epoch {epoch + 1}/{s.epochs}", unit="batch", disable=None
+            range(s.steps_per_epoch),
+            desc=f"{name} epoch {epoch + 1}/{s.epochs}",
+            unit="batch",
+            disable=None if world.is_main else True,
         )
         for step in bar:
-            x, y = data.read(sampler.draw(s.batch_size, rng))
-            if s.augment:
-                x, y = random_augment(x, y, rng)
+            x, y = batches(rng)
             xt = torch.from_numpy(patch_inputs(x, norm, s.indices)).to(device)
             yt = torch.from_numpy(lut[y]).to(device)
-            loss = weighted_sparse_ce(net(xt), yt, weights)
-            if not torch.isfinite(loss):
+            loss = weighted_sparse_ce(model_fwd(xt), yt, weights)
+            seen = loss.detach().clone()
+            if world.size > 1:  # every process must see a NaN anywhere, or the others would hang
+                dist.all_reduce(seen)
+                seen /= world.size
+            if not torch.isfinite(seen):
                 kept = latest_checkpoint(ckdir)
                 raise PipelineError(
                     ckdir,
-                    f"loss is {loss.item()} at epoch {epoch + 1}, batch {step + 1}; training stopped, "
+                    f"loss is {seen.item()} at epoch {epoch + 1}, batch {step + 1}; training stopped, "
                     + (f"last good checkpoint {kept.name} kept" if kept else "no checkpoint written yet"),
                 )
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            total += loss.item()
+            total += seen.item()
             bar.set_postfix(loss=f"{total / (step + 1):.4f}")
         bar.close()
         row = {"epoch": epoch + 1, "lr": lr, "train_loss": total / s.steps_per_epoch}
@@ -398,6 +429,8 @@ def train_network(
             row |= evaluate(net, val_x, val_y, norm, s.indices, codes, lut, weights, s.batch_size, device)
         row["seconds"] = round(time.perf_counter() - t0, 3)
         history.append(row)
+        if not world.is_main:
+            continue  # process 0 logs, validates and checkpoints; the weights are the same everywhere
         log.info(
             "%s epoch %d/%d: lr %.2e, loss %.4f, validation loss %s, OA %s, kappa %s",
             name, epoch + 1, s.epochs, lr, row["train_loss"],
@@ -405,6 +438,10 @@ def train_network(
         )  # fmt: skip
         save_checkpoint(ckdir, epoch + 1, net, opt, history, identity, s.keep_checkpoints)
 
+    if world.size > 1:
+        dist.barrier()
+    if not world.is_main:
+        return
     model: NetClassifier = get(name)(net.cpu(), codes, s.indices)  # type: ignore[call-arg]
     meta = _meta(cfg, name, model, norm, empty, percentiles, s, spec, channels, counts, data, nodes, history)
     meta["timing_s"] = {"training": round(time.perf_counter() - t_start, 3)}

@@ -514,9 +514,13 @@ def random_augment(x: np.ndarray, y: np.ndarray, rng: np.random.Generator) -> tu
         raise ValueError(f"batches of {x.shape[0]} images and {y.shape[0]} label patches")
     if x.shape[-1] != x.shape[-2] or y.shape[-2:] != x.shape[-2:]:
         raise ValueError(f"square, aligned patches needed, got {x.shape} and {y.shape}")
-    ks = rng.integers(0, 8, size=x.shape[0])
+    return augment_batch(x, y, rng.integers(0, 8, size=x.shape[0]))
+
+
+def augment_batch(x: np.ndarray, y: np.ndarray, ks: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+    """Patch ``i`` of the batch transformed by D4 element ``ks[i]`` (drawn by whoever plans the batch)."""
     xo = np.empty_like(x)
     yo = np.empty_like(y)
-    for i, k in enumerate(ks.tolist()):
+    for i, k in enumerate(np.asarray(ks).tolist()):
         xo[i], yo[i] = augment(x[i], y[i], k)
     return xo, yo
