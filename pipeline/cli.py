@@ -31,7 +31,9 @@ def _ingest(cfg: Config, args: argparse.Namespace) -> None:
 
     spec = _tile_spec(cfg, args.tile)
     out = args.out or Layout(cfg.workdir).ingest(args.tile)
-    ingest_tile(Path(spec["path"]), spec["format"], args.tile, out, threads=cfg.threads())
+    ingest_tile(
+        Path(spec["path"]), spec["format"], args.tile, out, threads=cfg.threads(), dask=cfg.get("dask")
+    )
 
 
 def _gapfill(cfg: Config, args: argparse.Namespace) -> None:
@@ -43,6 +45,7 @@ def _gapfill(cfg: Config, args: argparse.Namespace) -> None:
         args.out or lay.gapfilled(args.tile),
         cfg.date_grid,
         threads=cfg.threads(),
+        dask=cfg.get("dask"),
     )
 
 
@@ -51,7 +54,10 @@ def _histogram(cfg: Config, args: argparse.Namespace) -> None:
 
     lay = Layout(cfg.workdir)
     tile_histogram(
-        args.src or lay.gapfilled(args.tile), args.out or lay.histogram(args.tile), threads=cfg.threads()
+        args.src or lay.gapfilled(args.tile),
+        args.out or lay.histogram(args.tile),
+        threads=cfg.threads(),
+        dask=cfg.get("dask"),
     )
 
 

@@ -29,7 +29,9 @@ from __future__ import annotations
 import logging
 import platform
 import threading
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import numba
 import numpy as np
@@ -41,6 +43,7 @@ from numba.extending import intrinsic
 from pipeline.errors import PipelineError
 from pipeline.io.atomic import atomic_path
 from pipeline.io.tilestore import add_array, create_store, dates_of, for_each_window, open_store, store_grid
+from pipeline.parallel import window_executor
 
 log = logging.getLogger(__name__)
 
@@ -444,7 +447,9 @@ def clear_count(valid: np.ndarray) -> np.ndarray:
     return np.count_nonzero(valid, axis=0).astype(np.uint16)
 
 
-def gapfill_tile(src: Path, dst: Path, date_grid: np.ndarray, threads: int = 1) -> None:
+def gapfill_tile(
+    src: Path, dst: Path, date_grid: np.ndarray, threads: int = 1, dask: Mapping[str, Any] | None = None
+) -> None:
     """Gapfill one ingest store onto ``date_grid`` and write the 'gapfilled' store at ``dst``.
 
     Streams 512 px shard windows through a pool of ``threads`` workers, so memory stays at a few
@@ -506,4 +511,5 @@ def gapfill_tile(src: Path, dst: Path, date_grid: np.ndarray, threads: int = 1) 
             o_refl[:, :, rs, cs] = gapfill(vals, clear, src_dates, dst_dates, threads=threads)
             o_count[rs, cs] = clear_count(clear)
 
-        for_each_window(one, h, w, threads, f"gapfill {src.stem}")
+        with window_executor(dask, threads) as pool:
+            for_each_window(one, h, w, threads, f"gapfill {src.stem}", executor=pool)

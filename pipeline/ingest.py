@@ -2,24 +2,26 @@
 
 The store holds ``reflectance`` int16 (T, 10, H, W) x10000 (NODATA fill, bands in
 :data:`~pipeline.io.l2a.BANDS` order, 20 m bands bicubic-upsampled) and ``valid`` uint8 (T, H, W),
-1 = clear observation. It is streamed one 512 px shard at a time across all dates, so memory is
-bounded by T x 10 x 512 x 512 x 2 bytes whatever the tile size, and written under a temporary
+1 = clear observation. It is streamed in 512 px shards across all dates, ``threads`` shards at a time
+(or on dask workers, see :mod:`pipeline.parallel`), so memory is bounded by a few
+T x 10 x 512 x 512 x 2 bytes whatever the tile size, and written under a temporary
 name: any bad input ends in a :class:`PipelineError` naming the file and leaves no output.
 """
 
 from __future__ import annotations
 
 import logging
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
-from tqdm import tqdm
 
 from pipeline.errors import PipelineError
 from pipeline.io.atomic import atomic_path
 from pipeline.io.l2a import BANDS, FORMATS, NODATA, Product, find_products, normalise_tile
-from pipeline.io.tilestore import SHARD, add_array, create_store, iter_windows, win_slices
+from pipeline.io.tilestore import add_array, create_store, for_each_window, win_slices
+from pipeline.parallel import window_executor
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +44,14 @@ def check_products(products: list[Product], folder: Path, fmt: str, tile: str) -
         seen[p.date] = p
 
 
-def ingest_tile(products_dir: Path, fmt: str, tile: str, out: Path, threads: int = 1) -> None:
+def ingest_tile(
+    products_dir: Path,
+    fmt: str,
+    tile: str,
+    out: Path,
+    threads: int = 1,
+    dask: Mapping[str, Any] | None = None,
+) -> None:
     """Build the ingest store ``out`` for ``tile`` from the ``fmt`` products found in ``products_dir``."""
     products_dir, out = Path(products_dir), Path(out)
     if fmt not in FORMATS:
@@ -68,10 +77,13 @@ def ingest_tile(products_dir: Path, fmt: str, tile: str, out: Path, threads: int
         )
         refl = add_array(group, "reflectance", (n, len(BANDS), h, w), "int16", NODATA)
         valid = add_array(group, "valid", (n, h, w), "uint8", 0)
-        windows = list(iter_windows(h, w, SHARD))
-        with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
-            for win in tqdm(windows, desc=f"ingest {tile}", unit="shard", disable=None):
-                results = list(pool.map(lambda p, win=win: p.read_window(win), products))
-                ys, xs = win_slices(win)
-                refl[:, :, ys, xs] = np.stack([r for r, _ in results])
-                valid[:, ys, xs] = np.stack([v for _, v in results]).astype(np.uint8)
+
+        def one(win) -> None:
+            # self-contained (may run on a dask worker): every date of one shard, read then written
+            results = [p.read_window(win) for p in products]
+            ys, xs = win_slices(win)
+            refl[:, :, ys, xs] = np.stack([r for r, _ in results])
+            valid[:, ys, xs] = np.stack([v for _, v in results]).astype(np.uint8)
+
+        with window_executor(dask, threads) as pool:
+            for_each_window(one, h, w, threads, f"ingest {tile}", executor=pool)

@@ -16,15 +16,17 @@ any value equal to NODATA.
 from __future__ import annotations
 
 import json
-import threading
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from pipeline.errors import PipelineError
 from pipeline.io.atomic import atomic_path, write_json
 from pipeline.io.tilestore import for_each_window, open_store
+from pipeline.parallel import window_executor
 
 NODATA = -10000
 _BINS = 65536
@@ -36,7 +38,7 @@ def channel_names(dates: list[str], bands: list[str]) -> list[str]:
     return [f"{d}/{b}" for d in dates for b in bands]
 
 
-def tile_histogram(src: Path, out: Path, threads: int = 1) -> None:
+def tile_histogram(src: Path, out: Path, threads: int = 1, dask: Mapping[str, Any] | None = None) -> None:
     """Exact per-channel histograms of one gapfilled store, written atomically to ``out`` (.npz)."""
     src = Path(src)
     group = open_store(src, "gapfilled", ("reflectance", "clear_count"))
@@ -48,27 +50,37 @@ def tile_histogram(src: Path, out: Path, threads: int = 1) -> None:
         raise PipelineError(src, f"{len(dates)} dates x {len(bands)} bands for a cube of shape {refl.shape}")
     k = t * c
     hist = np.zeros((k, _BINS), dtype=np.int64)
-    lock = threading.Lock()
     n_pixels = [0]
 
-    def one(win) -> None:
+    def one(win) -> tuple[int, list[tuple[np.ndarray, np.ndarray]]] | None:
+        # self-contained (may run on a dask worker): returns each channel's non-zero bins
         rs = slice(win.row_off, win.row_off + win.height)
         cs = slice(win.col_off, win.col_off + win.width)
         keep = np.asarray(count[rs, cs]).ravel() > 0
         if not keep.any():
-            return
+            return None
         vals = np.asarray(refl[:, :, rs, cs]).reshape(k, -1)
         if not keep.all():
             vals = vals[:, keep]
         # int16 -> offset binary in uint16: bincount casts it to intp without a sign fix-up pass
         u = vals.view(np.uint16) ^ np.uint16(0x8000)
-        local = [np.bincount(u[i], minlength=_BINS) for i in range(k)]
-        with lock:
-            for i in range(k):
-                hist[i] += local[i]
-            n_pixels[0] += int(keep.sum())
+        sparse = []
+        for i in range(k):
+            counts = np.bincount(u[i], minlength=_BINS)
+            nz = np.flatnonzero(counts).astype(np.uint16)
+            sparse.append((nz, counts[nz].astype(np.uint32)))
+        return int(keep.sum()), sparse
 
-    for_each_window(one, h, w, threads, f"histogram {src.stem}")
+    def merge(result) -> None:
+        if result is None:
+            return
+        n, sparse = result
+        for i, (nz, counts) in enumerate(sparse):
+            hist[i, nz] += counts
+        n_pixels[0] += n
+
+    with window_executor(dask, threads) as pool:
+        for_each_window(one, h, w, threads, f"histogram {src.stem}", executor=pool, on_result=merge)
     hist[:, NODATA + _SHIFT] = 0
     used = np.flatnonzero(hist.any(axis=0))
     lo, hi = (int(used[0]), int(used[-1]) + 1) if used.size else (0, 0)

@@ -18,7 +18,7 @@ faster than zstd 3 + bit-shuffle and decodes as fast as no compression, for ~13 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,6 +32,7 @@ from tqdm import tqdm
 from zarr.codecs import BloscCodec
 
 from pipeline.errors import PipelineError
+from pipeline.parallel import run_windows
 
 CHUNK = 64
 SHARD = 512
@@ -99,26 +100,31 @@ def iter_windows(height: int, width: int, size: int = SHARD) -> Iterator[Window]
             yield Window(col, row, min(size, width - col), min(size, height - row))
 
 
-def for_each_window(fn: Callable[[Window], None], height: int, width: int, threads: int, desc: str) -> None:
-    """Run ``fn`` on every shard-aligned window on a thread pool, with a progress bar.
+def for_each_window(
+    fn: Callable[[Window], Any],
+    height: int,
+    width: int,
+    threads: int,
+    desc: str,
+    *,
+    executor: Executor | None = None,
+    on_result: Callable[[Any], None] | None = None,
+) -> None:
+    """Run ``fn`` on every shard-aligned window, with a progress bar.
 
-    Codecs and compiled kernels release the GIL, so windows overlap I/O with compute. The first
-    error cancels the queued windows and propagates (the caller's ``atomic_path`` then drops the
-    temporary output).
+    By default on a pool of ``threads`` threads (codecs and compiled kernels release the GIL, so
+    windows overlap I/O with compute); ``executor`` (see :mod:`pipeline.parallel`) may instead be
+    a dask cluster's. ``fn``'s results go to ``on_result`` in this thread, in window order. The
+    first error cancels the queued windows and propagates (the caller's ``atomic_path`` then drops
+    the temporary output).
     """
     windows = list(iter_windows(height, width))
-    with (
-        ThreadPoolExecutor(max(1, threads)) as pool,
-        tqdm(total=len(windows), desc=desc, unit="win", disable=None) as bar,
-    ):
-        futures = [pool.submit(fn, win) for win in windows]
-        try:
-            for fut in futures:
-                fut.result()
-                bar.update()
-        except BaseException:
-            pool.shutdown(wait=True, cancel_futures=True)
-            raise
+    with tqdm(total=len(windows), desc=desc, unit="win", disable=None) as bar:
+        if executor is not None:
+            run_windows(fn, windows, executor, on_result, bar.update)
+            return
+        with ThreadPoolExecutor(max(1, threads)) as pool:
+            run_windows(fn, windows, pool, on_result, bar.update)
 
 
 def padded(win: Window, halo: int, height: int, width: int) -> tuple[Window, tuple[slice, slice]]:
