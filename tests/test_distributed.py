@@ -4,16 +4,21 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
+import yaml
 
-from pipeline.config import Config, validate
+from pipeline.config import Config, load_config, validate
 from pipeline.distributed import BatchSource, World, owners, process_group, tile_holders, world_from_env
+from pipeline.layout import Layout
 from pipeline.models.features import Normalisation
 from pipeline.models.net import WEIGHTS, load_weights
 from pipeline.nettrain import PatchData, index_patches, train_network
@@ -154,3 +159,49 @@ def test_world_from_env():
 def test_tile_holders():
     assert tile_holders(["b", "a", "c"], 2) == {"a": [0], "b": [1], "c": [0]}
     assert tile_holders(["a", "b"], 5) == {"a": [0, 2, 4], "b": [1, 3]}
+
+
+def _layout_run(tmp: Path, scene, patches, name: str, **nets) -> Path:
+    """A run folder in the standard layout (symlinks to the scene) and its frozen config."""
+    cfg = _config(tmp / name, **nets)
+    lay = Layout(cfg.workdir)
+    for tile in scene.gapfilled:
+        for src, dst in (
+            (scene.gapfilled[tile], lay.gapfilled(tile)),
+            (scene.labels[tile], lay.labels(tile)),
+        ):
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            dst.symlink_to(src)
+        for split in ("train", "validation"):
+            dst = lay.patches(tile, split)
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            dst.symlink_to(patches[tile].with_name(f"{tile}.{split}.npz"))
+    lay.percentiles().parent.mkdir(parents=True, exist_ok=True)
+    lay.percentiles().symlink_to(scene.percentiles)
+    path = tmp / name / "run-config.yaml"
+    path.write_text(yaml.safe_dump(cfg.data))
+    return path
+
+
+def test_torchrun_cli_trains_like_one_process(setup):
+    """The users' launch: ``torchrun --nproc-per-node 2 landcover train`` (what srun does under SLURM)."""
+    tmp, scene, patches = setup
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
+    assert torchrun, "torchrun is installed with torch"
+    two = _layout_run(tmp, scene, patches, "cli2", batch_size=B, epochs=1, steps_per_epoch=2)
+    one = _layout_run(tmp, scene, patches, "cli1", batch_size=WORLD * B, epochs=1, steps_per_epoch=2)
+    port = str(_free_port())
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    cmd = [torchrun, "--nproc-per-node", str(WORLD), "--master-port", port, "--no-python"]
+    cmd += ["landcover", "--config", str(two), "train", "--model", "fgunet"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    single = ["landcover", "--config", str(one), "train", "--model", "fgunet"]
+    proc = subprocess.run(single, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a = Layout(load_config(two).workdir).model_dir("fgunet")
+    b = Layout(load_config(one).workdir).model_dir("fgunet")
+    assert json.loads((a / "model.json").read_text())["training"]["nodes"] == WORLD
+    wa, wb = load_weights(a / WEIGHTS)["state_dict"], load_weights(b / WEIGHTS)["state_dict"]
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=1e-6)
