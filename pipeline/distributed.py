@@ -134,6 +134,7 @@ class BatchSource:
         self.tiles = sorted(data.refl)
         self.holders = tile_holders(self.tiles, world.size)
         self.last_plan: TransferPlan | None = None
+        self.sent_bytes = 0  # payload this process has sent (patches + labels), for the benchmark
 
     def draw(self, rng: np.random.Generator) -> tuple[list[PatchRef], np.ndarray]:
         """Process 0's draw of the global batch: B patches class-first, then one D4 element each."""
@@ -193,6 +194,7 @@ class BatchSource:
             x, y = own[k]
             msg = np.concatenate([np.ascontiguousarray(x).view(np.uint8).ravel(), y.ravel().view(np.uint8)])
             reqs.append(dist.isend(torch.from_numpy(msg), dst=to, tag=k))
+            self.sent_bytes += msg.nbytes
         for k, frm in plan.receives(rank):
             bufs[k] = torch.empty(size, dtype=torch.uint8)
             reqs.append(dist.irecv(bufs[k], src=frm, tag=k))
