@@ -2,6 +2,7 @@
 # all logic lives in the `pipeline` package (see docs/architecture.md).
 #   snakemake --cores all                         # the whole run (default config: the demo country)
 #   snakemake --cores 2 results/demo/maps/rf/T31TCJ.tif   # one tile's map
+#   snakemake --profile slurm                     # every job on a SLURM cluster (docs/slurm.md)
 
 from snakemake.utils import min_version
 

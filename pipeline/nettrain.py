@@ -308,6 +308,9 @@ def train_network(
     patches = patches or {t: lay.patches(t) for t in gapfilled}
     ckdir = Path(checkpoints) if checkpoints else out_dir.with_name(f"{out_dir.name}.checkpoints")
     device = s.torch_device()
+    if device == "cuda":  # one GPU per process on a multi-GPU node
+        device = f"cuda:{world.local_rank % torch.cuda.device_count()}"
+        torch.cuda.set_device(device)
     torch.set_num_threads(cfg.threads())
 
     norm = Normalisation.from_percentiles(percentiles)
@@ -385,7 +388,9 @@ def train_network(
     if world.size > 1:
         from torch.nn.parallel import DistributedDataParallel
 
-        model_fwd = DistributedDataParallel(net, device_ids=None if device == "cpu" else [world.local_rank])
+        model_fwd = DistributedDataParallel(
+            net, device_ids=None if device == "cpu" else [torch.device(device)]
+        )
     t_start = time.perf_counter()
     for epoch in range(start, s.epochs):
         t0 = time.perf_counter()

@@ -1,7 +1,5 @@
 # Train each configured classifier on all tiles, map every tile, validate, compare.
 
-from pipeline.models import is_network
-
 
 def train_inputs(wildcards):
     """Networks also need every tile's precomputed patch positions."""
@@ -23,6 +21,8 @@ rule patches:
         validation=str(LAYOUT.patches("{tile}", "validation")),
     log:
         str(LAYOUT.workdir / "logs" / "patches_{tile}.log"),
+    resources:
+        **job_resources("patches"),
     shell:
         "{LANDCOVER} patches --tile {wildcards.tile} --labels {input} --out {output.train} 2> {log}"
 
@@ -34,10 +34,14 @@ rule train:
         directory(str(LAYOUT.model_dir("{model}"))),
     log:
         str(LAYOUT.workdir / "logs" / "train_{model}.log"),
-    threads: workflow.cores
+    threads: all_cores()
+    resources:
+        # rf: one task; a network: resources.train_network's nodes x tasks_per_node, and under
+        # SLURM `launch` is the srun starting them (empty locally: one process)
+        **job_resources("train"),
     shell:
         # networks checkpoint every epoch into <model>.checkpoints/: rerunning resumes there
-        "{LANDCOVER} train --model {wildcards.model} --out {output} 2> {log}"
+        "{resources.launch}{LANDCOVER} train --model {wildcards.model} --out {output} 2> {log}"
 
 
 rule predict:
@@ -49,6 +53,8 @@ rule predict:
         confidence=str(LAYOUT.confidence("{model}", "{tile}")),
     log:
         str(LAYOUT.workdir / "logs" / "predict_{model}_{tile}.log"),
+    resources:
+        **job_resources("predict"),
     shell:
         "{LANDCOVER} predict --model {wildcards.model} --tile {wildcards.tile} --model-dir {input.model}"
         " --src {input.gapfilled} --out {output.map} --confidence {output.confidence} 2> {log}"
@@ -62,6 +68,8 @@ rule validate:
         str(LAYOUT.metrics("{model}", "{tile}")),
     log:
         str(LAYOUT.workdir / "logs" / "validate_{model}_{tile}.log"),
+    resources:
+        **job_resources("validate"),
     shell:
         "{LANDCOVER} validate --model {wildcards.model} --tile {wildcards.tile} --map {input.map}"
         " --labels {input.labels} --out {output} 2> {log}"
@@ -74,6 +82,8 @@ rule summarise:
         str(LAYOUT.overall_metrics("{model}")),
     log:
         str(LAYOUT.workdir / "logs" / "summarise_{model}.log"),
+    resources:
+        **job_resources("summarise"),
     shell:
         "{LANDCOVER} summarise --model {wildcards.model} --out {output} {input} 2> {log}"
 
@@ -86,5 +96,7 @@ rule compare:
         csv=str(LAYOUT.comparison("csv")),
     log:
         str(LAYOUT.workdir / "logs" / "compare.log"),
+    resources:
+        **job_resources("compare"),
     shell:
         "{LANDCOVER} compare --out {output.md} {input} 2> {log}"

@@ -8,5 +8,7 @@ if "demo" in RUN_CONFIG:
             reference=RUN_CONFIG["inputs"]["reference"],
         log:
             str(LAYOUT.workdir / "logs" / "demo.log"),
+        resources:
+            **job_resources("demo"),
         shell:
             "{LANDCOVER} demo 2> {log}"

@@ -8,6 +8,8 @@ rule ingest:
         directory(str(LAYOUT.ingest("{tile}"))),
     log:
         str(LAYOUT.workdir / "logs" / "ingest_{tile}.log"),
+    resources:
+        **job_resources("ingest"),
     shell:
         "{LANDCOVER} ingest --tile {wildcards.tile} --out {output} 2> {log}"
 
@@ -19,6 +21,8 @@ rule gapfill:
         directory(str(LAYOUT.gapfilled("{tile}"))),
     log:
         str(LAYOUT.workdir / "logs" / "gapfill_{tile}.log"),
+    resources:
+        **job_resources("gapfill"),
     shell:
         "{LANDCOVER} gapfill --tile {wildcards.tile} --src {input} --out {output} 2> {log}"
 
@@ -30,6 +34,8 @@ rule histogram:
         str(LAYOUT.histogram("{tile}")),
     log:
         str(LAYOUT.workdir / "logs" / "histogram_{tile}.log"),
+    resources:
+        **job_resources("histogram"),
     shell:
         "{LANDCOVER} histogram --tile {wildcards.tile} --src {input} --out {output} 2> {log}"
 
@@ -41,6 +47,8 @@ rule percentiles:
         str(LAYOUT.percentiles()),
     log:
         str(LAYOUT.workdir / "logs" / "percentiles.log"),
+    resources:
+        **job_resources("percentiles"),
     shell:
         "{LANDCOVER} percentiles --out {output} {input} 2> {log}"
 
@@ -52,5 +60,7 @@ rule validity:
         str(LAYOUT.validity("{tile}")),
     log:
         str(LAYOUT.workdir / "logs" / "validity_{tile}.log"),
+    resources:
+        **job_resources("validity"),
     shell:
         "{LANDCOVER} validity --tile {wildcards.tile} --src {input} --out {output} 2> {log}"

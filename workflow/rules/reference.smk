@@ -9,6 +9,8 @@ rule split:
         str(LAYOUT.split()),
     log:
         str(LAYOUT.workdir / "logs" / "split.log"),
+    resources:
+        **job_resources("split"),
     shell:
         "{LANDCOVER} split --out {output} 2> {log}"
 
@@ -21,6 +23,8 @@ rule rasterise:
         directory(str(LAYOUT.labels("{tile}"))),
     log:
         str(LAYOUT.workdir / "logs" / "rasterise_{tile}.log"),
+    resources:
+        **job_resources("rasterise"),
     shell:
         "{LANDCOVER} rasterise --tile {wildcards.tile} --split {input.split} --grid {input.grid}"
         " --out {output} 2> {log}"
