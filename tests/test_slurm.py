@@ -18,15 +18,19 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
 
 from pipeline.config import load_config
+from pipeline.gapfill import gapfill_tile
+from pipeline.io.tilestore import open_store
 from pipeline.layout import Layout
 from pipeline.models.net import WEIGHTS, load_weights
 from tests.conftest import REPO
 from tests.slurm_cluster import SlurmCluster, missing_binaries
+from tests.test_gapfill import make_ingest
 
 pytestmark = pytest.mark.slurm
 
@@ -223,3 +227,27 @@ def test_killed_network_training_resumes_under_slurm(run, cluster):
     resumed = load_weights(model / WEIGHTS)["state_dict"]
     for k in reference:
         torch.testing.assert_close(resumed[k], reference[k], rtol=0, atol=0)  # exactly, as one process
+
+
+def test_gapfill_windows_on_dask_slurm_workers(cluster, tmp_path, monkeypatch):
+    """dask: {cluster: slurm}: the stage's windows run on dask workers submitted by dask-jobqueue."""
+    for key, value in _env(cluster).items():
+        monkeypatch.setenv(key, value)
+    _, _, dates = make_ingest(tmp_path / "in.zarr")  # two 512-px windows
+    grid = dates[0] + np.arange(0, 100, 10).astype("timedelta64[D]")
+    gapfill_tile(tmp_path / "in.zarr", tmp_path / "threads.zarr", grid, threads=2)
+    slurm = {"jobs": 1, "cores": 1, "memory": "1GB", "walltime": "00:10:00", "log_directory": str(tmp_path)}
+    gapfill_tile(
+        tmp_path / "in.zarr",
+        tmp_path / "dask.zarr",
+        grid,
+        threads=1,
+        dask={"cluster": "slurm", "slurm": slurm},
+    )
+    a = open_store(tmp_path / "threads.zarr", "gapfilled")
+    b = open_store(tmp_path / "dask.zarr", "gapfilled")
+    np.testing.assert_array_equal(a["reflectance"][...], b["reflectance"][...])
+    np.testing.assert_array_equal(a["clear_count"][...], b["clear_count"][...])
+    assert list(tmp_path.glob("dask-worker*.err")) or list(tmp_path.glob("*.err")), (
+        "a SLURM job ran the workers"
+    )
