@@ -110,7 +110,7 @@ def _train(cfg: Config, args: argparse.Namespace) -> None:
         "out_dir": out,
     }
     if get(args.model).pixelwise:
-        train(cfg, args.model, **common)
+        train(cfg, args.model, **common, fold=args.fold)
         return
     # networks: one process, or several under torchrun / srun (each learns its rank from the env)
     from pipeline.distributed import process_group, world_from_env
@@ -224,8 +224,10 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, Stage]]:
     add(
         "patches", _patches, "valid training/validation patch positions of one tile (networks)", tile=True
     ).add_argument("--labels", type=Path, help="the tile's label store")
-    add("train", _train, "train a classifier on all tiles", model=True).add_argument(
-        "--checkpoints", type=Path, help="network checkpoint folder (default: <out>.checkpoints)"
+    p = add("train", _train, "train a classifier on all tiles", model=True)
+    p.add_argument("--checkpoints", type=Path, help="network checkpoint folder (default: <out>.checkpoints)")
+    p.add_argument(
+        "--fold", type=int, help="leave out this fold of training polygons (geometric-QA reference RFs)"
     )
     p = add("predict", _predict, "map one tile with a trained classifier", tile=True, model=True)
     p.add_argument("--model-dir", type=Path)

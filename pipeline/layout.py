@@ -46,6 +46,11 @@ class Layout:
     def labels(self, tile: str) -> Path:
         return self.workdir / "reference" / f"{tile}.zarr"
 
+    @staticmethod
+    def reference_model(fold: int) -> str:
+        """Name of the geometric-QA reference RF trained without ``fold`` (maps/<name>/, models/<name>/)."""
+        return f"rfref{fold}"
+
     def patches(self, tile: str, split: str = "train") -> Path:
         return self.workdir / "patches" / f"{tile}.{split}.npz"
 

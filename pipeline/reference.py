@@ -37,6 +37,7 @@ from pipeline.io.tilestore import (
 log = logging.getLogger(__name__)
 
 SPLITS = {"train": 1, "validation": 2}
+TRAIN_FOLD = "train_fold"  # label-store array: fold + 1 of the training polygon under a pixel, 0 = none
 
 
 def read_polygons(path: Path, class_field: str, codes: np.ndarray) -> gpd.GeoDataFrame:
@@ -97,6 +98,28 @@ def split_table(tile: np.ndarray, code: np.ndarray, train_ratio: float, seed: in
     return out
 
 
+def folds(cfg: Config) -> int:
+    """Folds of the training polygons: one per geometric-QA reference RF (at least 1)."""
+    return max(1, int(cfg["qa"]["references"]))
+
+
+def fold_table(tile: np.ndarray, code: np.ndarray, split: np.ndarray, n_folds: int, seed: int) -> np.ndarray:
+    """Fold 0..n-1 of each training polygon (-1 for validation), dealt round-robin per (tile, class).
+
+    Reference RF ``i`` of the geometric QA trains without fold ``i``, so references differ by
+    about 1/n of the polygons of every class and tile (the seed's cross-validation folds, §4.3).
+    """
+    rng = np.random.default_rng([seed, 1])
+    out = np.full(len(tile), -1, dtype=np.int16)
+    train = split == SPLITS["train"]
+    keys = np.rec.fromarrays([tile, code])
+    for key in np.unique(keys[train]):
+        members = np.flatnonzero((keys == key) & train)
+        start = int(rng.integers(n_folds))  # so small strata do not all land in fold 0
+        out[rng.permutation(members)] = (start + np.arange(members.size)) % n_folds
+    return out
+
+
 def split_polygons(cfg: Config, grids: Mapping[str, Path], out: Path) -> None:
     """Check the reference layer, erode it, give each polygon a home tile and a split, write ``out``."""
     src = Path(cfg["inputs"]["reference"])
@@ -129,10 +152,11 @@ def split_polygons(cfg: Config, grids: Mapping[str, Path], out: Path) -> None:
         gdf["tile"].to_numpy(), gdf["code"].to_numpy(), cfg["reference"]["train_ratio"], cfg.seed
     )
     gdf["split"] = np.where(split == SPLITS["train"], "train", "validation")
+    gdf["fold"] = fold_table(gdf["tile"].to_numpy(), gdf["code"].to_numpy(), split, folds(cfg), cfg.seed)
     _log_split(gdf, cfg)
     with atomic_path(out) as tmp:
         pyogrio.write_dataframe(
-            gdf[["id", "code", "tile", "split", "geometry"]], tmp, layer="reference", driver="GPKG"
+            gdf[["id", "code", "tile", "split", "fold", "geometry"]], tmp, layer="reference", driver="GPKG"
         )
 
 
@@ -159,14 +183,19 @@ def rasterise_tile(split: Path, tile: str, grid_store: Path, out: Path) -> None:
     tree = STRtree(geoms)
     codes = gdf["code"].to_numpy().astype(np.uint8)
     splits = gdf["split"].to_numpy()
+    if "fold" not in gdf.columns:
+        raise PipelineError(split, "no 'fold' field: written by an older version, run the split stage again")
+    fold_id = np.where(splits == "train", gdf["fold"].to_numpy() + 1, 0).astype(np.uint8)
     with atomic_path(out) as tmp:
         group = create_store(tmp, "reference", grid, tile=tile, n_polygons=int(len(gdf)))
         arrays = {name: add_array(group, name, (grid.height, grid.width), "uint8", 0) for name in SPLITS}
+        fold_arr = add_array(group, TRAIN_FOLD, (grid.height, grid.width), "uint8", 0)
         for win in tqdm(list(iter_windows(grid.height, grid.width)), desc=f"rasterise {tile}", unit="win"):
             burnt = burn_window(grid, win, geoms, codes, splits, tree)
             rows, cols = win_slices(win)
             for name, arr in arrays.items():
                 arr[rows, cols] = burnt[name]
+            fold_arr[rows, cols] = burn_window(grid, win, geoms, fold_id, splits, tree)["train"]
 
 
 def burn_window(grid: Grid, win, geoms, codes, splits, tree: STRtree) -> dict[str, np.ndarray]:

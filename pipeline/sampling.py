@@ -21,6 +21,7 @@ import zarr
 from pipeline.errors import PipelineError
 from pipeline.io.tilestore import SHARD, iter_windows, open_store, store_grid, win_slices
 from pipeline.models.features import NODATA, Normalisation, schema_mismatch
+from pipeline.reference import TRAIN_FOLD
 
 log = logging.getLogger(__name__)
 
@@ -55,12 +56,17 @@ class PixelSample:
 
 
 def collect_candidates(
-    labels: Mapping[str, Path], gapfilled: Mapping[str, Path], codes: np.ndarray, split: str = "train"
+    labels: Mapping[str, Path],
+    gapfilled: Mapping[str, Path],
+    codes: np.ndarray,
+    split: str = "train",
+    exclude_fold: int | None = None,
 ) -> tuple[list[str], dict[int, Candidates]]:
     """Stream each tile's ``split`` labels into per-class candidate lists.
 
     Pixels whose ``clear_count`` is 0 (no observation at all, hence no-data) are left out here
     already, which spares reading their features; the feature read re-checks anyway.
+    ``exclude_fold``: leave out the training polygons of that fold (geometric-QA reference RFs).
     """
     tiles = sorted(labels)
     if missing := sorted(set(tiles) - set(gapfilled)):
@@ -69,7 +75,8 @@ def collect_candidates(
     known[codes] = True
     cands = {int(c): Candidates() for c in codes}
     for ti, tile in enumerate(tiles):
-        lab = open_store(labels[tile], "reference", (split,))
+        need = (split, TRAIN_FOLD) if exclude_fold is not None else (split,)
+        lab = open_store(labels[tile], "reference", need)
         cube = open_store(gapfilled[tile], "gapfilled", ("reflectance",))
         grid = store_grid(cube)
         if not store_grid(lab).same_as(grid):
@@ -83,6 +90,8 @@ def collect_candidates(
                 continue
             if clear is not None:
                 block = np.where(np.asarray(clear[sl]) > 0, block, 0)
+            if exclude_fold is not None:
+                block = np.where(np.asarray(lab[TRAIN_FOLD][sl]) == exclude_fold + 1, 0, block)
             idx = np.flatnonzero(block)
             if idx.size == 0:
                 continue
@@ -127,12 +136,13 @@ def balanced_sample(
     seed: int,
     norm: Normalisation | None = None,
     split: str = "train",
+    exclude_fold: int | None = None,
 ) -> PixelSample:
     """Draw up to ``per_class`` training pixels per class (see module doc); ``seed`` fixes the draw.
 
     ``norm`` (when given) is only used to check each store's bands/dates before any read.
     """
-    tiles, cands = collect_candidates(labels, gapfilled, codes, split)
+    tiles, cands = collect_candidates(labels, gapfilled, codes, split, exclude_fold)
     stores = [open_store(gapfilled[t], "gapfilled", ("reflectance",)) for t in tiles]
     if norm is not None:
         for tile, grp in zip(tiles, stores, strict=True):

@@ -37,13 +37,17 @@ def train(
     labels: Mapping[str, Path],
     percentiles: Path,
     out_dir: Path,
+    fold: int | None = None,
     **patch_kw: Any,
 ) -> None:
     """Train model ``name`` (registry) on the training labels of every tile into ``out_dir``.
 
-    ``patch_kw`` (patch index files, checkpoint folder) go to patch models' own training stage.
+    ``fold``: leave that fold of training polygons out (the geometric QA's reference RFs; pixel-wise
+    models only). ``patch_kw`` (patch index files, checkpoint folder) go to patch models' own stage.
     """
     model_cls = get(name)
+    if fold is not None and not model_cls.pixelwise:
+        raise PipelineError(None, f"--fold trains a pixel-wise reference model, not {name}")
     if not model_cls.pixelwise:
         # patch models (FG-UNET, ...) bring their own sampler/training loop with the same signature
         model_cls.train_stage(cfg, gapfilled, labels, percentiles, out_dir, **patch_kw)  # type: ignore[attr-defined]
@@ -51,9 +55,8 @@ def train(
     norm = Normalisation.from_percentiles(percentiles)
     t0 = time.perf_counter()
     per_class = int(cfg["rf"]["samples_per_class"])
-    sample = balanced_sample(
-        labels, gapfilled, cfg.class_codes, per_class, derive_seed(cfg.seed, "sampling"), norm
-    )
+    seed = derive_seed(cfg.seed, "sampling" if fold is None else f"sampling/fold{fold}")
+    sample = balanced_sample(labels, gapfilled, cfg.class_codes, per_class, seed, norm, exclude_fold=fold)
     names = {c.code: c.name for c in cfg.classes}
     empty = [c for c in cfg.class_codes.tolist() if sample.counts.get(c, 0) == 0]
     if empty:
@@ -77,6 +80,9 @@ def train(
 
     meta = model_meta(cfg, name, model, norm, sample, per_class, empty, percentiles)
     meta["timing_s"] = {"sampling": round(t_sample, 3), "fit": round(t_fit, 3)}
+    meta["samples"]["seed"] = seed
+    if fold is not None:
+        meta["samples"]["excluded_fold"] = fold
     with atomic_path(out_dir) as tmp:
         tmp.mkdir()
         model.save(tmp)

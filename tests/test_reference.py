@@ -12,7 +12,7 @@ from shapely.geometry import Polygon, box
 from pipeline.config import Config, validate
 from pipeline.errors import PipelineError
 from pipeline.io.tilestore import create_store, open_store
-from pipeline.reference import rasterise_tile, split_polygons, split_table
+from pipeline.reference import fold_table, rasterise_tile, split_polygons, split_table
 from tests.conftest import REPO, make_grid
 
 ULX, ULY = 399960.0, 4800000.0
@@ -108,6 +108,29 @@ def test_split_and_rasterise_end_to_end(tmp_path):
     t2 = labels["T31TDJ"][0 if s300 == "train" else 1]
     # tile 2 starts at column 112 of tile 1: id 300 keeps columns 112-117 there (8 rows x 6)
     assert (t2 == 51).sum() == 8 * 6 + 25 * (s300 == table.set_index("id").loc[200, "split"])
+    # folds: every training polygon has one (validation -1); its pixels carry fold + 1
+    assert (table[table.split == "validation"].fold == -1).all()
+    assert table[table.split == "train"].fold.between(0, cfg["qa"]["references"] - 1).all()
+    fold_px = open_store(tmp_path / "T31TCJ_labels.zarr", "reference", ("train_fold",))["train_fold"][:]
+    assert ((fold_px > 0) == (train > 0)).all()
+    for _, r in table[(table.tile == "T31TCJ") & (table.split == "train") & (table.id != 300)].iterrows():
+        col, row = int((r.geometry.bounds[0] - ULX) / 10), int((ULY - r.geometry.bounds[3]) / 10)
+        assert (fold_px[row : row + 5, col : col + 5] == r.fold + 1).all()
+
+
+def test_fold_table_deals_each_stratum_round_robin():
+    rng = np.random.default_rng(0)
+    tile = rng.choice(["A", "B"], 500)
+    code = rng.choice([11, 31, 51], 500)
+    split = rng.choice([1, 2], 500, p=[0.67, 0.33]).astype(np.uint8)
+    folds = fold_table(tile, code, split, 10, seed=3)
+    assert (folds[split == 2] == -1).all()
+    for t in "AB":
+        for c in (11, 31, 51):
+            f = folds[(tile == t) & (code == c) & (split == 1)]
+            counts = np.bincount(f, minlength=10)
+            assert counts.max() - counts.min() <= 1  # as even as the stratum allows
+    np.testing.assert_array_equal(folds, fold_table(tile, code, split, 10, seed=3))
 
 
 def test_erosion_shrinks_and_drops(tmp_path):

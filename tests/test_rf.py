@@ -9,12 +9,14 @@ no training pixel, and no-data pixels inside labelled areas, some of them with a
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
+import zarr
 
 from pipeline.config import Config, validate
 from pipeline.errors import PipelineError
@@ -313,3 +315,24 @@ def test_compiled_forest_matches_sklearn():
         rf.predict_proba(np.full((3, 24), np.inf, np.float32))
     with pytest.raises(ValueError, match="features"):
         rf.predict(xt[:, :5])
+
+
+def test_reference_rf_leaves_its_fold_out(scene, tmp_path):
+    labels = {}
+    for tile, src in scene.labels.items():
+        labels[tile] = tmp_path / src.name
+        shutil.copytree(src, labels[tile])
+        g = zarr.open_group(str(labels[tile]), mode="r+")
+        fold = np.where(scene.train[tile] > 0, np.where(np.arange(W)[None, :] < W // 2, 1, 2), 0)
+        add_array(g, "train_fold", (H, W), "uint8", 0)[...] = fold.astype(np.uint8)
+    codes = np.array([c for c, _, _ in CLASSES], np.uint8)
+    s = balanced_sample(labels, scene.gapfilled, codes, 10_000, seed=1, exclude_fold=0)
+    assert s.labels.size > 0 and (s.col >= W // 2).all()  # fold 0 (left half) never sampled
+    cfg = make_config(tmp_path)
+    out = tmp_path / "rfref0"
+    train(cfg, "rf", scene.gapfilled, labels, scene.percentiles, out, fold=0)
+    assert load_meta(out)["samples"]["excluded_fold"] == 0
+    with pytest.raises(PipelineError, match="lacks array 'train_fold'"):
+        train(cfg, "rf", scene.gapfilled, scene.labels, scene.percentiles, tmp_path / "x", fold=1)
+    with pytest.raises(PipelineError, match="pixel-wise reference"):
+        train(cfg, "fgunet", scene.gapfilled, labels, scene.percentiles, tmp_path / "y", fold=1)

@@ -34,6 +34,8 @@ rule train:
         directory(str(LAYOUT.model_dir("{model}"))),
     log:
         str(LAYOUT.workdir / "logs" / "train_{model}.log"),
+    wildcard_constraints:
+        model="|".join(CLASSIFIERS),  # the QA's reference RFs come from train_reference
     threads: all_cores()
     resources:
         # rf: one task; a network: resources.train_network's nodes x tasks_per_node, and under
@@ -100,3 +102,24 @@ rule compare:
         **job_resources("compare"),
     shell:
         "{LANDCOVER} compare --out {output.md} {input} 2> {log}"
+
+
+# --- geometric QA references (seed 4.3): R pixel-based RF maps, each trained without one fold ---
+
+
+rule train_reference:
+    input:
+        gapfilled=expand(str(LAYOUT.gapfilled("{tile}")), tile=TILES),
+        labels=expand(str(LAYOUT.labels("{tile}")), tile=TILES),
+        percentiles=str(LAYOUT.percentiles()),
+    output:
+        directory(str(LAYOUT.model_dir(LAYOUT.reference_model("{fold}")))),
+    log:
+        str(LAYOUT.workdir / "logs" / "train_reference_{fold}.log"),
+    wildcard_constraints:
+        fold="[0-9]+",
+    threads: all_cores()
+    resources:
+        **job_resources("train_reference"),
+    shell:
+        "{LANDCOVER} train --model rf --fold {wildcards.fold} --out {output} 2> {log}"

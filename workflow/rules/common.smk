@@ -88,6 +88,8 @@ _TRAIN_KEYS = ("runtime", "mem_mb", "cpus_per_task", "slurm_partition", "nodes",
 
 def job_resources(rule):
     """A rule's `resources:`. `train` depends on the model (one task for rf, N for a network)."""
+    if rule == "train_reference":  # a reference RF is sized like the RF's training
+        return _sbatch(RUN_CONFIG["resources"]["train"])
     if rule != "train":
         return _sbatch(RUN_CONFIG["resources"][rule])
     return {
