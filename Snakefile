@@ -17,6 +17,7 @@ include: "workflow/rules/demo.smk"
 include: "workflow/rules/preprocess.smk"
 include: "workflow/rules/reference.smk"
 include: "workflow/rules/classify.smk"
+include: "workflow/rules/qa.smk"
 
 
 rule all:
@@ -27,3 +28,4 @@ rule all:
         expand(str(LAYOUT.confidence("{model}", "{tile}")), model=CLASSIFIERS, tile=TILES),
         expand(str(LAYOUT.overall_metrics("{model}")), model=CLASSIFIERS),
         str(LAYOUT.comparison("md")),
+        expand(str(LAYOUT.qa("{tile}")), tile=TILES if REFERENCES else []),

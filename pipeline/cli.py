@@ -166,6 +166,33 @@ def _summarise(cfg: Config, args: argparse.Namespace) -> None:
     summarise(cfg, tiles, args.out or lay.overall_metrics(args.model), model=args.model)
 
 
+def _qa(cfg: Config, args: argparse.Namespace) -> None:
+    from pipeline.qa import tile_qa
+
+    lay = Layout(cfg.workdir)
+    q = cfg["qa"]
+    if q["references"] < 1:
+        raise PipelineError(None, "qa.references is 0: the geometric QA is disabled")
+    maps = {m: lay.class_map(m, args.tile) for m in cfg["classifiers"]}
+    refs = args.references or [
+        lay.class_map(lay.reference_model(i), args.tile) for i in range(q["references"])
+    ]
+    tile_qa(
+        maps,
+        refs,
+        args.out or lay.qa(args.tile),
+        distance=q["corner_distance"],
+        max_angle=q["corner_angle"],
+        radius=q["match_radius"],
+        min_angle=q["corner_min_angle"],
+        min_length=q["corner_min_length"],
+        codes=cfg.class_codes.tolist(),
+        threads=cfg.threads(),
+        tile=args.tile,
+        config_digest=cfg.digest,
+    )
+
+
 def _compare(cfg: Config, args: argparse.Namespace) -> None:
     from pipeline.metrics import compare
 
@@ -242,6 +269,9 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, Stage]]:
     add("summarise", _summarise, "merge tile metrics into run-wide metrics", model=True).add_argument(
         "tile_metrics", nargs="*", type=Path
     )
+    add(
+        "qa", _qa, "corner-matching geometric QA of one tile's maps against the reference RFs", tile=True
+    ).add_argument("--references", nargs="*", type=Path, help="reference maps (default: the run's rfref<i>)")
     add("compare", _compare, "every classifier's run-wide scores side by side (.md + .csv)").add_argument(
         "overall", nargs="*", type=Path, help="overall.json of each classifier"
     )

@@ -16,6 +16,8 @@ the Snakemake rules (which import it), so paths are defined once.
     <workdir>/metrics/<name>/<tile>.json    confusion matrix and scores on validation polygons
     <workdir>/metrics/<name>/overall.json   same, whole run
     <workdir>/metrics/comparison.{csv,md}   every classifier's run-wide scores side by side
+    <workdir>/maps/rfref<i>/<tile>.tif      geometric-QA reference RF maps (fold i left out)
+    <workdir>/qa/<tile>.json                corner-matching geometric QA of a tile
 """
 
 from __future__ import annotations
@@ -80,3 +82,6 @@ class Layout:
 
     def comparison(self, suffix: str = "md") -> Path:
         return self.workdir / "metrics" / f"comparison.{suffix}"
+
+    def qa(self, tile: str) -> Path:
+        return self.workdir / "qa" / f"{tile}.json"

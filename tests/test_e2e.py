@@ -40,6 +40,7 @@ def run(tmp_path_factory) -> Path:
     }
     raw["inputs"]["reference"] = "inputs/reference.gpkg"
     raw["rf"]["n_estimators"] = 50
+    raw["qa"]["references"] = 3
     # every network of the family through the same targets as RF, small enough for CI
     raw["classifiers"] = ["rf", *NETWORKS]
     raw["nets"].update(
@@ -100,6 +101,19 @@ def test_networks_map_every_tile_and_are_compared(run):
     # the training curves exist for every network
     for name in NETWORKS:
         assert (lay.model_dir(name) / "training.png").stat().st_size > 0
+
+
+def test_geometric_qa_per_tile(run):
+    cfg = load_config(run / "config.yaml")
+    lay = Layout(run / cfg.workdir)
+    for tile in cfg.tiles:
+        doc = json.loads(lay.qa(tile).read_text())
+        assert len(doc["references"]) == 3 and all(r["corners"] > 0 for r in doc["references"])
+        rr = doc["reference_vs_reference"]
+        assert 0 < rr["mean"] <= 1 and len(rr["pairs"]) == 6
+        assert set(doc["models"]) == set(cfg["classifiers"])
+        for m in doc["models"].values():
+            assert m["mean"] is None or 0 <= m["mean"] <= 1
 
 
 def test_one_tile_target_rebuilds_only_that_tile(run):

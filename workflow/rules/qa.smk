@@ -1,0 +1,19 @@
+# Geometric QA (seed 4.3): corners of every classifier's map matched against R reference RF maps.
+# The reference RFs come from train_reference (classify.smk) and are mapped by the predict rule.
+
+REFERENCES = [LAYOUT.reference_model(i) for i in range(RUN_CONFIG["qa"]["references"])]
+
+
+rule qa:
+    input:
+        maps=expand(str(LAYOUT.class_map("{model}", "{{tile}}")), model=CLASSIFIERS),
+        references=expand(str(LAYOUT.class_map("{ref}", "{{tile}}")), ref=REFERENCES),
+    output:
+        str(LAYOUT.qa("{tile}")),
+    log:
+        str(LAYOUT.workdir / "logs" / "qa_{tile}.log"),
+    threads: 2
+    resources:
+        **job_resources("qa"),
+    shell:
+        "{LANDCOVER} qa --tile {wildcards.tile} --out {output} --references {input.references} 2> {log}"
