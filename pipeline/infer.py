@@ -60,8 +60,10 @@ def predict_tile(
     if unknown := sorted(set(codes) - set(cfg.class_codes.tolist())):
         raise PipelineError(model_dir, f"model classes {unknown} are not in the config's nomenclature")
     model = get(meta["name"], model_dir).load(model_dir)
+    precision = "fp32"
     if not model.pixelwise:
         check_network(model, meta, model_dir)
+        precision = model.set_precision(cfg["inference"]["precision"])  # type: ignore[attr-defined]
     threads = cfg.threads()
     if hasattr(model, "set_threads"):
         model.set_threads(threads)
@@ -81,6 +83,7 @@ def predict_tile(
     tile = str(group.attrs.get("tile", gapfilled.stem))
     tags = {"MODEL": str(meta["name"]), "MODEL_DIR": str(model_dir), "TILE": tile}
     tags |= {"CONFIG_DIGEST": cfg.digest, "REGULARISATION_RADIUS": str(radius), "WINDOW_MARGIN": str(margin)}
+    tags["PRECISION"] = precision
     t0 = time.perf_counter()
     wins = list(iter_windows(grid.height, grid.width, size))
     with ExitStack() as stack:

@@ -347,7 +347,7 @@ def train_network(
         lstm_hidden=s.lstm_hidden,
     )
     torch.manual_seed(derive_seed(cfg.seed, f"{name}/init"))  # same initial weights on every process
-    net = build(spec).to(device)
+    net = build(spec).to(device).to(memory_format=torch.channels_last)  # oneDNN's native conv layout
     if s.patch_size % net.pool_factor:
         raise PipelineError(None, f"nets.patch_size {s.patch_size} is not a multiple of {net.pool_factor}")
     opt = torch.optim.Adam(net.parameters(), lr=s.learning_rate)

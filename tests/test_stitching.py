@@ -65,13 +65,14 @@ def test_stitched_equals_whole_image(trained, tmp_path):
     tile = "T31TDJ"
     whole_codes, whole_conf = _whole_image(model_dir, scene.cubes[tile])
     # 96 x 128 px tile in 64-px windows: inner window edges cross the image both ways
-    exact = _with(cfg, window=64, overlap=radius)
+    exact = _with(cfg, window=64, overlap=radius, precision="fp32")
     out, conf = tmp_path / "map.tif", tmp_path / "conf.tif"
     predict_tile(exact, model_dir, scene.gapfilled[tile], out, confidence=conf)
     with rasterio.open(out) as src, rasterio.open(conf) as csrc:
         got, got_conf = src.read(1), csrc.read(1)
         assert int(src.tags()["WINDOW_MARGIN"]) == -(-radius // pool) * pool
         assert csrc.nodata == 255 and csrc.dtypes[0] == "uint8"
+        assert src.tags()["PRECISION"] == "fp32"
     np.testing.assert_array_equal(got, whole_codes)
     assert len(np.unique(whole_conf[got > 0])) > 10  # the comparison below is not vacuous
     # confidence: identical up to float rounding at an exact .5 percent (none expected)
@@ -80,9 +81,27 @@ def test_stitched_equals_whole_image(trained, tmp_path):
     if radius == 0:
         return  # pixel-wise network: any margin is exact, nothing more to show
     # a margin below the receptive radius shows seams (window borders see zero padding)
-    short = _with(cfg, window=64, overlap=0)
+    short = _with(cfg, window=64, overlap=0, precision="fp32")
     out0 = tmp_path / "map0.tif"
     predict_tile(short, model_dir, scene.gapfilled[tile], out0, confidence=tmp_path / "c0.tif")
     with rasterio.open(tmp_path / "c0.tif") as src:
         conf0 = src.read(1)
     assert (conf0 != whole_conf).any()
+
+
+def test_bf16_inference_agrees_with_fp32(trained, tmp_path):
+    """bf16 autocast (the default where the CPU has it) changes classes only at near-ties."""
+    name, _, scene, cfg, model_dir = trained
+    tile = "T31TCJ"
+    got = {}
+    for precision in ("fp32", "bf16"):
+        out = tmp_path / f"{precision}.tif"
+        predict_tile(
+            _with(cfg, window=64, overlap=32, precision=precision), model_dir, scene.gapfilled[tile], out
+        )
+        with rasterio.open(out) as src:
+            got[precision] = src.read(1)
+            assert src.tags()["PRECISION"] == precision
+    data = got["fp32"] > 0
+    assert (got["fp32"][data] == got["bf16"][data]).mean() > 0.99
+    assert ((got["bf16"] > 0) == data).all()
