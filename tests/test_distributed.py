@@ -27,6 +27,10 @@ from tests.test_nettrain import net_config
 from tests.test_rf import make_scene
 
 WORLD, B = 2, 3  # processes, patches per process
+# Adam normalises every step to about lr (1e-3): summing the same gradients in another order (2
+# processes, other batch shapes for oneDNN) can move a weight whose gradient is ~0 by a fraction of
+# lr, so weights are compared to 10 % of one step, not to float epsilon.
+ADAM_ATOL = 1e-4
 STEPS = 40
 
 
@@ -142,7 +146,7 @@ def test_two_process_training_equals_one_process_on_the_same_global_batch(setup)
     start = load_weights(out.with_name("fgunet.checkpoints") / "epoch_0001.pt")  # not vacuous: weights moved
     assert start["history"][0]["train_loss"] > 0
     for k in one:
-        torch.testing.assert_close(two[k], one[k], rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(two[k], one[k], rtol=1e-4, atol=ADAM_ATOL)
     meta = json.loads((tmp / "two" / "fgunet" / "model.json").read_text())
     assert meta["training"]["nodes"] == WORLD
 
@@ -204,4 +208,4 @@ def test_torchrun_cli_trains_like_one_process(setup):
     assert json.loads((a / "model.json").read_text())["training"]["nodes"] == WORLD
     wa, wb = load_weights(a / WEIGHTS)["state_dict"], load_weights(b / WEIGHTS)["state_dict"]
     for k in wa:
-        torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=ADAM_ATOL)

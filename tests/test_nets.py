@@ -272,3 +272,18 @@ def test_spec_rejects_bad_values(change: dict, message: str) -> None:
 def test_spec_rejects_missing_key() -> None:
     with pytest.raises(ValueError, match="missing required key"):
         NetSpec.from_json({"arch": "fgunet", "in_channels": 30, "groups": 11})
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_channels_last_weights_compute_the_same(arch):
+    """The pipeline runs every network with channels-last weights (oneDNN's layout): same outputs."""
+    torch.manual_seed(0)
+    net = build(NetSpec(arch, 6, 2, 5, unet_filters=(4, 8, 16), mlp_filters=(8, 8, 8), lstm_hidden=8)).eval()
+    x = torch.rand(2, 12, 16, 16)
+    with torch.no_grad():
+        ref, ref_low = net(x), net.forward_lowmem(x)
+        net.to(memory_format=torch.channels_last)
+        torch.testing.assert_close(net(x), ref, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(net.forward_lowmem(x), ref_low, rtol=1e-5, atol=1e-5)
+        xl = x.contiguous(memory_format=torch.channels_last)
+        torch.testing.assert_close(net.forward_lowmem(xl), ref_low, rtol=1e-5, atol=1e-5)

@@ -173,7 +173,7 @@ class ConvLSTM2d(nn.Module):
         b = n // self.steps
         w = self.conv.weight
         pad = w.shape[-1] // 2
-        xg = F.conv2d(x, w[:, : self.in_ch], self.conv.bias, padding=pad).view(b, self.steps, -1, hh, ww)
+        xg = F.conv2d(x, w[:, : self.in_ch], self.conv.bias, padding=pad).reshape(b, self.steps, -1, hh, ww)
         h = x.new_zeros(b, self.hidden, hh, ww)
         c = torch.zeros_like(h)
         out = []
@@ -181,7 +181,7 @@ class ConvLSTM2d(nn.Module):
             gates = xg[:, t] if t == 0 else xg[:, t] + F.conv2d(h, w[:, self.in_ch :], padding=pad)
             h, c = self._update(gates, c)
             out.append(h)
-        return torch.stack(out, 1).view(n, self.hidden, hh, ww)
+        return torch.stack(out, 1).reshape(n, self.hidden, hh, ww)
 
     def _step(self, x: Tensor) -> Tensor:
         if self._state is None:
@@ -330,11 +330,11 @@ class _LSTMHead(_FusionHead):
         self.classifier = nn.Linear(hidden, n_classes)
 
     def _logits(self, h: Tensor, b: int, hh: int, ww: int) -> Tensor:
-        return self.classifier(h).view(b, hh, ww, -1).permute(0, 3, 1, 2).contiguous()
+        return self.classifier(h).reshape(b, hh, ww, -1).permute(0, 3, 1, 2).contiguous()
 
     def forward(self, f: Tensor, batch: int) -> Tensor:
         _, c, hh, ww = f.shape
-        seq = f.view(batch, -1, c, hh, ww).permute(0, 3, 4, 1, 2).reshape(batch * hh * ww, -1, c)
+        seq = f.reshape(batch, -1, c, hh, ww).permute(0, 3, 4, 1, 2).reshape(batch * hh * ww, -1, c)
         _, (h, _) = self.lstm(seq)
         return self._logits(h[-1], batch, hh, ww)
 
@@ -357,7 +357,7 @@ class _LastStepHead(_FusionHead):
         self.classifier = nn.Conv2d(feat, n_classes, 1)
 
     def forward(self, f: Tensor, batch: int) -> Tensor:
-        return self.classifier(f.view(batch, self.groups, *f.shape[1:])[:, -1])
+        return self.classifier(f.reshape(batch, self.groups, *f.shape[1:])[:, -1])
 
     def step(self, state: Tensor | None, f: Tensor, g: int) -> Tensor:
         return f
