@@ -182,7 +182,7 @@ def test_sample_skips_nodata_with_inconsistent_clear_count(scene):
 
 def test_train_writes_model_folder(scene, trained):
     cfg, out = trained
-    assert sorted(p.name for p in out.iterdir()) == ["model.joblib", "model.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["forest.npz", "model.json"]
     assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]  # no temp left
     meta = load_meta(out)
     assert meta["name"] == "rf"
@@ -242,7 +242,7 @@ def test_retrain_replaces_folder_atomically(scene, tmp_path):
     out.mkdir()
     (out / "stale.txt").write_text("old")
     train(cfg, "rf", scene.gapfilled, scene.labels, scene.percentiles, out)
-    assert sorted(p.name for p in out.iterdir()) == ["model.joblib", "model.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["forest.npz", "model.json"]
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
 
 
@@ -284,37 +284,6 @@ def test_registry_protocol():
     fitted = rf(n_estimators=2).fit(np.eye(4, dtype=np.float32), np.array([1, 1, 2, 2]))
     assert isinstance(fitted, Classifier)  # runtime protocol check: every member present
     np.testing.assert_array_equal(fitted.classes_, [1, 2])
-
-
-def test_compiled_forest_matches_sklearn():
-    """The numba forest gives sklearn's probabilities (bit-identical here) and classes, NaN included."""
-    rng = np.random.default_rng(5)
-    x = rng.random((3000, 24), dtype=np.float32)
-    x[:, :4] = np.round(x[:, :4], 2)  # repeated values: test pixels fall exactly on split thresholds
-    y = rng.integers(0, 6, 3000) + 10 * (x[:, 4] > 0.5)
-    x[rng.random(x.shape) < 0.002] = np.nan  # sklearn learns a side for missing values
-    rf = get("rf")(n_estimators=25, max_depth=20, min_samples_split=10, random_state=3).fit(x, y)
-    xt = rng.random((20_000, 24), dtype=np.float32)
-    xt[:, :4] = np.round(xt[:, :4], 2)
-    xt[:5000:97, 7] = np.nan
-    ref = rf.model.predict_proba(xt)
-    rf.set_threads(2)
-    proba = rf.predict_proba(xt)
-    np.testing.assert_allclose(proba, ref, rtol=0, atol=1e-12)
-    np.testing.assert_array_equal(proba, ref)  # same float32 test, float64 leaves and summation order
-    classes = rf.predict(xt)
-    expected = rf.model.predict(xt)
-    differ = classes != expected
-    assert differ.mean() <= 1e-4
-    top2 = np.sort(ref[differ], axis=1)[:, -2:]
-    assert np.all(top2[:, 1] - top2[:, 0] < 1e-6)  # any disagreement is a near-tie
-    np.testing.assert_array_equal(classes, rf.classes_[np.argmax(proba, axis=1)])
-    rf.set_threads(1)
-    np.testing.assert_array_equal(rf.predict_proba(xt[123:9000]), proba[123:9000])  # thread/window invariant
-    with pytest.raises(ValueError, match="infinity"):
-        rf.predict_proba(np.full((3, 24), np.inf, np.float32))
-    with pytest.raises(ValueError, match="features"):
-        rf.predict(xt[:, :5])
 
 
 def test_reference_rf_leaves_its_fold_out(scene, tmp_path):
