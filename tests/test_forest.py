@@ -15,7 +15,7 @@ from sklearn.tree import DecisionTreeClassifier
 
 from pipeline.errors import PipelineError
 from pipeline.models import get
-from pipeline.models.forest import Forest, encode_features, grow_forest
+from pipeline.models.forest import Forest, Tree, encode_features, grow_forest
 
 K = 5
 
@@ -56,16 +56,16 @@ def test_deep_tree_differs_from_sklearns_only_at_ties():
     x, y = noisy(3000, 8, seed=2)
     forest = grow_forest(x, y, K, 1, 20, 10, 8, seed=3, bootstrap=False)
     sk = DecisionTreeClassifier(max_depth=20, min_samples_split=10, random_state=0).fit(x, y).tree_
-    nodes, thr = forest.nodes, forest.nodes[:, 1].view(np.float32)
+    feat, thr, left, right = forest.feature, forest.threshold, forest.left, forest.right
     same = ties = 0
     stack = [(0, 0, np.arange(len(y)))]
     while stack:
         a, b, rows = stack.pop()
-        ours_leaf, sk_leaf = nodes[a, 2] == a, sk.children_left[b] == -1
+        ours_leaf, sk_leaf = feat[a] < 0, sk.children_left[b] == -1
         assert ours_leaf == sk_leaf, f"leaf in one tree only, at a node of {rows.size} rows"
         if ours_leaf:
             continue
-        fa, ta, fb, tb = nodes[a, 0], thr[a], sk.feature[b], sk.threshold[b]
+        fa, ta, fb, tb = feat[a], thr[a], sk.feature[b], sk.threshold[b]
         go_left = x[rows, fa] <= ta
         if fa != fb or not np.array_equal(go_left, x[rows, fb] <= tb):
             assert proxy(x, y, rows, fa, ta) == pytest.approx(proxy(x, y, rows, fb, tb), rel=1e-12)
@@ -73,8 +73,8 @@ def test_deep_tree_differs_from_sklearns_only_at_ties():
             continue
         same += 1
         stack += [
-            (nodes[a, 2], sk.children_left[b], rows[go_left]),
-            (nodes[a, 3], sk.children_right[b], rows[~go_left]),
+            (left[a], sk.children_left[b], rows[go_left]),
+            (right[a], sk.children_right[b], rows[~go_left]),
         ]
     assert same > 100 and ties > 0  # deep enough to meet ties, and the walk compared real splits
 
@@ -85,7 +85,7 @@ def test_hand_computed_split_and_thresholds():
     y = np.array([0, 0, 0, 1, 1, 1], np.int32)
     forest = grow_forest(x, y, 2, 1, 5, 2, 1, seed=0, bootstrap=False)
     assert len(forest.nodes) == 3
-    assert forest.nodes[0, 0] == 0 and forest.nodes[0, 1:2].view(np.float32)[0] == np.float32(2.5)
+    assert forest.feature[0] == 0 and forest.threshold[0] == np.float32(2.5)
     proba = forest.run(np.array([[2.5], [2.5000002], [-7], [np.nan]], np.float32), 1, True)
     np.testing.assert_array_equal(
         proba, [[1, 0], [0, 1], [1, 0], [0, 1]]
@@ -117,12 +117,12 @@ def test_tree_rules_depth_and_min_split():
         while stack:
             c, r, d = stack.pop()
             assert d <= 7
-            if forest.nodes[c, 2] == c:
+            if forest.is_leaf[c]:
                 continue
             assert r.size >= 40
-            left = x[r, forest.nodes[c, 0]] <= forest.nodes[c, 1:2].view(np.float32)[0]
+            left = x[r, forest.feature[c]] <= forest.threshold[c]
             assert left.any() and (~left).any()
-            stack += [(forest.nodes[c, 2], r[left], d + 1), (forest.nodes[c, 3], r[~left], d + 1)]
+            stack += [(forest.left[c], r[left], d + 1), (forest.right[c], r[~left], d + 1)]
 
 
 def test_forest_reproducible_and_thread_invariant():
@@ -204,7 +204,7 @@ def test_model_file_round_trip_and_damage(tmp_path):
     np.testing.assert_array_equal(back.predict_proba(x), rf.predict_proba(x))
     assert back.params() == rf.params()
     arrays = dict(np.load(tmp_path / "forest.npz"))
-    arrays["nodes"][5, 2] = 10**6  # a child index out of range
+    arrays["nodes"][5, 1] = -1  # a split to feature 2047 with its right child far out of range
     np.savez(tmp_path / "forest.npz", **arrays)
     with pytest.raises(
         PipelineError, match=r"forest.npz: not a readable forest \(forest arrays are inconsistent"
@@ -215,3 +215,18 @@ def test_model_file_round_trip_and_damage(tmp_path):
         get("rf").load(tmp_path)
     with pytest.raises(PipelineError, match="model file not found"):
         get("rf").load(tmp_path / "nowhere")
+
+
+def test_packed_layout_limits_are_errors():
+    """A split whose right child lies >= 2^20 records away, or a feature index >= 2048, cannot be packed."""
+    value = np.array([[0, 0], [1, 0], [0, 1]], np.float64)
+    far = Tree(np.array([0, -1, -1]), np.zeros(3, np.float32), np.array([1, -1, -1]),
+               np.array([1 << 20, -1, -1]), np.zeros(3, np.uint8), value, 1)  # fmt: skip
+    with pytest.raises(ValueError, match="too large for the packed node layout"):
+        Forest.compact(far, 2)
+    wide = far._replace(feature=np.array([2048, -1, -1]), right=np.array([2, -1, -1]))
+    with pytest.raises(ValueError, match="too large for the packed node layout"):
+        Forest.compact(wide, 2)
+    ok = Forest.from_parts([Forest.compact(wide._replace(feature=np.array([2047, -1, -1])), 2)], 2, 2048)
+    np.testing.assert_array_equal(ok.right, [2, -1, -1])
+    np.testing.assert_array_equal(ok.feature, [2047, -1, -1])

@@ -35,7 +35,7 @@ from numba import njit, prange
 # (docs/benchmarks/rf_and_regularisation.md): 1.4x the former 256-pixel blocks.
 BLOCK_BYTES = 4 << 20
 MIN_BLOCK, MAX_BLOCK = 256, 8192
-FORMAT = 1  # version of the saved array layout
+FORMAT = 2  # version of the saved array layout (2: 8-byte packed nodes)
 LEAF = -1
 
 
@@ -57,7 +57,7 @@ class Tree(NamedTuple):
 
 
 class Part(NamedTuple):
-    """A compacted tree (:meth:`Forest.compact`): local indices until :meth:`Forest.from_parts`."""
+    """A compacted tree (:meth:`Forest.compact`): leaf entry starts local until :meth:`Forest.from_parts`."""
 
     nodes: np.ndarray
     entries: np.ndarray
@@ -66,18 +66,21 @@ class Part(NamedTuple):
     depth: int
 
 
-def _spans(parts: list[Part]) -> list[tuple[int, int]]:
-    ends = np.cumsum([len(p.nodes) for p in parts])
-    return [(int(e - len(p.nodes)), int(e)) for p, e in zip(parts, ends, strict=True)]
+FEATURE_BITS = 11  # features per pixel < 2048 (37 dates x 13 channels = 481)
+DELTA_BITS = 20  # right child at most 2^20 - 1 records after its parent
+FEATURE_MASK = (1 << FEATURE_BITS) - 1
 
 
 class Forest:
     """Trees flattened for :func:`_forest_kernel`.
 
-    ``nodes`` (n_nodes, 4) int32, one 16-byte record per node of every tree, trees concatenated:
-    ``[feature, threshold bits, left, right]`` with global child indices. Leaves point to themselves
-    (feature 0), so a pixel that reached its leaf stays there while the rest of its block descends; a
-    leaf's threshold slot holds the start of its probability entries instead.
+    ``nodes`` (n_nodes, 2) int32, one 8-byte record per node, trees concatenated, each tree in
+    depth-first order with the left child right after its parent. Word 0: the float32 threshold
+    (``x <= t`` goes left), or for a leaf the index of its first probability entry. Word 1 (uint32):
+    feature index (bits 0-10) | 1 for a split (bit 11) | distance to the right child (bits 12-31). A
+    step is then ``c += right_distance if x > t else split_bit``: leaves step by 0, so a pixel that
+    reached its leaf stays there while the rest of its block descends. Half the bytes of explicit
+    children: 1.3-1.5x faster prediction, as nodes are what the kernel waits for.
     ``entries`` (n_entries, 2) int64: the non-zero class fractions of each leaf as (float64 bits,
     class index | last-entry flag << 32); adding the zero ones would not change any sum.
     ``missing_left`` (n_nodes,) uint8: the side a NaN feature takes at each split.
@@ -98,17 +101,50 @@ class Forest:
     def n_trees(self) -> int:
         return int(self.roots.size)
 
+    # decoded views of the packed records (global node indices; -1 where a leaf has none)
+    @property
+    def is_leaf(self) -> np.ndarray:
+        return (self.nodes[:, 1].view(np.uint32) >> FEATURE_BITS) & 1 == 0
+
+    @property
+    def feature(self) -> np.ndarray:
+        return np.where(self.is_leaf, -1, (self.nodes[:, 1].view(np.uint32) & FEATURE_MASK).astype(np.int64))
+
+    @property
+    def threshold(self) -> np.ndarray:
+        return self.nodes[:, 0].view(np.float32)
+
+    @property
+    def left(self) -> np.ndarray:
+        return np.where(self.is_leaf, -1, np.arange(len(self.nodes)) + 1)
+
+    @property
+    def right(self) -> np.ndarray:
+        delta = (self.nodes[:, 1].view(np.uint32) >> (FEATURE_BITS + 1)).astype(np.int64)
+        return np.where(self.is_leaf, -1, np.arange(len(self.nodes)) + delta)
+
     @staticmethod
     def compact(tree: Tree, n_classes: int) -> Part:
-        """One tree as node records and leaf entries with tree-local indices (see the class doc)."""
+        """One tree as packed records and leaf entries (see the class doc)."""
         leaf = tree.feature == LEAF
         count = int(tree.feature.size)
-        ids = np.arange(count, dtype=np.int32)
-        rec = np.empty((count, 4), np.int32)
-        rec[:, 0] = np.where(leaf, 0, tree.feature)
-        rec[:, 1] = tree.threshold.astype(np.float32).view(np.int32)
-        rec[:, 2] = np.where(leaf, ids, tree.left)
-        rec[:, 3] = np.where(leaf, ids, tree.right)
+        ids = np.arange(count)
+        split = ~leaf
+        if np.any(tree.left[split] != ids[split] + 1):
+            raise ValueError("trees must be in depth-first order, left child first")
+        delta = (tree.right - ids)[split]
+        if count and (delta.max(initial=1) >= 1 << DELTA_BITS or tree.feature.max() > FEATURE_MASK):
+            raise ValueError(
+                f"tree too large for the packed node layout (a right child > {(1 << DELTA_BITS) - 1} "
+                f"nodes after its parent, or > {FEATURE_MASK + 1} features): lower rf.max_depth"
+            )
+        word1 = np.zeros(count, np.uint32)
+        word1[split] = (
+            tree.feature[split] | (1 << FEATURE_BITS) | (delta.astype(np.uint32) << (FEATURE_BITS + 1))
+        )
+        rec = np.empty((count, 2), np.int32)
+        rec[:, 0] = tree.threshold.astype(np.float32).view(np.int32)
+        rec[:, 1] = word1.view(np.int32)
         value = tree.value[leaf, :n_classes]
         nonzero = value != 0
         per_leaf = nonzero.sum(axis=1)
@@ -116,7 +152,7 @@ class Forest:
             raise ValueError("a leaf without any class weight")
         row, col = np.nonzero(nonzero)
         ends = np.cumsum(per_leaf)
-        rec[leaf, 1] = ends - per_leaf
+        rec[leaf, 0] = ends - per_leaf
         ent = np.empty((row.size, 2), np.int64)
         ent[:, 0] = value[row, col].astype(np.float64).view(np.int64)
         ent[:, 1] = col
@@ -125,22 +161,22 @@ class Forest:
 
     @classmethod
     def from_parts(cls, parts: list[Part], n_classes: int, n_features: int) -> Forest:
-        """Concatenate compacted trees, shifting child and entry indices to global ones."""
-        n_nodes = sum(len(p.nodes) for p in parts)
+        """Concatenate compacted trees, shifting leaf entry starts to global indices."""
+        sizes = [len(p.nodes) for p in parts]
         n_entries = sum(len(p.entries) for p in parts)
-        if n_nodes >= 2**31 or n_entries >= 2**31:
+        if sum(sizes) >= 2**31 or n_entries >= 2**31:
             raise ValueError("forest too large for 32-bit node indices")
-        nodes = np.concatenate([p.nodes for p in parts])
-        roots = np.cumsum([0] + [len(p.nodes) for p in parts[:-1]]).astype(np.int32)
         starts = np.cumsum([0] + [len(p.entries) for p in parts[:-1]])
-        for p, r, e, (a, b) in zip(parts, roots, starts, _spans(parts), strict=True):
-            nodes[a:b, 2:] += r
-            nodes[a:b, 1][p.leaf] += e
+        nodes = []
+        for p, e in zip(parts, starts, strict=True):
+            rec = p.nodes.copy()
+            rec[p.leaf, 0] += np.int32(e)
+            nodes.append(rec)
         arrays = {
-            "nodes": nodes,
+            "nodes": np.concatenate(nodes),
             "entries": np.concatenate([p.entries for p in parts]),
             "missing_left": np.concatenate([p.missing_left for p in parts]),
-            "roots": roots,
+            "roots": np.cumsum([0, *sizes[:-1]]).astype(np.int32),
             "depths": np.array([p.depth for p in parts], np.int32),
         }
         return cls(arrays, n_classes, n_features)
@@ -186,18 +222,22 @@ class Forest:
     def _check(self) -> None:
         """Indices in range, so a damaged file fails here rather than reading out of bounds."""
         n, e = len(self.nodes), len(self.entries)
-        if self.nodes.ndim != 2 or self.nodes.shape[1] != 4 or self.entries.shape[1:] != (2,):
+        if self.nodes.ndim != 2 or self.nodes.shape[1] != 2 or self.entries.shape[1:] != (2,):
             raise ValueError("forest arrays have the wrong shape")
-        leaf = (self.nodes[:, 2] == np.arange(n)) & (self.nodes[:, 3] == np.arange(n))
+        bounds = np.append(self.roots, n)
+        if self.roots.size == 0 or self.roots[0] != 0 or np.any(np.diff(bounds) <= 0):
+            raise ValueError("forest arrays are inconsistent (damaged file?)")
+        leaf, right = self.is_leaf, self.right
+        tree_end = np.repeat(bounds[1:], np.diff(bounds))  # a tree's nodes end where the next begins
         split = ~leaf
         ok = (
             self.missing_left.size == n
-            and np.all((self.nodes[:, 2:] >= 0) & (self.nodes[:, 2:] < n))
-            and np.all((self.nodes[split, 0] >= 0) & (self.nodes[split, 0] < self.n_features))
-            and np.all((self.nodes[leaf, 1] >= 0) & (self.nodes[leaf, 1] < e))
+            and np.all(self.nodes[leaf, 1] == 0)
+            and np.all((self.nodes[leaf, 0] >= 0) & (self.nodes[leaf, 0] < e))
+            and np.all(self.feature[split] < self.n_features)
+            and np.all((right[split] > np.arange(n)[split] + 1) & (right[split] < tree_end[split]))
             and np.all((self.entries[:, 1] & 0xFFFFFFFF) < self.n_classes)
             and bool((self.entries[-1, 1] >> 32) == 1 if e else True)
-            and np.all((self.roots >= 0) & (self.roots < n))
             and self.depths.size == self.roots.size
         )
         if not ok:
@@ -550,16 +590,20 @@ def _grow_tree(codes, y, w, n_classes, mtry, max_depth, min_split, state):  # no
 
 @njit(parallel=True, nogil=True, cache=True)
 def _forest_kernel(x, nodes, thr, missing_left, roots, depths, ent, entf, out, cls, nonfinite, block):  # noqa: PLR0913  # pragma: no cover
-    """Per block of pixels, tree by tree: descend all pixels level by level (branch-free, the inner
-    loop vectorises into gathers) until every pixel is at its leaf, then add the leaf entries to the
-    pixel's float64 sums in tree order. Blocks holding NaN take a branchy walk honouring the
-    missing-value side; blocks holding +-inf are flagged for the caller to raise."""
+    """Per block of pixels, tree by tree: descend all pixels level by level (branch-free) until every
+    pixel is at its leaf, then add the leaf entries to the pixel's float64 sums in tree order. Blocks
+    holding NaN take a branchy walk honouring the missing-value side; blocks holding +-inf are
+    flagged for the caller to raise."""
     n, f = x.shape
     n_trees = roots.size
     k = out.shape[1]
     xf = x.ravel()
-    nf = nodes.ravel()
+    words = nodes.ravel()
     tf = thr.ravel()
+    fmask = np.uint32(FEATURE_MASK)
+    fbits = np.uint32(FEATURE_BITS)
+    dbits = np.uint32(FEATURE_BITS + 1)
+    one = np.uint32(1)
     for b in prange((n + block - 1) // block):
         i0 = b * block
         m = min(n, i0 + block) - i0
@@ -575,34 +619,34 @@ def _forest_kernel(x, nodes, thr, missing_left, roots, depths, ent, entf, out, c
         for g in range(m):
             base[g] = np.uintp((i0 + g) * f)
         for t in range(n_trees):
-            root = np.uint32(roots[t] * 4)
+            root = np.uint32(roots[t])
             for g in range(m):
                 cur[g] = root
             if has_nan:
                 for g in range(m):
-                    c = np.int64(root) // 4
-                    while nodes[c, 2] != c:
-                        v = xf[base[g] + np.uintp(nodes[c, 0])]
-                        if v != v:
-                            c = nodes[c, 2] if missing_left[c] else nodes[c, 3]
-                        else:
-                            c = nodes[c, 2] if v <= thr[c, 1] else nodes[c, 3]
-                    cur[g] = np.uint32(c * 4)
+                    c = root
+                    while True:
+                        w = np.uint32(words[np.uintp(c) * np.uintp(2) + np.uintp(1)])
+                        if (w >> fbits) & one == 0:
+                            break
+                        v = xf[base[g] + np.uintp(w & fmask)]
+                        go_right = missing_left[c] == 0 if v != v else v > tf[np.uintp(c) * np.uintp(2)]
+                        c += (w >> dbits) if go_right else one
+                    cur[g] = c
             else:
                 for _ in range(depths[t]):
                     moved = np.uint32(0)
                     for g in range(m):
                         c = cur[g]
-                        node = np.uintp(c)
-                        v = xf[base[g] + np.uintp(nf[node])]
-                        right = np.uintp(v > tf[node + np.uintp(1)])
-                        nxt = np.uint32(nf[node + np.uintp(2) + right]) * np.uint32(4)
-                        moved |= nxt ^ c
-                        cur[g] = nxt
+                        w = np.uint32(words[np.uintp(c) * np.uintp(2) + np.uintp(1)])
+                        v = xf[base[g] + np.uintp(w & fmask)]
+                        step = (w >> dbits) if v > tf[np.uintp(c) * np.uintp(2)] else ((w >> fbits) & one)
+                        moved |= step
+                        cur[g] = c + step
                     if moved == 0:
                         break
             for g in range(m):
-                j = np.int64(nf[np.uintp(cur[g]) + np.uintp(1)])
+                j = np.int64(words[np.uintp(cur[g]) * np.uintp(2)])
                 while True:
                     e = ent[j, 1]
                     acc[g * k + (e & 0xFFFFFFFF)] += entf[j, 0]
