@@ -20,15 +20,17 @@ import time
 from contextlib import ExitStack
 from pathlib import Path
 
+import numba
 import numpy as np
 from tqdm import tqdm
 
 from pipeline.config import Config
 from pipeline.errors import PipelineError
 from pipeline.io.cog import CONFIDENCE_NODATA, class_map_writer, confidence_writer
-from pipeline.io.tilestore import iter_windows, open_store, padded, store_grid, win_slices
+from pipeline.io.tilestore import Window, iter_windows, open_store, padded, store_grid, win_slices
 from pipeline.models import Classifier, get
 from pipeline.models.features import Normalisation, nodata_mask, schema_mismatch
+from pipeline.parallel import read_ahead
 from pipeline.regularise import majority
 from pipeline.train import load_meta
 
@@ -93,9 +95,17 @@ def predict_tile(
             if confidence
             else None
         )
-        for win in tqdm(wins, desc=f"predict {tile}", unit="win", leave=False, disable=None):
-            big, inner = padded(win, margin, grid.height, grid.width)
-            cube = np.asarray(refl[(slice(None), slice(None), *win_slices(big))])
+
+        def read(win: Window) -> np.ndarray:
+            big, _ = padded(win, margin, grid.height, grid.width)
+            return np.asarray(refl[(slice(None), slice(None), *win_slices(big))])
+
+        numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))  # eq.-2 pass
+        windows = read_ahead(wins, read)  # the next window decodes while this one is classified
+        for win, cube in tqdm(
+            windows, total=len(wins), desc=f"predict {tile}", unit="win", leave=False, disable=None
+        ):
+            _, inner = padded(win, margin, grid.height, grid.width)
             codes, conf = classify_window(model, norm, cube)
             if radius:
                 codes = majority(codes, radius, nodata=0, threads=threads)

@@ -99,3 +99,19 @@ def run_windows(
         for fut in futures:
             fut.cancel()
         raise
+
+
+def read_ahead(items: list[Any], read: Callable[[Any], Any], depth: int = 1) -> Iterator[tuple[Any, Any]]:
+    """Yield ``(item, read(item))`` in order while the next ``depth`` reads run on a background thread.
+
+    For window loops whose compute (numba, torch) releases the GIL: the zarr read and decode of the
+    next window then overlaps this one's compute instead of adding to it. A read error surfaces
+    at its own item, in order.
+    """
+    with ThreadPoolExecutor(1, thread_name_prefix="read-ahead") as pool:
+        pending = [pool.submit(read, it) for it in items[:depth]]
+        for i, item in enumerate(items):
+            nxt = i + depth
+            if nxt < len(items):
+                pending.append(pool.submit(read, items[nxt]))
+            yield item, pending.pop(0).result()

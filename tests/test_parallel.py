@@ -9,7 +9,7 @@ import pytest
 
 from pipeline.gapfill import gapfill_tile
 from pipeline.io.tilestore import open_store
-from pipeline.parallel import run_windows, window_executor
+from pipeline.parallel import read_ahead, run_windows, window_executor
 from pipeline.stats import tile_histogram
 from tests.test_gapfill import make_ingest
 from tests.test_stats import make_gapfilled, random_tile
@@ -52,3 +52,28 @@ def test_run_windows_keeps_order_and_propagates_errors() -> None:
         run_windows(boom, list(range(10)), pool)
     with pytest.raises(ValueError, match="unknown dask cluster"), window_executor({"cluster": "pbs"}, 1):
         pass
+
+
+def test_read_ahead_in_order_overlapped_and_errors_at_their_item() -> None:
+    import threading
+    import time
+
+    started: list[int] = []
+    gate = threading.Event()
+
+    def read(i: int) -> int:
+        started.append(i)
+        if i == 3:
+            raise OSError("bad chunk")
+        return i * 10
+
+    out = []
+    with pytest.raises(OSError, match="bad chunk"):
+        for item, value in read_ahead([0, 1, 2, 3, 4], read):
+            deadline = time.monotonic() + 5
+            while item + 1 not in started and item < 3 and time.monotonic() < deadline:
+                gate.wait(0.01)  # the next read starts while this item is being used
+            assert item >= 3 or item + 1 in started
+            out.append((item, value))
+    assert out == [(0, 0), (1, 10), (2, 20)]
+    assert 4 not in started or started.index(4) > started.index(3)

@@ -168,6 +168,31 @@ def test_normalise_by_hand(tmp_path: Path) -> None:
         p.normalise_cube(cube[:1])
 
 
+def test_normalise_bit_identical_to_numpy_expression(tmp_path: Path) -> None:
+    """The compiled pass equals the plain numpy eq.-2 expression on random int16 windows."""
+    rng = np.random.default_rng(3)
+    low = rng.uniform(-200, 3000, 4).round().astype(np.float32)
+    high = low + rng.uniform(1, 5000, 4).round().astype(np.float32)
+    high[3] = low[3]  # a flat channel
+    p = write_pct(tmp_path / "p.json", low.tolist(), high.tolist())
+    cube = rng.integers(-1000, 9000, (3, 2, 2, 37, 53)).astype(np.int16)  # (batch, T, C, h, w)
+    cube[rng.random(cube.shape) < 0.05] = NODATA
+    scale = np.divide(1, high - low, out=np.zeros(4, np.float32), where=high > low)
+
+    def expected(x: np.ndarray, lo: np.ndarray, sc: np.ndarray) -> np.ndarray:
+        y = np.clip((x.astype(np.float32) - lo) * sc, 0, 1)
+        return np.where(x == NODATA, np.float32(0), y)
+
+    got = p.normalise_cube(cube)
+    want = expected(cube.reshape(3, 4, 37, 53), low[:, None, None], scale[:, None, None])
+    np.testing.assert_array_equal(got, want)
+    feats = np.ascontiguousarray(cube.reshape(3, 4, -1).transpose(0, 2, 1).reshape(-1, 4))
+    np.testing.assert_array_equal(p.normalise_features(feats), expected(feats, low, scale))
+    np.testing.assert_array_equal(
+        p.normalise_features(feats[::3]), expected(feats[::3], low, scale)
+    )  # strided
+
+
 def test_load_rejects_bad_file(tmp_path: Path) -> None:
     with pytest.raises(PipelineError, match="lengths disagree"):
         write_pct(tmp_path / "p.json", [1, 2, 3], [4, 5, 6])
