@@ -269,8 +269,15 @@ class GroupFeatures(nn.Module):
         self.out_channels = sum(m.out_channels for m in (unet, pixel) if m is not None)
 
     def forward(self, x: Tensor) -> Tensor:
-        parts = [m(x) for m in (self.unet, self.pixel) if m is not None]
-        return parts[0] if len(parts) == 1 else torch.cat(parts, 1)
+        return _cat(self.parts(x))
+
+    def parts(self, x: Tensor) -> list[Tensor]:
+        """The extractor's outputs before concatenation (the streaming head skips the copy)."""
+        return [m(x) for m in (self.unet, self.pixel) if m is not None]
+
+
+def _cat(parts: list[Tensor]) -> Tensor:
+    return parts[0] if len(parts) == 1 else torch.cat(parts, 1)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -284,8 +291,9 @@ class _FusionHead(nn.Module):
         """``f``: (batch*G, F, H, W), groups folded into the batch -> (batch, K, H, W)."""
         raise NotImplementedError
 
-    def step(self, state: Any, f: Tensor, g: int) -> Any:
-        """Fold group ``g``'s features (B, F, H, W) into ``state`` (None before the first group)."""
+    def step(self, state: Any, parts: list[Tensor], g: int) -> Any:
+        """Fold group ``g``'s features (the extractor's parts, (B, F_i, H, W) each, to be read as
+        their channel concatenation) into ``state`` (None before the first group)."""
         raise NotImplementedError
 
     def finish(self, state: Any) -> Tensor:
@@ -307,9 +315,15 @@ class _ConcatHead(_FusionHead):
     def forward(self, f: Tensor, batch: int) -> Tensor:
         return self.classifier(f.reshape(batch, -1, *f.shape[-2:]))
 
-    def step(self, state: Tensor | None, f: Tensor, g: int) -> Tensor:
-        y = F.conv2d(f, self.classifier.weight[:, g * self.feat : (g + 1) * self.feat])
-        return y if state is None else state + y
+    def step(self, state: Tensor | None, parts: list[Tensor], g: int) -> Tensor:
+        # W_g f_g split by part: the same sum without copying the parts into one tensor
+        start = g * self.feat
+        for f in parts:
+            y = F.conv2d(f, self.classifier.weight[:, start : start + f.shape[1]])
+            state = y if state is None else state.add_(y)
+            start += f.shape[1]
+        assert state is not None
+        return state
 
     def finish(self, state: Tensor) -> Tensor:
         return state + self.classifier.bias.view(1, -1, 1, 1)
@@ -338,7 +352,8 @@ class _LSTMHead(_FusionHead):
         _, (h, _) = self.lstm(seq)
         return self._logits(h[-1], batch, hh, ww)
 
-    def step(self, state: Any, f: Tensor, g: int) -> Any:
+    def step(self, state: Any, parts: list[Tensor], g: int) -> Any:
+        f = _cat(parts)
         b, c, hh, ww = f.shape
         _, hc = self.lstm(f.permute(0, 2, 3, 1).reshape(-1, 1, c), None if state is None else state[0])
         return hc, (b, hh, ww)
@@ -359,8 +374,8 @@ class _LastStepHead(_FusionHead):
     def forward(self, f: Tensor, batch: int) -> Tensor:
         return self.classifier(f.reshape(batch, self.groups, *f.shape[1:])[:, -1])
 
-    def step(self, state: Tensor | None, f: Tensor, g: int) -> Tensor:
-        return f
+    def step(self, state: Tensor | None, parts: list[Tensor], g: int) -> Tensor:
+        return _cat(parts)
 
     def finish(self, state: Tensor) -> Tensor:
         return self.classifier(state)
@@ -426,7 +441,7 @@ class Net(nn.Module):
         state = None
         with self._streaming():
             for g in range(self.spec.groups):
-                state = self.head.step(state, self.features(x[:, g * cg : (g + 1) * cg]), g)
+                state = self.head.step(state, self.features.parts(x[:, g * cg : (g + 1) * cg]), g)
         return self.head.finish(state)
 
     @contextlib.contextmanager
