@@ -618,7 +618,9 @@ def child_predict(job: dict[str, Any]) -> None:
                 "window_shapes": len(calls),
                 "softmax_nodata_pad_s": s["classify"] - s["network"] - s["normalise"],
                 "write_s": s["write"],
-                "cog_finalise_and_setup_s": total - s["read"] - s["classify"] - s["write"],
+                # reads run on predict_tile's read-ahead thread, overlapped with the network: only
+                # the waits for them are serial, and they fall in this remainder
+                "read_wait_cog_finalise_and_setup_s": total - s["classify"] - s["write"],
                 "peak_rss_mib": hwm / 1024,
             }
         ),
