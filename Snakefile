@@ -3,6 +3,7 @@
 #   snakemake --cores all                         # the whole run (default config: the demo country)
 #   snakemake --cores 2 results/demo/maps/rf/T31TCJ.tif   # one tile's map
 #   snakemake --profile slurm                     # every job on a SLURM cluster (docs/slurm.md)
+#   snakemake --report report.html                # Snakemake's report of a finished run (docs/report.md)
 
 from snakemake.utils import min_version
 
@@ -12,20 +13,25 @@ min_version("8.0")
 configfile: "config.yaml"
 
 
+report: "workflow/report/workflow.rst"
+
+
 include: "workflow/rules/common.smk"
 include: "workflow/rules/demo.smk"
 include: "workflow/rules/preprocess.smk"
 include: "workflow/rules/reference.smk"
 include: "workflow/rules/classify.smk"
 include: "workflow/rules/qa.smk"
+include: "workflow/rules/report.smk"
 
 
 rule all:
     input:
-        expand(str(LAYOUT.class_map("{model}", "{tile}")), model=CLASSIFIERS, tile=TILES),
+        expand(str(LAYOUT.class_map("{model}", "{tile}")), model=MODELS, tile=TILES),
         expand(str(LAYOUT.validity("{tile}")), tile=TILES),
-        expand(str(LAYOUT.metrics("{model}", "{tile}")), model=CLASSIFIERS, tile=TILES),
-        expand(str(LAYOUT.confidence("{model}", "{tile}")), model=CLASSIFIERS, tile=TILES),
-        expand(str(LAYOUT.overall_metrics("{model}")), model=CLASSIFIERS),
+        expand(str(LAYOUT.metrics("{model}", "{tile}")), model=MODELS, tile=TILES),
+        expand(str(LAYOUT.confidence("{model}", "{tile}")), model=MODELS, tile=TILES),
+        expand(str(LAYOUT.overall_metrics("{model}")), model=MODELS),
         str(LAYOUT.comparison("md")),
         expand(str(LAYOUT.qa("{tile}")), tile=TILES if REFERENCES else []),
+        str(LAYOUT.report()),

@@ -102,15 +102,20 @@ def _train(cfg: Config, args: argparse.Namespace) -> None:
     from pipeline.train import train
 
     lay = Layout(cfg.workdir)
-    out = args.out or lay.model_dir(args.model)
+    model, seed = _model_seed(cfg, args)
+    name = model
+    if seed != cfg.seed:
+        # an extra seed of run.seeds: same labels and split, all of the model's randomness from the seed
+        cfg, name = cfg.with_seed(seed), lay.seed_model(model, seed)
+    out = args.out or lay.model_dir(name)
     common = {
         "gapfilled": {t: lay.gapfilled(t) for t in cfg.tiles},
         "labels": {t: lay.labels(t) for t in cfg.tiles},
         "percentiles": lay.percentiles(),
         "out_dir": out,
     }
-    if get(args.model).pixelwise:
-        train(cfg, args.model, **common, fold=args.fold)
+    if get(model).pixelwise:
+        train(cfg, model, **common, fold=args.fold)
         return
     # networks: one process, or several under torchrun / srun (each learns its rank from the env)
     from pipeline.distributed import process_group, world_from_env
@@ -118,12 +123,22 @@ def _train(cfg: Config, args: argparse.Namespace) -> None:
     with process_group(world_from_env()) as world:
         train(
             cfg,
-            args.model,
+            model,
             **common,
             patches={t: lay.patches(t) for t in cfg.tiles},
             checkpoints=args.checkpoints or out.with_name(f"{out.name}.checkpoints"),
             world=world,
         )
+
+
+def _model_seed(cfg: Config, args: argparse.Namespace) -> tuple[str, int]:
+    """(classifier, seed) of ``train``: ``--model rf-s7`` (an extra seed's model, as Snakemake names
+    it) means ``--model rf --seed 7``; without either, the run seed."""
+    model, named = Layout.split_seed_model(args.model)
+    if named is not None and args.seed is not None and named != args.seed:
+        raise PipelineError(None, f"--model {args.model} names seed {named}, --seed says {args.seed}")
+    seed = args.seed if args.seed is not None else named
+    return model, cfg.seed if seed is None else seed
 
 
 def _predict(cfg: Config, args: argparse.Namespace) -> None:
@@ -201,6 +216,12 @@ def _compare(cfg: Config, args: argparse.Namespace) -> None:
     compare(cfg, overall, args.out or lay.comparison("md"))
 
 
+def _report(cfg: Config, args: argparse.Namespace) -> None:
+    from pipeline.report import build_report
+
+    build_report(cfg, args.out or Layout(cfg.workdir).report())
+
+
 def _tile_spec(cfg: Config, tile: str) -> dict:
     try:
         return cfg["inputs"]["tiles"][tile]
@@ -256,6 +277,12 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, Stage]]:
     p.add_argument(
         "--fold", type=int, help="leave out this fold of training polygons (geometric-QA reference RFs)"
     )
+    p.add_argument(
+        "--seed",
+        type=int,
+        help="train with this seed instead of run.seed (run.seeds; default out: models/<model>-s<seed>;"
+        " --model rf-s7 is the same as --model rf --seed 7)",
+    )
     p = add("predict", _predict, "map one tile with a trained classifier", tile=True, model=True)
     p.add_argument("--model-dir", type=Path)
     p.add_argument("--src", type=Path)
@@ -272,6 +299,7 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, Stage]]:
     add(
         "qa", _qa, "corner-matching geometric QA of one tile's maps against the reference RFs", tile=True
     ).add_argument("--references", nargs="*", type=Path, help="reference maps (default: the run's rfref<i>)")
+    add("report", _report, "the run's self-contained HTML QA report (docs/report.md)")
     add("compare", _compare, "every classifier's run-wide scores side by side (.md + .csv)").add_argument(
         "overall", nargs="*", type=Path, help="overall.json of each classifier"
     )

@@ -6,6 +6,7 @@ a read-only :class:`Config`. Stages never re-read the file.
 
 from __future__ import annotations
 
+import copy
 import datetime as dt
 import hashlib
 import json
@@ -152,6 +153,18 @@ class Config:
     @property
     def seed(self) -> int:
         return int(self._data["run"]["seed"])
+
+    @property
+    def extra_seeds(self) -> list[int]:
+        """``run.seeds`` other than ``run.seed``, in order: each trains one more model per classifier."""
+        return [int(s) for s in self._data["run"].get("seeds", []) if int(s) != self.seed]
+
+    def with_seed(self, seed: int) -> Config:
+        """This config with ``run.seed`` = ``seed``: a model trained from it draws all its randomness
+        (sampling, initialisation, batches) from that seed; the labels it reads keep the run's split."""
+        data = copy.deepcopy(self._data)
+        data["run"]["seed"] = int(seed)
+        return Config(data)
 
     @property
     def tiles(self) -> list[str]:

@@ -74,6 +74,11 @@ def ingest_tile(
             dates=[p.date.isoformat() for p in products],
             acquired=[p.acquired.isoformat() for p in products],
             products=[p.product_id for p in products],
+            # provenance for the QA report: where each date came from
+            source=str(products_dir),
+            product_dirs=[p.path.name for p in products],
+            platforms=[p.platform for p in products],
+            relative_orbits=[p.relative_orbit for p in products],
         )
         refl = add_array(group, "reflectance", (n, len(BANDS), h, w), "int16", NODATA)
         valid = add_array(group, "valid", (n, h, w), "uint8", 0)

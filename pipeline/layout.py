@@ -18,12 +18,18 @@ the Snakemake rules (which import it), so paths are defined once.
     <workdir>/metrics/comparison.{csv,md}   every classifier's run-wide scores side by side
     <workdir>/maps/rfref<i>/<tile>.tif      geometric-QA reference RF maps (fold i left out)
     <workdir>/qa/<tile>.json                corner-matching geometric QA of a tile
+    <workdir>/models/<name>-s<seed>/ ...    the same classifier trained with an extra seed (run.seeds):
+                                            maps/, metrics/ alike, for the report's kappa +- std
+    <workdir>/benchmarks/<rule>/<key>.tsv   Snakemake's time and memory of each job (key: wildcards)
+    <workdir>/report/qa_report.html         the self-contained QA report of the run
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+
+SEED_MARK = "-s"  # <classifier>-s<seed>: a model of an extra seed (never a registry name: no "-" there)
 
 
 @dataclass(frozen=True)
@@ -85,3 +91,24 @@ class Layout:
 
     def qa(self, tile: str) -> Path:
         return self.workdir / "qa" / f"{tile}.json"
+
+    @staticmethod
+    def seed_model(model: str, seed: int) -> str:
+        """Name of ``model`` trained with the extra seed ``seed`` (run.seeds): its own models/maps/metrics."""
+        return f"{model}{SEED_MARK}{seed}"
+
+    @staticmethod
+    def split_seed_model(name: str) -> tuple[str, int | None]:
+        """(classifier, seed) of a :meth:`seed_model` name; (name, None) for a run-seed model."""
+        base, mark, seed = name.rpartition(SEED_MARK)
+        return (base, int(seed)) if mark and base and seed.isdigit() else (name, None)
+
+    def benchmarks(self) -> Path:
+        return self.workdir / "benchmarks"
+
+    def benchmark(self, rule: str, key: str = "run") -> Path:
+        """Snakemake ``benchmark:`` file of one job; ``key``: its wildcards ("run" for run-wide rules)."""
+        return self.benchmarks() / rule / f"{key}.tsv"
+
+    def report(self) -> Path:
+        return self.workdir / "report" / "qa_report.html"

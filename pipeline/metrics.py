@@ -142,18 +142,24 @@ def validate_tile(cfg: Config, class_map: Path, labels: Path, out: Path) -> None
     )
 
 
+def read_metrics(cfg: Config, path: str | Path, scope: str) -> dict[str, Any]:
+    """A metrics document (``scope``: "tile" or "run"), refused when unreadable or of another nomenclature."""
+    try:
+        doc = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise PipelineError(path, f"cannot read {scope} metrics ({exc})") from exc
+    if doc.get("codes") != [c.code for c in cfg.classes]:
+        raise PipelineError(path, f"{scope} metrics were computed with another nomenclature")
+    return doc
+
+
 def summarise(cfg: Config, tile_metrics: Sequence[Path], out: Path, model: str | None = None) -> None:
     """Run-wide metrics from the summed tile confusion matrices, plus each tile's OA and kappa."""
     total = np.zeros((len(cfg.classes),) * 2, dtype=np.int64)
     tiles = {}
     area = None
     for path in tile_metrics:
-        try:
-            doc = json.loads(Path(path).read_text())
-        except (OSError, ValueError) as exc:
-            raise PipelineError(path, f"cannot read tile metrics ({exc})") from exc
-        if doc.get("codes") != [c.code for c in cfg.classes]:
-            raise PipelineError(path, "tile metrics were computed with another nomenclature")
+        doc = read_metrics(cfg, path, "tile")
         total += np.asarray(doc["confusion_pixels"], dtype=np.int64)
         area = doc["pixel_area_m2"]
         tiles[doc["tile"]] = {
@@ -165,6 +171,12 @@ def summarise(cfg: Config, tile_metrics: Sequence[Path], out: Path, model: str |
     write_json(out, report(total, cfg, area or 100.0, scope="run", model=model, tiles=tiles))
 
 
+def mean_f1(doc: dict[str, Any]) -> float | None:
+    """Mean F-score over the classes present in the validation data of a metrics document."""
+    f = [v["f1"] for v in doc["per_class"].values() if v["support_pixels"] and v["f1"] is not None]
+    return float(np.mean(f)) if f else None
+
+
 def compare(cfg: Config, overall: Sequence[Path], out: Path) -> None:
     """Every classifier's run-wide scores side by side: ``out`` (Markdown) and its ``.csv`` sibling.
 
@@ -173,22 +185,13 @@ def compare(cfg: Config, overall: Sequence[Path], out: Path) -> None:
     """
     docs = []
     for path in overall:
-        try:
-            doc = json.loads(Path(path).read_text())
-        except (OSError, ValueError) as exc:
-            raise PipelineError(path, f"cannot read run metrics ({exc})") from exc
-        if doc.get("codes") != [c.code for c in cfg.classes]:
-            raise PipelineError(path, "run metrics were computed with another nomenclature")
+        doc = read_metrics(cfg, path, "run")
         docs.append((doc.get("model") or Path(path).parent.name, doc))
     names = [c.name for c in cfg.classes]
     tiles = sorted({t for _, d in docs for t in d.get("tiles", {})})
 
     def num(v: float | None, digits: int = 4) -> str:
         return "" if v is None else f"{v:.{digits}f}"
-
-    def mean_f1(doc: dict[str, Any]) -> float | None:
-        f = [v["f1"] for v in doc["per_class"].values() if v["support_pixels"] and v["f1"] is not None]
-        return float(np.mean(f)) if f else None
 
     head = ["classifier", "OA", "kappa", "mean F1", "validation pixels", *(f"kappa {t}" for t in tiles)]
     rows = [

@@ -484,7 +484,11 @@ def map_corners(
             src.close()
 
 
-def _summary(values: Sequence[float | None]) -> dict[str, Any]:
+def mean_std(values: Sequence[float | None]) -> dict[str, Any]:
+    """Mean and sample std (ddof 1; 0 for one value) of the scores that are not None, and the scores.
+
+    Shared with the QA report's seed statistics, so every "mean +- std" of the run means the same.
+    """
     v = np.array([x for x in values if x is not None], dtype=np.float64)
     return {
         "mean": round(float(v.mean()), 6) if len(v) else None,
@@ -537,7 +541,7 @@ def tile_qa(
     for name, path in map_paths.items():
         corners = map_corners(path, rule, **kw)
         scores = [match_score(corners, rc, radius) for rc in ref_corners]
-        models[name] = {"map": str(path), "corners": int(len(corners))} | _summary(scores)
+        models[name] = {"map": str(path), "corners": int(len(corners))} | mean_std(scores)
     doc = {
         **extra,
         "score": "reference corners with a corner of the evaluated map within match_radius"
@@ -546,7 +550,7 @@ def tile_qa(
         "references": [
             {"map": str(p), "corners": int(len(c))} for p, c in zip(refs, ref_corners, strict=True)
         ],
-        "reference_vs_reference": _summary(rr) | {"pairs": [list(p) for p in pairs]},
+        "reference_vs_reference": mean_std(rr) | {"pairs": [list(p) for p in pairs]},
         "models": models,
     }
     write_json(out, doc)

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import html
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -15,8 +19,10 @@ import yaml
 
 from pipeline.config import load_config
 from pipeline.layout import Layout
-from pipeline.models import NETWORKS
+from pipeline.models import NETWORKS, derive_seed
+from pipeline.report import build_report
 from tests.conftest import REPO
+from tests.report_page import check_page, parse, table
 
 pytestmark = pytest.mark.e2e
 
@@ -114,6 +120,109 @@ def test_geometric_qa_per_tile(run):
         assert set(doc["models"]) == set(cfg["classifiers"])
         for m in doc["models"].values():
             assert m["mean"] is None or 0 <= m["mean"] <= 1
+
+
+# the browser of the report test: started with exactly these flags (and per-use output flags)
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--no-first-run",
+]
+ARTIFACTS = REPO / "test-artifacts"
+
+# appended to a copy of the report: after `load`, record which images the browser could not decode
+IMAGE_PROBE = """<script>
+window.addEventListener("load", () => {
+  const images = Array.from(document.images);
+  const broken = images.filter((i) => !(i.complete && i.naturalWidth > 0)).map((i) => i.alt);
+  const out = document.createElement("pre");
+  out.id = "image-probe";
+  out.textContent = JSON.stringify({total: images.length, broken: broken});
+  document.body.appendChild(out);
+});
+</script>"""
+
+
+def _chromium() -> str:
+    exe = shutil.which("chromium")
+    if exe is None:
+        if os.environ.get("LANDCOVER_REQUIRE_CHROMIUM") == "1":
+            pytest.fail("LANDCOVER_REQUIRE_CHROMIUM=1 but no chromium on PATH (apt-get install chromium)")
+        pytest.skip("chromium is not installed (Debian: apt-get install chromium)")
+    return exe
+
+
+def _browse(chromium: str, home: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HOME": str(home)}  # the browser's profile and caches stay in the test's folder
+    return subprocess.run(
+        [chromium, *CHROMIUM_FLAGS, *args], capture_output=True, text=True, timeout=180, env=env
+    )
+
+
+def test_qa_report_opens_in_a_headless_browser(run, tmp_path):
+    """The demo run's report: self-contained, every table with its classifiers and classes, every
+    image decoded by a real browser, stage times recorded; a screenshot kept in test-artifacts/."""
+    chromium = _chromium()
+    cfg = load_config(run / "config.yaml")
+    lay = Layout(run / cfg.workdir)
+    report = lay.report()
+    text = report.read_text()
+    names = [c.name for c in cfg.classes]
+    page = check_page(text, cfg["classifiers"], names, cfg.tiles)
+    assert {f"tile-{t.lower()}" for t in cfg.tiles} <= page.ids
+    assert {"rf", "fgunet"} <= {r[0] for r in table(page, "qa", cfg.tiles[0])["rows"]}
+    rules = {r[0] for r in table(page, "benchmarks")["rows"]}
+    assert {"ingest", "gapfill", "train", "predict", "validate", "qa"} <= rules, rules
+    products = table(page, "products")["rows"]
+    assert products and products[0][2] in ("SENTINEL2A", "SENTINEL2B")  # platform from the ingest store
+
+    probe = tmp_path / "probe.html"
+    probe.write_text(text.replace("</body>", IMAGE_PROBE + "</body>"))
+    proc = _browse(chromium, tmp_path, "--dump-dom", "--virtual-time-budget=20000", probe.as_uri())
+    found = re.search(r'<pre id="image-probe">(.*?)</pre>', proc.stdout, re.S)
+    assert found, proc.stderr[-3000:]
+    assert json.loads(html.unescape(found.group(1))) == {"total": len(page.images), "broken": []}
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    shot = ARTIFACTS / "report.png"
+    shot.unlink(missing_ok=True)
+    proc = _browse(chromium, tmp_path, f"--screenshot={shot}", "--window-size=1280,4000", report.as_uri())
+    assert shot.exists() and shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", proc.stderr[-3000:]
+    print(f"QA report screenshot: {shot} ({report.stat().st_size / 1e6:.1f} MB report)")
+
+
+def test_snakemake_report_bundles_the_qa_report(run, tmp_path):
+    out = tmp_path / "snakemake-report.zip"
+    proc = _snakemake(run, "--report", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    names = {Path(n).name for n in zipfile.ZipFile(out).namelist()}
+    assert {"report.html", "qa_report.html", "comparison.csv", "T31TCJ.json", "T31TDJ.json"} <= names, names
+
+
+def test_an_extra_seed_is_trained_mapped_and_reported(run, tmp_path, monkeypatch):
+    """run.seeds [42, 43] with RF: Snakemake trains rf-s43 with seed 43 (only that model's chain is
+    built), and the report shows kappa mean +- std over the two seeds."""
+    raw = yaml.safe_load((run / "config.yaml").read_text())
+    raw["run"]["seeds"] = [raw["run"]["seed"], 43]
+    raw["classifiers"] = ["rf"]
+    seeds_cfg = run / "config-seeds.yaml"
+    seeds_cfg.write_text(yaml.safe_dump(raw, sort_keys=False))
+    target = "results/metrics/rf-s43/overall.json"
+    proc = _snakemake(run, target, "--configfile", str(seeds_cfg))  # --configfile takes several
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rules = re.findall(r"^(?:local)?rule (\w+):", proc.stdout + proc.stderr, re.M)
+    assert sorted(rules) == ["predict", "predict", "summarise", "train", "validate", "validate"], rules
+    cfg = load_config(seeds_cfg)
+    lay = Layout(run / cfg.workdir)
+    meta = json.loads(lay.model_meta("rf-s43").read_text())
+    assert meta["samples"]["seed"] == derive_seed(43, "sampling") != derive_seed(cfg.seed, "sampling")
+    monkeypatch.chdir(run)  # the config's workdir is relative to the run folder
+    page = parse(build_report(cfg, tmp_path / "seeds.html").read_text())
+    kappas = [json.loads(lay.overall_metrics(m).read_text())["kappa"] for m in ("rf", "rf-s43")]
+    row = table(page, "seeds")["rows"][0]
+    assert row[:4] == ["rf", "2", f"{np.mean(kappas):.3f}", f"{np.std(kappas, ddof=1):.3f}"]
 
 
 def test_one_tile_target_rebuilds_only_that_tile(run):

@@ -8,7 +8,7 @@ def train_inputs(wildcards):
         "labels": expand(str(LAYOUT.labels("{tile}")), tile=TILES),
         "percentiles": str(LAYOUT.percentiles()),
     }
-    if is_network(wildcards.model):
+    if is_network(classifier_of(wildcards.model)):
         inputs["patches"] = expand(str(LAYOUT.patches("{tile}")), tile=TILES)
     return inputs
 
@@ -21,6 +21,8 @@ rule patches:
         validation=str(LAYOUT.patches("{tile}", "validation")),
     log:
         str(LAYOUT.workdir / "logs" / "patches_{tile}.log"),
+    benchmark:
+        str(LAYOUT.benchmark("patches", "{tile}"))
     resources:
         **job_resources("patches"),
     shell:
@@ -34,8 +36,10 @@ rule train:
         directory(str(LAYOUT.model_dir("{model}"))),
     log:
         str(LAYOUT.workdir / "logs" / "train_{model}.log"),
+    benchmark:
+        str(LAYOUT.benchmark("train", "{model}"))
     wildcard_constraints:
-        model="|".join(CLASSIFIERS),  # the QA's reference RFs come from train_reference
+        model="|".join(MODELS),  # the QA's reference RFs come from train_reference
     threads: all_cores()
     resources:
         # rf: one task; a network: resources.train_network's nodes x tasks_per_node, and under
@@ -43,6 +47,7 @@ rule train:
         **job_resources("train"),
     shell:
         # networks checkpoint every epoch into <model>.checkpoints/: rerunning resumes there
+        # an extra seed's model (<classifier>-s<seed>, run.seeds) is `--model rf-s7`: rf with seed 7
         "{resources.launch}{LANDCOVER} train --model {wildcards.model} --out {output} 2> {log}"
 
 
@@ -55,6 +60,8 @@ rule predict:
         confidence=str(LAYOUT.confidence("{model}", "{tile}")),
     log:
         str(LAYOUT.workdir / "logs" / "predict_{model}_{tile}.log"),
+    benchmark:
+        str(LAYOUT.benchmark("predict", "{model}_{tile}"))
     resources:
         **job_resources("predict"),
     shell:
@@ -70,6 +77,8 @@ rule validate:
         str(LAYOUT.metrics("{model}", "{tile}")),
     log:
         str(LAYOUT.workdir / "logs" / "validate_{model}_{tile}.log"),
+    benchmark:
+        str(LAYOUT.benchmark("validate", "{model}_{tile}"))
     resources:
         **job_resources("validate"),
     shell:
@@ -84,6 +93,8 @@ rule summarise:
         str(LAYOUT.overall_metrics("{model}")),
     log:
         str(LAYOUT.workdir / "logs" / "summarise_{model}.log"),
+    benchmark:
+        str(LAYOUT.benchmark("summarise", "{model}"))
     resources:
         **job_resources("summarise"),
     shell:
@@ -95,9 +106,11 @@ rule compare:
         expand(str(LAYOUT.overall_metrics("{model}")), model=CLASSIFIERS),
     output:
         md=str(LAYOUT.comparison("md")),
-        csv=str(LAYOUT.comparison("csv")),
+        csv=report(str(LAYOUT.comparison("csv")), caption="../report/comparison.rst", category="Metrics"),
     log:
         str(LAYOUT.workdir / "logs" / "compare.log"),
+    benchmark:
+        str(LAYOUT.benchmark("compare"))
     resources:
         **job_resources("compare"),
     shell:
@@ -116,6 +129,8 @@ rule train_reference:
         directory(str(LAYOUT.model_dir(LAYOUT.reference_model("{fold}")))),
     log:
         str(LAYOUT.workdir / "logs" / "train_reference_{fold}.log"),
+    benchmark:
+        str(LAYOUT.benchmark("train_reference", "{fold}"))
     wildcard_constraints:
         fold="[0-9]+",
     threads: all_cores()

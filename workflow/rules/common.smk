@@ -6,6 +6,7 @@ import os
 import yaml
 from pathlib import Path
 
+from pipeline.config import Config
 from pipeline.config import validate as _validate_config
 from pipeline.errors import PipelineError
 from pipeline.layout import Layout
@@ -19,6 +20,10 @@ except PipelineError as _exc:
 LAYOUT = Layout(Path(RUN_CONFIG["run"]["workdir"]))
 TILES = list(RUN_CONFIG["inputs"]["tiles"])
 CLASSIFIERS = list(RUN_CONFIG["classifiers"])
+# run.seeds: every classifier again per extra seed, as <classifier>-s<seed> (mapped and validated;
+# compared and QA'd only through the report's kappa +- std)
+SEED_MODELS = [Layout.seed_model(m, s) for s in Config(RUN_CONFIG).extra_seeds for m in CLASSIFIERS]
+MODELS = CLASSIFIERS + SEED_MODELS
 CONFIG_FILE = LAYOUT.workdir / "run-config.yaml"
 
 _text = yaml.safe_dump(RUN_CONFIG, sort_keys=False)
@@ -32,7 +37,12 @@ LANDCOVER = "landcover --config {config_file}".format(config_file=CONFIG_FILE)
 
 wildcard_constraints:
     tile="T[0-9]{2}[A-Z]{3}",
-    model="[a-z0-9_]+",
+    model="[a-z0-9_]+(-s[0-9]+)?",
+
+
+def classifier_of(model):
+    """The registry name behind a model name (rf-s7 -> rf)."""
+    return Layout.split_seed_model(model)[0]
 
 
 def tile_products(wildcards):
@@ -78,7 +88,7 @@ def _network_training(entry):
 
 
 def _train_resources(wildcards):
-    if is_network(wildcards.model):
+    if is_network(classifier_of(wildcards.model)):
         return _network_training(RUN_CONFIG["resources"]["train_network"])
     return _sbatch(RUN_CONFIG["resources"]["train"]) | {"launch": ""}
 

@@ -8,6 +8,8 @@ if "demo" in RUN_CONFIG:
             reference=RUN_CONFIG["inputs"]["reference"],
         log:
             str(LAYOUT.workdir / "logs" / "demo.log"),
+        benchmark:
+            str(LAYOUT.benchmark("demo"))
         resources:
             **job_resources("demo"),
         shell:

@@ -8,6 +8,8 @@ rule ingest:
         directory(str(LAYOUT.ingest("{tile}"))),
     log:
         str(LAYOUT.workdir / "logs" / "ingest_{tile}.log"),
+    benchmark:
+        str(LAYOUT.benchmark("ingest", "{tile}"))
     resources:
         **job_resources("ingest"),
     shell:
@@ -21,6 +23,8 @@ rule gapfill:
         directory(str(LAYOUT.gapfilled("{tile}"))),
     log:
         str(LAYOUT.workdir / "logs" / "gapfill_{tile}.log"),
+    benchmark:
+        str(LAYOUT.benchmark("gapfill", "{tile}"))
     resources:
         **job_resources("gapfill"),
     shell:
@@ -34,6 +38,8 @@ rule histogram:
         str(LAYOUT.histogram("{tile}")),
     log:
         str(LAYOUT.workdir / "logs" / "histogram_{tile}.log"),
+    benchmark:
+        str(LAYOUT.benchmark("histogram", "{tile}"))
     resources:
         **job_resources("histogram"),
     shell:
@@ -47,6 +53,8 @@ rule percentiles:
         str(LAYOUT.percentiles()),
     log:
         str(LAYOUT.workdir / "logs" / "percentiles.log"),
+    benchmark:
+        str(LAYOUT.benchmark("percentiles"))
     resources:
         **job_resources("percentiles"),
     shell:
@@ -60,6 +68,8 @@ rule validity:
         str(LAYOUT.validity("{tile}")),
     log:
         str(LAYOUT.workdir / "logs" / "validity_{tile}.log"),
+    benchmark:
+        str(LAYOUT.benchmark("validity", "{tile}"))
     resources:
         **job_resources("validity"),
     shell:

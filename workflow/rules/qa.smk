@@ -9,9 +9,16 @@ rule qa:
         maps=expand(str(LAYOUT.class_map("{model}", "{{tile}}")), model=CLASSIFIERS),
         references=expand(str(LAYOUT.class_map("{ref}", "{{tile}}")), ref=REFERENCES),
     output:
-        str(LAYOUT.qa("{tile}")),
+        report(
+            str(LAYOUT.qa("{tile}")),
+            caption="../report/qa.rst",
+            category="Geometric QA",
+            labels={"tile": "{tile}"},
+        ),
     log:
         str(LAYOUT.workdir / "logs" / "qa_{tile}.log"),
+    benchmark:
+        str(LAYOUT.benchmark("qa", "{tile}"))
     threads: 2
     resources:
         **job_resources("qa"),

@@ -9,6 +9,8 @@ rule split:
         str(LAYOUT.split()),
     log:
         str(LAYOUT.workdir / "logs" / "split.log"),
+    benchmark:
+        str(LAYOUT.benchmark("split"))
     resources:
         **job_resources("split"),
     shell:
@@ -23,6 +25,8 @@ rule rasterise:
         directory(str(LAYOUT.labels("{tile}"))),
     log:
         str(LAYOUT.workdir / "logs" / "rasterise_{tile}.log"),
+    benchmark:
+        str(LAYOUT.benchmark("rasterise", "{tile}"))
     resources:
         **job_resources("rasterise"),
     shell:

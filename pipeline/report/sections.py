@@ -1,0 +1,428 @@
+"""The report's sections: what is shown, in which order, and the caption that says what to look for."""
+
+from __future__ import annotations
+
+import datetime as dt
+import platform
+from collections.abc import Iterable, Mapping, Sequence
+from html import escape
+from typing import Any
+
+import numpy as np
+
+from pipeline.config import Config
+from pipeline.layout import Layout
+from pipeline.report import figures, tables
+from pipeline.report import provenance as prov
+from pipeline.report.collect import OVERALL, RunDocs, TileRasters, has_scores, seed_statistics
+from pipeline.report.html import Section, facts, figure, note, para, pre
+from pipeline.report.rasters import clear_summary, decimation, low_confidence_share
+
+QA_REFERENCE = "RF references vs each other"
+
+
+def _anchor(*parts: str) -> str:
+    return "-".join(p.lower().replace(" ", "-") for p in parts)
+
+
+def _kappa_by_tile(docs: RunDocs, models: Sequence[str]) -> dict[str, list[float | None]]:
+    groups = [*docs.tiles, OVERALL]
+    return {
+        m: [(d["kappa"] if has_scores(d) else None) for d in (docs.tile_docs(g)[m] for g in groups)]
+        for m in models
+    }
+
+
+def _f1(doc: Mapping[str, Any] | None, names: Sequence[str]) -> list[float | None]:
+    if not has_scores(doc):
+        return [None] * len(names)
+    return [doc["per_class"][n]["f1"] for n in names]  # type: ignore[index]
+
+
+def _confusion_ha(docs: RunDocs, rasters: Mapping[str, TileRasters], model: str) -> np.ndarray | None:
+    """The run's confusion matrix of ``model`` in hectares: each tile's pixels times its map's pixel area."""
+    total = None
+    for t in docs.tiles:
+        d = docs.metrics[model][t]
+        if d is None:
+            continue
+        counts = rasters[t].areas.get(model)
+        area = counts.pixel_area_m2 if counts else d["pixel_area_m2"]
+        ha = np.asarray(d["confusion_pixels"], dtype=np.float64) * area / 1e4
+        total = ha if total is None else total + ha
+    return total
+
+
+def scores_block(
+    cfg: Config, docs: Mapping[str, Mapping[str, Any] | None], scope: str, ha: Mapping[str, np.ndarray | None]
+) -> list[str]:
+    """Per-class table, F-score bars and the confusion heatmaps of every classifier for one scope."""
+    names = [c.name for c in cfg.classes]
+    out = ["<h4>Precision, recall and F-score per class</h4>", tables.per_class(docs, names, scope)]
+    if not any(has_scores(d) for d in docs.values()):
+        return out + [
+            note(f"{scope}: no validation data, so no per-class scores or confusion matrices.", True)
+        ]
+    png = figures.grouped_bars(
+        names,
+        {m: _f1(d, names) for m, d in docs.items()},
+        title=f"F-score per class, {scope}",
+        ylabel="F-score",
+        missing="n/a",
+    )
+    out.append(
+        figure(
+            png,
+            "<b>F-score per class</b> (seed Fig. 7). Look at the weakest classes and where classifiers differ"
+            " most: contextual networks usually gain on urban classes (texture), pixel classifiers on"
+            " spectrally distinct natural classes. n/a: the class is neither in the validation data nor"
+            " in the map.",
+            f"F-score per class, {scope}",
+        )
+    )
+    out.append("<h4>Confusion matrices</h4>")
+    for m, d in docs.items():
+        if not has_scores(d):
+            out.append(note(f"{m}: {tables.status_marker(d)}, no confusion matrix.", True))
+            continue
+        cm = np.asarray(d["confusion_pixels"])  # type: ignore[index]
+        cm_ha = ha.get(m)
+        if cm_ha is None:
+            cm_ha = cm * d["pixel_area_m2"] / 1e4  # type: ignore[index]
+        png = figures.confusion_heatmaps(cm, cm_ha, names, f"{m}, {scope}")
+        out.append(
+            figure(
+                png,
+                f"<b>{escape(m)}</b>, {escape(scope)}. Rows: reference class of the validation pixels;"
+                " columns: the class mapped there. Left: % of each reference row (rows sum to 100), the"
+                " recall on the diagonal. Right: the same pixels in hectares (pixel area read from the"
+                " map): how much land each confusion concerns. Look for large off-diagonal cells between"
+                " classes that matter for the product.",
+                f"confusion matrices of {m}, {scope}",
+            )
+        )
+    return out
+
+
+def run_summary(cfg: Config, docs: RunDocs, built: str) -> Section:
+    sec = Section("summary", "Run summary")
+    sec.add(
+        facts(
+            [
+                ("run folder", str(cfg.workdir)),
+                ("tiles", ", ".join(docs.tiles)),
+                ("classifiers", ", ".join(docs.classifiers)),
+                ("seeds", ", ".join(str(s) for s in [cfg.seed, *cfg.extra_seeds])),
+                ("config digest", cfg.digest),
+                ("report built", built),
+            ]
+        ),
+        para(
+            "Scores on the validation polygons only (never used for training), run-wide from the summed"
+            " confusion matrices. A tile without validation polygons is marked <i>no validation data</i>;"
+            " a file that is not there, <i>missing</i>."
+        ),
+        tables.summary(docs.tile_docs(OVERALL), docs.tiles, OVERALL),
+    )
+    groups = [*docs.tiles, OVERALL]
+    png = figures.grouped_bars(
+        groups,
+        _kappa_by_tile(docs, docs.classifiers),
+        title="Cohen's kappa per tile",
+        ylabel="kappa",
+        missing="no validation data",
+    )
+    sec.add(
+        figure(
+            png,
+            "<b>Kappa per tile</b> (seed Figs. 6 and 9). Look for tiles where the ranking of the classifiers"
+            " flips or a classifier drops: the class mix of a tile (urban, mountains) decides which"
+            " approach wins. A tile without a bar says why.",
+            "kappa per tile and classifier",
+        )
+    )
+    return sec
+
+
+def run_scores(cfg: Config, docs: RunDocs, rasters: Mapping[str, TileRasters]) -> Section:
+    sec = Section("all-tiles", "All tiles together")
+    ha = {m: _confusion_ha(docs, rasters, m) for m in docs.classifiers}
+    sec.add(*scores_block(cfg, docs.tile_docs(OVERALL), OVERALL, ha))
+    names = [c.name for c in cfg.classes]
+    areas = {}
+    for m in docs.classifiers:
+        per_tile = [r.areas[m].hectares(cfg.class_codes.tolist()) for r in rasters.values() if m in r.areas]
+        if per_tile:
+            areas[m] = np.sum(per_tile, axis=0)
+    sec.add("<h4>Class areas</h4>")
+    if areas:
+        sec.add(
+            tables.class_areas(areas, names, OVERALL),
+            para("Summed over the tiles: land in the overlap of neighbouring tiles counts once per tile."),
+        )
+    sec.add(
+        "<h4>Low-confidence pixels</h4>", _confidence_table(cfg, rasters.values(), docs.classifiers, OVERALL)
+    )
+    sec.add("<h4>Clear observations</h4>", tables.clear({t: r.clear for t, r in rasters.items()}))
+    return sec
+
+
+def _confidence_table(cfg: Config, rasters: Iterable[TileRasters], models: Sequence[str], scope: str) -> str:
+    threshold = cfg["report"]["low_confidence"]
+    stats: dict[str, dict[str, Any] | None] = {}
+    for m in models:
+        counts = [r.confidence[m] for r in rasters if m in r.confidence]
+        if counts:
+            size = max(len(c) for c in counts)
+            total = np.sum([np.pad(c, (0, size - len(c))) for c in counts], axis=0)
+            stats[m] = low_confidence_share(total, threshold)
+        else:
+            stats[m] = None
+    return tables.confidence(stats, threshold, scope) + para(
+        f"Share of mapped pixels whose probability of the mapped class is below {threshold} % (RF: share of"
+        " tree votes; networks: max softmax). High shares point at classes or places the classifier"
+        " could not separate; compare classifiers, not absolute values (networks are often over-confident)."
+    )
+
+
+def geometric_qa(cfg: Config, docs: RunDocs) -> Section:
+    sec = Section("geometric-qa", "Geometric QA: are sharp corners kept?")
+    if cfg["qa"]["references"] < 1:
+        return sec.add(note("The geometric QA is disabled in this run (qa.references = 0).", True))
+    series: dict[str, list[float | None]] = {QA_REFERENCE: []}
+    errors: dict[str, list[float | None]] = {QA_REFERENCE: []}
+    for m in docs.classifiers:
+        series[m], errors[m] = [], []
+    for t in docs.tiles:
+        q = docs.qa[t]
+        rr = q["reference_vs_reference"] if q else {}
+        series[QA_REFERENCE].append(rr.get("mean"))
+        errors[QA_REFERENCE].append(rr.get("std"))
+        for m in docs.classifiers:
+            rec = (q or {}).get("models", {}).get(m, {})
+            series[m].append(rec.get("mean"))
+            errors[m].append(rec.get("std"))
+    png = figures.grouped_bars(
+        docs.tiles,
+        series,
+        errors=errors,
+        colours={QA_REFERENCE: figures.REFERENCE_COLOUR},
+        title="Reference corners matched, mean ± std",
+        ylabel="matched reference corners",
+        missing="no QA",
+    )
+    q = cfg["qa"]
+    sec.add(
+        figure(
+            png,
+            "<b>Corner matching</b> (seed Fig. 20): the share of a pixel-based reference map's sharp corners"
+            f" that the evaluated map also has within {q['match_radius']} px, mean ± std over the"
+            f" {q['references']} reference Random Forests (each trained without one fold of the training"
+            " polygons). Grey: the references against each other, what pixel classifiers achieve. A"
+            " classifier far below grey <b>rounds corners = lost geometry</b> even when its kappa is"
+            " higher. Method and limits: docs/qa.md.",
+            "geometric QA per tile",
+        )
+    )
+    for t in docs.tiles:
+        d = docs.qa[t]
+        sec.add(f"<h4>{escape(t)}</h4>")
+        sec.add(
+            tables.qa(d, t) if d else note(f"{t}: no geometric QA file ({Layout(cfg.workdir).qa(t)}).", True)
+        )
+    return sec
+
+
+def seeds(cfg: Config, docs: RunDocs) -> Section:
+    """Kappa +- std over the run's seeds (only when run.seeds trained more than one model per classifier)."""
+    sec = Section("seeds", "Variability over seeds")
+    names = [c.name for c in cfg.classes]
+    stats = {
+        c: seed_statistics([docs.overall[name] for _, name in group], docs.tiles, names)
+        for c, group in docs.seeds.items()
+    }
+    seed_lists = {c: [s for s, _ in group] for c, group in docs.seeds.items()}
+    sec.add(
+        para(
+            "Every classifier was trained, mapped and validated once per seed of <code>run.seeds</code>"
+            " (models <code>&lt;classifier&gt;-s&lt;seed&gt;</code>); the split of the reference polygons"
+            " is the same for all. Mean ± sample standard deviation over the seeds."
+        ),
+        tables.seeds(stats, seed_lists),
+    )
+    groups = [*docs.tiles, OVERALL]
+    mean = {c: [s["tiles"][t]["mean"] for t in docs.tiles] + [s["kappa"]["mean"]] for c, s in stats.items()}
+    std = {c: [s["tiles"][t]["std"] for t in docs.tiles] + [s["kappa"]["std"]] for c, s in stats.items()}
+    sec.add(
+        figure(
+            figures.grouped_bars(
+                groups,
+                mean,
+                errors=std,
+                title="Kappa over seeds",
+                ylabel="kappa",
+                missing="no validation data",
+            ),
+            "<b>Kappa, mean ± std over the seeds</b>. A difference between classifiers smaller than the"
+            " error bars is not a difference.",
+            "kappa over seeds",
+        ),
+        figure(
+            figures.grouped_bars(
+                names,
+                {c: [s["f1"][n]["mean"] for n in names] for c, s in stats.items()},
+                errors={c: [s["f1"][n]["std"] for n in names] for c, s in stats.items()},
+                title="F-score per class over seeds",
+                ylabel="F-score",
+            ),
+            "<b>F-score per class, mean ± std over the seeds</b> (seed Fig. 7): minority classes vary most.",
+            "F-score over seeds",
+        ),
+    )
+    return sec
+
+
+def tile_section(cfg: Config, docs: RunDocs, r: TileRasters) -> Section:
+    t = r.tile
+    sec = Section(_anchor("tile", t), t)
+    tile_docs = docs.tile_docs(t)
+    if r.missing:
+        sec.add(note("Missing files (their parts are left out): " + ", ".join(r.missing), True))
+    sec.add(tables.summary(tile_docs, [], t))
+    # confusion in hectares with the pixel area of the map itself
+    ha = {
+        m: np.asarray(d["confusion_pixels"]) * r.areas[m].pixel_area_m2 / 1e4
+        for m, d in tile_docs.items()
+        if d and m in r.areas
+    }
+    sec.add(*scores_block(cfg, tile_docs, t, ha))
+    if docs.qa.get(t):
+        sec.add("<h4>Geometric QA</h4>", tables.qa(docs.qa[t], t))  # type: ignore[arg-type]
+    sec.add(*_maps_block(cfg, r))
+    names = [c.name for c in cfg.classes]
+    sec.add("<h4>Class areas</h4>")
+    if r.areas:
+        sec.add(
+            tables.class_areas(
+                {m: c.hectares(cfg.class_codes.tolist()) for m, c in r.areas.items()}, names, t
+            )
+        )
+    sec.add("<h4>Low-confidence pixels</h4>", _confidence_table(cfg, [r], docs.classifiers, t))
+    return sec
+
+
+def _maps_block(cfg: Config, r: TileRasters) -> list[str]:
+    t, out = r.tile, ["<h4>Maps</h4>"]
+    if r.quicklooks:
+        f = decimation(*r.shape) if r.shape else 1
+        out.append(
+            figure(
+                figures.class_maps(r.quicklooks, cfg.classes, f"{t}: class maps"),
+                f"<b>Quicklooks</b> (1 px = {f}×{f} map pixels, from the COG overviews; pixel"
+                f" {r.pixel_size_m:g} m). Look for artefacts: stripes at window or tile edges,"
+                " cloud-shaped patches, classes where they cannot be, and white no-data holes (never"
+                " observed clear).",
+                f"class maps of {t}",
+            )
+        )
+    if r.confidence_looks:
+        out.append(
+            figure(
+                figures.confidence_maps(r.confidence_looks, f"{t}: confidence"),
+                "<b>Confidence</b> of the mapped class: red = the classifier hesitated, green = sure."
+                " Hesitation belongs on class boundaries and mixed pixels; large red areas point at a"
+                " class the classifier cannot separate, or at few clear observations.",
+                f"confidence maps of {t}",
+            )
+        )
+    else:
+        out.append(note(f"{t}: no confidence layer.", True))
+    if r.crops:
+        size = cfg["report"]["crop_size"]
+        places = [(f"row {c.row}, col {c.col}", c.maps) for c in r.crops]
+        km = size * r.pixel_size_m / 1000
+        share = ""
+        if r.disagreement is not None:
+            share = f" Classifiers disagree on {100 * r.disagreement:.1f} % of the mapped pixels (decimated)."
+        out.append(
+            figure(
+                figures.crops(places, cfg.classes, f"{t}: where the classifiers disagree most"),
+                f"<b>Full-resolution extracts</b> ({size}×{size} px, {km:.2g} km wide; seed Fig. 8), chosen"
+                f" where the classifiers disagree most.{share} <b>Rounded corners = lost geometry</b>;"
+                " thin features (roads, hedges, rivers) gone = over-smoothing; isolated pixels ="
+                " salt-and-pepper noise of a pixel classifier.",
+                f"extracts of {t}",
+            )
+        )
+    out.append("<h4>Clear observations</h4>")
+    if r.clear_counts is None or r.clear_look is None:
+        out.append(note(f"{t}: no validity layer.", True))
+    else:
+        s = clear_summary(r.clear_counts)
+        out.append(
+            figure(
+                figures.clear_observations(r.clear_look, r.clear_counts, f"{t}: clear observations"),
+                f"<b>Clear observations per pixel</b> over the year (validity layer). Mean {s['mean']:.1f};"
+                f" never clear: {100 * s['zero_share']:.2f} % of the pixels (red bar), no-data in every"
+                " map. Where clear dates are few the gapfilled series is mostly interpolated and the maps"
+                " are less reliable: compare with the confidence maps.",
+                f"clear observations of {t}",
+            )
+        )
+    return out
+
+
+def provenance(cfg: Config, lay: Layout) -> Section:
+    sec = Section("provenance", "Provenance")
+    text = prov.config_text(cfg)
+    software = Section("software", "Software and configuration")
+    software.add(
+        facts(
+            [
+                ("package", f"{prov.DISTRIBUTION} {prov.package_version()}"),
+                ("git commit", prov.git_commit()),
+                ("python", platform.python_version()),
+                ("config sha256", prov.sha256(text)),
+                ("config digest (outputs)", cfg.digest),
+            ]
+        ),
+        para("The validated configuration, defaults filled in (the run's <code>run-config.yaml</code>):"),
+        pre(text),
+    )
+    inputs = Section("inputs", "Input products")
+    for t in cfg.tiles:
+        info = prov.input_products(lay, t)
+        inputs.add(f"<h4>{escape(t)}</h4>")
+        if info is None:
+            inputs.add(note(f"{t}: not available (the ingest store {lay.ingest(t)} is gone).", True))
+            continue
+        where = f" from <code>{escape(info['source'])}</code>" if info["source"] else ""
+        inputs.add(
+            para(f"{len(info['products'])} {escape(str(info['format']))} products{where}:"),
+            tables.products(info),
+        )
+    times = Section("stage-times", "Time each stage took")
+    jobs = prov.benchmarks(lay)
+    if not jobs:
+        times.add(
+            note(
+                "Not recorded: no Snakemake benchmark files under "
+                f"{lay.benchmarks()} (a report built by hand outside Snakemake)."
+            )
+        )
+    else:
+        times.add(
+            figure(
+                figures.stage_times(prov.rule_totals(jobs), "Wall-clock time per rule"),
+                "<b>Wall-clock time per rule</b>, summed over its jobs (Snakemake <code>benchmark:</code>"
+                " files; jobs may have run in parallel, and a job not rerun keeps its last time).",
+                "stage times",
+            ),
+            tables.jobs(jobs),
+        )
+    sec.children = [software, inputs, times]
+    return sec
+
+
+def built_at() -> str:
+    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")

@@ -1,0 +1,23 @@
+# The run's QA report (pipeline/report, docs/report.md): every classifier side by side, maps, the
+# geometric QA, seeds and provenance in one self-contained HTML file. It also reads the benchmark
+# files of the other rules when they are there (not inputs: the report never reruns a stage).
+
+
+rule report:
+    input:
+        maps=expand(str(LAYOUT.class_map("{model}", "{tile}")), model=CLASSIFIERS, tile=TILES),
+        confidence=expand(str(LAYOUT.confidence("{model}", "{tile}")), model=CLASSIFIERS, tile=TILES),
+        validity=expand(str(LAYOUT.validity("{tile}")), tile=TILES),
+        metrics=expand(str(LAYOUT.metrics("{model}", "{tile}")), model=MODELS, tile=TILES),
+        overall=expand(str(LAYOUT.overall_metrics("{model}")), model=MODELS),
+        qa=expand(str(LAYOUT.qa("{tile}")), tile=TILES if REFERENCES else []),
+    output:
+        report(str(LAYOUT.report()), caption="../report/qa_report.rst", category="QA report"),
+    log:
+        str(LAYOUT.workdir / "logs" / "report.log"),
+    benchmark:
+        str(LAYOUT.benchmark("report"))
+    resources:
+        **job_resources("report"),
+    shell:
+        "{LANDCOVER} report --out {output} 2> {log}"
