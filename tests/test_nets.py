@@ -287,3 +287,32 @@ def test_channels_last_weights_compute_the_same(arch):
         torch.testing.assert_close(net.forward_lowmem(x), ref_low, rtol=1e-5, atol=1e-5)
         xl = x.contiguous(memory_format=torch.channels_last)
         torch.testing.assert_close(net.forward_lowmem(xl), ref_low, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_inference_pixel_path_is_the_layer_path(monkeypatch, channels_last: bool) -> None:
+    """Without autograd the 1x1 path runs as a chunked per-pixel MLP: same values, fp32 and bf16."""
+    import pipeline.models.nets as nets
+
+    monkeypatch.setattr(nets, "MLP_CHUNK", 100)  # 7 x 33 = 231 px: two full chunks and a partial one
+    torch.manual_seed(3)
+    net = build(NetSpec("fgunet", 6, 2, 5, unet_filters=(4, 8, 16), mlp_filters=(16, 12, 8))).eval()
+    path = net.features.pixel
+    x = torch.rand(1, 6, 7, 33)
+    if channels_last:
+        net.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+    ref = path.layers(x)  # the conv+ReLU layers, with autograd on
+    with torch.no_grad():
+        got = path(x)
+    assert got.shape == ref.shape
+    torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref16 = path.layers(x)
+        with torch.inference_mode():
+            got16 = path(x)
+    assert got16.dtype == ref16.dtype == torch.bfloat16
+    torch.testing.assert_close(got16.float(), ref16.float(), rtol=2e-2, atol=2e-2)
+    assert path(x).requires_grad  # training keeps the conv layers (and autograd)
+    lstm = build(NetSpec("tsfgunet", 6, 2, 5, unet_filters=(4, 8, 16), mlp_filters=(8,))).features.pixel
+    assert not lstm._mlp

@@ -247,17 +247,52 @@ class UNet(nn.Module):
         return x
 
 
+MLP_CHUNK = 16_384  # pixels per chunk of the inference 1x1 path: its activations stay in L2/L3
+
+
 class PixelPath(nn.Module):
-    """The 1x1 pixel-wise path (200-100-50 filters): sharp class boundaries (§3.2.2)."""
+    """The 1x1 pixel-wise path (200-100-50 filters): sharp class boundaries (§3.2.2).
+
+    Without autograd (inference) a conv+ReLU path runs as a per-pixel MLP over chunks of pixels:
+    the same matmuls (identical results, tested), but each chunk's 200- and 100-channel activations
+    stay in cache instead of making full-window round trips through memory; 2.6x faster for the
+    path on a 544² window in bf16 (docs/benchmarks/fgunet.md).
+    """
 
     def __init__(self, in_ch: int, filters: tuple[int, ...], unit: Unit) -> None:
         super().__init__()
         chans = (in_ch, *filters)
         self.layers = nn.Sequential(*(unit(chans[i], f, 1) for i, f in enumerate(filters)))
         self.out_channels = filters[-1]
+        self._convs = [
+            m[0] for m in self.layers if isinstance(m, nn.Sequential) and isinstance(m[0], nn.Conv2d)
+        ]
+        self._mlp = len(self._convs) == len(self.layers)  # ConvLSTM units keep the layer path
 
     def forward(self, x: Tensor) -> Tensor:
+        if self._mlp and not torch.is_grad_enabled() and x.ndim == 4:
+            return self._chunked(x)
         return self.layers(x)
+
+    def _chunked(self, x: Tensor) -> Tensor:
+        kind = x.device.type
+        dt = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else x.dtype
+        mats = [(c.weight.reshape(c.out_channels, -1).t().to(dt), c.bias.to(dt)) for c in self._convs]
+        b, c, h, w = x.shape
+        rows = x.permute(0, 2, 3, 1).reshape(-1, c)  # a view when x is channels-last
+        out = torch.empty(rows.shape[0], self.out_channels, dtype=dt, device=x.device)
+        with torch.autocast(kind, enabled=False):
+            for s in range(0, rows.shape[0], MLP_CHUNK):
+                y = rows[s : s + MLP_CHUNK].to(dt)
+                for i, (wt, bias) in enumerate(mats):
+                    last = i == len(mats) - 1
+                    y = (
+                        torch.addmm(bias, y, wt, out=out[s : s + MLP_CHUNK])
+                        if last
+                        else torch.addmm(bias, y, wt)
+                    )
+                    y.relu_()
+        return out.reshape(b, h, w, -1).permute(0, 3, 1, 2)  # channels-last (B, F, H, W)
 
 
 class GroupFeatures(nn.Module):
