@@ -316,3 +316,27 @@ def test_inference_pixel_path_is_the_layer_path(monkeypatch, channels_last: bool
     assert path(x).requires_grad  # training keeps the conv layers (and autograd)
     lstm = build(NetSpec("tsfgunet", 6, 2, 5, unet_filters=(4, 8, 16), mlp_filters=(8,))).features.pixel
     assert not lstm._mlp
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_fused_conv_relu_is_conv_then_relu(channels_last: bool) -> None:
+    """Inference runs conv+ReLU as one oneDNN primitive: the same values as the two modules."""
+    import pipeline.models.nets as nets
+
+    if nets._FUSED is None:
+        pytest.skip("this torch build has no oneDNN conv+ReLU primitive (the plain path is used)")
+    torch.manual_seed(4)
+    unit = nets._conv_relu(5, 7, 3)
+    x = torch.randn(2, 5, 13, 11)
+    if channels_last:
+        unit.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+    ref = unit[1](unit[0](x))  # autograd on: the modules one after the other
+    with torch.no_grad():
+        torch.testing.assert_close(unit(x), ref, rtol=1e-5, atol=1e-5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref16 = unit[1](unit[0](x))
+        with torch.inference_mode():
+            got16 = unit(x)
+    assert got16.dtype == torch.bfloat16
+    torch.testing.assert_close(got16.float(), ref16.float(), rtol=0, atol=0)
