@@ -261,7 +261,7 @@ class Percentiles:
     def _apply(x: np.ndarray, low: np.ndarray, high: np.ndarray) -> np.ndarray:
         """One compiled pass on numba's threads (what the caller set; predict sets the job's
         allocation): same float32 operations as ``clip((x - low) * (1 / (high - low)), 0, 1)``, so
-        bit-identical to the numpy expression, ~10x faster on a window than numpy's four passes."""
+        bit-identical to the numpy expression; half the time of numpy's passes inside predict_tile."""
         low = np.ascontiguousarray(low, np.float32).ravel()
         rng = np.ascontiguousarray(high, np.float32).ravel() - low
         scale = np.divide(1, rng, out=np.zeros_like(rng), where=rng > 0)  # high == low -> 0
