@@ -243,7 +243,9 @@ def hook_flops(net: nn.Module, side: int = 64) -> float:
 
     handles = [m.register_forward_hook(hook) for m in net.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
     try:
-        with torch.inference_mode():
+        # autograd on: the plain Conv2d modules run (without it, inference takes fused oneDNN
+        # primitives and a chunked matmul path that neither hooks nor the counter see)
+        with torch.enable_grad():
             net(torch.rand(1, net.spec.groups * net.spec.in_channels, side, side))
     finally:
         for h in handles:
@@ -254,7 +256,7 @@ def hook_flops(net: nn.Module, side: int = 64) -> float:
 def counter_flops(net: nn.Module, side: int = 64) -> float:
     from torch.utils.flop_counter import FlopCounterMode
 
-    with torch.inference_mode(), FlopCounterMode(display=False) as fc:
+    with torch.enable_grad(), FlopCounterMode(display=False) as fc:  # plain modules, see hook_flops
         net.forward_lowmem(torch.rand(1, net.spec.groups * net.spec.in_channels, side, side))
     return fc.get_total_flops() / side**2
 
