@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import yaml
 from affine import Affine
 from rasterio.crs import CRS
 
@@ -30,3 +31,18 @@ def make_grid(width: int = 128, height: int = 96, ulx: float = 399960.0, uly: fl
 @pytest.fixture
 def grid() -> Grid:
     return make_grid()
+
+
+def tiny_demo_config(size: int = 192) -> dict:
+    """The default config with the demo shrunk to two ``size``-px tiles, its inputs and outputs
+    relative to the run folder (Snakemake runs there): the base of the end-to-end runs."""
+    raw = yaml.safe_load((REPO / "config.yaml").read_text())
+    raw["run"]["workdir"] = "results"
+    raw["demo"].update(out="inputs", size=size)
+    tiles = raw["demo"]["tiles"]
+    raw["inputs"]["tiles"] = {
+        t["name"]: {"format": t["format"], "path": f"inputs/{t['name']}"} for t in tiles
+    }
+    raw["inputs"]["reference"] = "inputs/reference.gpkg"
+    raw["rf"]["n_estimators"] = 50
+    return raw

@@ -21,7 +21,7 @@ from pipeline.config import load_config
 from pipeline.layout import Layout
 from pipeline.models import NETWORKS, derive_seed
 from pipeline.report import build_report
-from tests.conftest import REPO
+from tests.conftest import REPO, tiny_demo_config
 from tests.report_page import check_page, parse, table
 
 pytestmark = pytest.mark.e2e
@@ -37,15 +37,7 @@ def _snakemake(workdir: Path, *args: str) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def run(tmp_path_factory) -> Path:
     work = tmp_path_factory.mktemp("e2e")
-    raw = yaml.safe_load((REPO / "config.yaml").read_text())
-    raw["run"]["workdir"] = "results"
-    raw["demo"].update(out="inputs", size=192)
-    tiles = raw["demo"]["tiles"]
-    raw["inputs"]["tiles"] = {
-        t["name"]: {"format": t["format"], "path": f"inputs/{t['name']}"} for t in tiles
-    }
-    raw["inputs"]["reference"] = "inputs/reference.gpkg"
-    raw["rf"]["n_estimators"] = 50
+    raw = tiny_demo_config()
     raw["qa"]["references"] = 3
     # every network of the family through the same targets as RF, small enough for CI
     raw["classifiers"] = ["rf", *NETWORKS]

@@ -28,7 +28,7 @@ from pipeline.gapfill import gapfill_tile
 from pipeline.io.tilestore import open_store
 from pipeline.layout import Layout
 from pipeline.models.net import WEIGHTS, load_weights
-from tests.conftest import REPO
+from tests.conftest import REPO, tiny_demo_config
 from tests.slurm_cluster import SlurmCluster, missing_binaries
 from tests.test_distributed import ADAM_ATOL
 from tests.test_gapfill import make_ingest
@@ -89,15 +89,7 @@ def test_sbatch_and_srun(cluster, tmp_path):
 
 def _demo_config(work: Path) -> None:
     """tests/test_e2e.py's tiny demo with rf and fgunet; jobs sized for the one small node."""
-    raw = yaml.safe_load((REPO / "config.yaml").read_text())
-    raw["run"]["workdir"] = "results"
-    raw["demo"].update(out="inputs", size=192)
-    tiles = raw["demo"]["tiles"]
-    raw["inputs"]["tiles"] = {
-        t["name"]: {"format": t["format"], "path": f"inputs/{t['name']}"} for t in tiles
-    }
-    raw["inputs"]["reference"] = "inputs/reference.gpkg"
-    raw["rf"]["n_estimators"] = 50
+    raw = tiny_demo_config()
     raw["classifiers"] = ["rf", "fgunet"]
     # no dropout and no warm-up: the 2-task training must then equal one process on the same global
     # batch (dropout masks are drawn per process; eq. 3's warm-up depends on the process count).
