@@ -277,13 +277,18 @@ class Percentiles:
         return y
 
 
+@njit(inline="always", cache=True)
+def _eq2(v, lo, sc):  # pragma: no cover - compiled
+    """Eq. 2 for one value, float32 throughout; no-data -> 0."""
+    y = (np.float32(v) - lo) * sc
+    return np.float32(0) if v == NODATA else min(max(y, np.float32(0)), np.float32(1))
+
+
 @njit(parallel=True, nogil=True, cache=True)
 def _normalise_rows(x, low, scale, out):  # pragma: no cover - compiled
     for i in prange(x.shape[0]):
         for j in range(x.shape[1]):
-            v = x[i, j]
-            y = (np.float32(v) - low[j]) * scale[j]
-            out[i, j] = 0.0 if v == NODATA else min(max(y, np.float32(0)), np.float32(1))
+            out[i, j] = _eq2(x[i, j], low[j], scale[j])
 
 
 @njit(parallel=True, nogil=True, cache=True)
@@ -291,6 +296,4 @@ def _normalise_planes(x, low, scale, out, k):  # pragma: no cover - compiled
     for r in prange(x.shape[0]):
         lo, sc = low[r % k], scale[r % k]
         for j in range(x.shape[1]):
-            v = x[r, j]
-            y = (np.float32(v) - lo) * sc
-            out[r, j] = 0.0 if v == NODATA else min(max(y, np.float32(0)), np.float32(1))
+            out[r, j] = _eq2(x[r, j], lo, sc)

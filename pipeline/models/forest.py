@@ -187,9 +187,7 @@ class Forest:
         trees = []
         for est in forest.estimators_:
             t = est.tree_
-            thr = t.threshold.astype(np.float32)  # rounds to nearest: step down where it went up
-            up = thr.astype(np.float64) > t.threshold
-            thr[up] = np.nextafter(thr[up], np.float32(-np.inf))
+            thr = _float32_below(t.threshold)
             leaf = t.children_left == -1
             feature = np.where(leaf, LEAF, t.feature).astype(np.int32)
             value = t.value[:, 0, :]  # sklearn >= 1.4 stores per-leaf class fractions
@@ -336,11 +334,16 @@ def _midpoint_below(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
     For float32 inputs ``x <= t32`` then decides exactly as ``(double) x <= t``.
     """
-    mid = a / 2.0 + b / 2.0
-    t = mid.astype(np.float32)
-    up = t.astype(np.float64) > mid
-    t[up] = np.nextafter(t[up], np.float32(-np.inf))
+    t = _float32_below(a / 2.0 + b / 2.0)
     return np.where(t.astype(np.float64) >= b, a.astype(np.float32), t)
+
+
+def _float32_below(v: np.ndarray) -> np.ndarray:
+    """The largest float32 <= each float64 ``v`` (a cast rounds to nearest: step down where it went up)."""
+    t = v.astype(np.float32)
+    up = t.astype(np.float64) > v
+    t[up] = np.nextafter(t[up], np.float32(-np.inf))
+    return t
 
 
 def encode_features(x: np.ndarray, threads: int = 1) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

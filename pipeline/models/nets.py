@@ -148,6 +148,12 @@ _FUSED = _fused_conv_relu() if torch.backends.mkldnn.is_available() else None
 _FUSED_LINEAR = getattr(torch.ops.mkldnn, "_linear_pointwise", None) if _FUSED is not None else None
 
 
+def _compute_dtype(x: Tensor) -> torch.dtype:
+    """The dtype a layer computes ``x`` in: autocast's where it is on for ``x``'s device."""
+    kind = x.device.type
+    return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else x.dtype
+
+
 class _ConvReLU(nn.Sequential):
     """Conv2d then ReLU (an ``nn.Sequential``, so weights keep their names). Without autograd on
     CPU both run as one oneDNN primitive: the ReLU is applied while the output is still in cache
@@ -157,7 +163,7 @@ class _ConvReLU(nn.Sequential):
         conv = self[0]
         if _FUSED is None or torch.is_grad_enabled() or x.device.type != "cpu":
             return super().forward(x)
-        dt = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
+        dt = _compute_dtype(x)
         if dt not in (torch.float32, torch.bfloat16):  # oneDNN has no float64 primitive
             return super().forward(x)
         with torch.autocast("cpu", enabled=False):
@@ -307,7 +313,7 @@ class PixelPath(nn.Module):
 
     def _chunked(self, x: Tensor) -> Tensor:
         kind = x.device.type
-        dt = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else x.dtype
+        dt = _compute_dtype(x)
         mats = [(c.weight.reshape(c.out_channels, -1).to(dt), c.bias.to(dt)) for c in self._convs]
         fused = _FUSED_LINEAR if kind == "cpu" and dt in (torch.float32, torch.bfloat16) else None
         b, c, h, w = x.shape
