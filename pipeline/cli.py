@@ -270,7 +270,7 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, Stage]]:
     p.add_argument("--split", type=Path)
     p.add_argument("--grid", type=Path, help="ingest store giving the tile grid")
     add(
-        "patches", _patches, "valid training/validation patch positions of one tile (networks)", tile=True
+        "patches", _patches, "training and model-selection patch positions of one tile (networks)", tile=True
     ).add_argument("--labels", type=Path, help="the tile's label store")
     p = add("train", _train, "train a classifier on all tiles", model=True)
     p.add_argument("--checkpoints", type=Path, help="network checkpoint folder (default: <out>.checkpoints)")

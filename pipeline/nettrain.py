@@ -5,8 +5,11 @@ Each step draws ``b`` patches class-first from the precomputed patch positions o
 minimises the weighted cross-entropy of eq. 1 with class weights of eq. 4, unlabelled pixels
 contributing exactly zero. Adam runs at the eq.-3 warm-up rate for the first ``w`` epochs.
 
-Every epoch ends with a validation pass on a fixed set of validation-polygon patches (loss, OA,
-kappa; logged, written to ``history.csv`` and plotted) and a checkpoint. All randomness of epoch
+Every epoch ends with a model-selection pass on a fixed set of patches of the selection polygons
+(training polygons held out of training, :func:`pipeline.reference.training_labels`; loss, OA,
+kappa, mean F-score; logged, written to ``history.csv`` and plotted) and a checkpoint. The model
+kept is the epoch with the best selection kappa, not the last one; the validation polygons behind
+the final metrics are never looked at during training. All randomness of epoch
 ``e`` (patch draws, augmentation, dropout) is seeded from ``(run seed, model, e)``, so a training
 killed at any point and started again with the same command resumes from its last checkpoint and
 ends with bit-identical weights. Checkpoints hold tensors and plain values only and are read with
@@ -52,9 +55,11 @@ from pipeline.patches import (
     PatchIndex,
     PatchRef,
     channels_per_date,
+    min_pixels,
     patch_inputs,
     read_patches,
 )
+from pipeline.reference import SELECTION, training_labels
 
 log = logging.getLogger(__name__)
 
@@ -75,13 +80,17 @@ class NetSettings:
     patch_size: int
     patch_stride: int
     min_labelled: float
+    min_class_positions: int
+    allow_undrawn_classes: bool
+    class_weights: str
+    max_class_weight: float
     batch_size: int
     epochs: int
     steps_per_epoch: int
     warmup_epochs: int
     learning_rate: float
     augment: bool
-    validation_patches: int
+    selection_patches: int
     device: str
     keep_checkpoints: int
 
@@ -98,13 +107,17 @@ class NetSettings:
             patch_size=int(n["patch_size"]),
             patch_stride=int(n["patch_stride"]),
             min_labelled=float(n["min_labelled"]),
+            min_class_positions=int(n["min_class_positions"]),
+            allow_undrawn_classes=bool(n["allow_undrawn_classes"]),
+            class_weights=str(n["class_weights"]),
+            max_class_weight=float(n["max_class_weight"]),
             batch_size=int(n["batch_size"]),
             epochs=int(n["epochs"]),
             steps_per_epoch=int(n["steps_per_epoch"]),
             warmup_epochs=int(n["warmup_epochs"]),
             learning_rate=float(n["learning_rate"]),
             augment=bool(n["augment"]),
-            validation_patches=int(n["validation_patches"]),
+            selection_patches=int(n["selection_patches"]),
             device=str(n["device"]),
             keep_checkpoints=int(n["keep_checkpoints"]),
         )
@@ -130,11 +143,17 @@ def warmup_lr(base: float, nodes: int, warmup_epochs: int, epoch: int) -> float:
     return base / nodes * ((nodes - 1) / warmup_epochs * epoch + 1)
 
 
-def class_weights(counts: np.ndarray) -> np.ndarray:
-    """Eq. 4: ``n_tot / n_k`` per class; 0 for a class without training pixels (it is never a target)."""
+def class_weights(counts: np.ndarray, cap: float | None = None) -> np.ndarray:
+    """Eq. 4: ``n_tot / n_k`` per class; 0 for a class without training pixels (it is never a target).
+
+    ``cap``: no weight above ``cap`` times the smallest positive one, so a class with a handful of
+    pixels (2 pixels gave a weight of ~3,200 on real data) cannot dominate the loss.
+    """
     counts = np.asarray(counts, dtype=np.float64)
     with np.errstate(divide="ignore"):
         w = np.where(counts > 0, counts.sum() / counts, 0.0)
+    if cap is not None and (w > 0).any():
+        w = np.minimum(w, cap * w[w > 0].min())
     return w.astype(np.float32)
 
 
@@ -167,25 +186,25 @@ class PatchData:
         self.refl: dict[str, Any] = {}
         self.labels: dict[str, Any] = {}
         self.train_index: dict[str, PatchIndex] = {}
-        self.valid_index: dict[str, PatchIndex] = {}
+        self.select_index: dict[str, PatchIndex] = {}
         for tile, path in gapfilled.items():
             group = open_store(path, "gapfilled", ("reflectance",))
             if why := schema_mismatch(dict(group.attrs), norm.bands, norm.dates, against="the percentiles'"):
                 raise PipelineError(path, why)
-            ref = open_store(labels[tile], "reference", ("train", "validation"))
+            ref = open_store(labels[tile], "reference", ("train", SELECTION))
             if not store_grid(ref).same_as(store_grid(group)):
                 raise PipelineError(labels[tile], f"label grid differs from the gapfilled store {path}")
             self.refl[tile] = group["reflectance"]
-            self.labels[tile] = ref
+            self.labels[tile] = {"train": training_labels(ref), SELECTION: ref[SELECTION]}
             self.train_index[tile] = _load_index(patches[tile], size)
-            self.valid_index[tile] = _load_index(validation_index_path(patches[tile]), size)
+            self.select_index[tile] = _load_index(selection_index_path(patches[tile]), size)
 
     def digest(self) -> str:
-        """A fingerprint of every tile's train/validation patch positions (changes with the labels)."""
+        """A fingerprint of every tile's train/selection patch positions (changes with the labels)."""
         h = hashlib.sha256()
         for tile in sorted(self.train_index):
             h.update(tile.encode())
-            for idx in (self.train_index[tile], self.valid_index[tile]):
+            for idx in (self.train_index[tile], self.select_index[tile]):
                 for arr in (idx.rows, idx.cols, idx.class_codes, idx.class_offsets, idx.class_members):
                     h.update(np.ascontiguousarray(arr).tobytes())
         return h.hexdigest()[:16]
@@ -227,11 +246,18 @@ class PatchData:
             y[empty] = 0
         return x, y
 
-    def validation_refs(self, n: int, seed: int) -> list[PatchRef]:
-        """Up to ``n`` fixed validation patches, uniform over every tile's validation positions."""
+    def read_labels(self, refs: Sequence[PatchRef], split: str = "train") -> np.ndarray:
+        """(n, N, N) label codes of ``refs`` without their reflectance (for pixel statistics)."""
+        y = np.empty((len(refs), self.size, self.size), np.uint8)
+        for i, r in enumerate(refs):
+            y[i] = self.labels[r.tile][split][r.row : r.row + self.size, r.col : r.col + self.size]
+        return y
+
+    def selection_refs(self, n: int, seed: int) -> list[PatchRef]:
+        """Up to ``n`` fixed model-selection patches, uniform over every tile's selection positions."""
         pool = [
             PatchRef(tile, int(r), int(c), 0)
-            for tile, idx in self.valid_index.items()
+            for tile, idx in self.select_index.items()
             for r, c in zip(idx.rows, idx.cols, strict=True)
         ]
         if len(pool) <= n:
@@ -240,11 +266,11 @@ class PatchData:
         return [pool[i] for i in pick]
 
 
-def validation_index_path(train_index: Path) -> Path:
-    """The validation index beside a train index (``T.train.npz`` -> ``T.validation.npz``)."""
+def selection_index_path(train_index: Path) -> Path:
+    """The selection index beside a train index (``T.train.npz`` -> ``T.selection.npz``)."""
     name = Path(train_index).name
     stem = name[: -len(".train.npz")] if name.endswith(".train.npz") else Path(name).stem
-    return Path(train_index).with_name(f"{stem}.validation.npz")
+    return Path(train_index).with_name(f"{stem}.{SELECTION}.npz")
 
 
 def _load_index(path: Path, size: int) -> PatchIndex:
@@ -257,24 +283,84 @@ def _load_index(path: Path, size: int) -> PatchIndex:
 
 
 def index_patches(cfg: Config, tile: str, labels: Path, out: Path) -> None:
-    """``landcover patches``: a tile's valid train positions (class-first lists) and validation patches."""
+    """``landcover patches``: a tile's train positions (class-first lists) and model-selection patches."""
     from pipeline.patches import index_tile
 
     s = NetSettings.from_config(cfg)
     codes = [int(c) for c in cfg.class_codes]
-    index_tile(labels, tile, out, s.patch_size, s.patch_stride, s.min_labelled, codes, split="train")
-    # validation: non-overlapping patches holding at least one validation pixel
+    index_tile(
+        labels,
+        tile,
+        out,
+        s.patch_size,
+        s.patch_stride,
+        s.min_labelled,
+        codes,
+        split="train",
+        min_positions=s.min_class_positions,
+        held_out=SELECTION,
+    )
+    # model selection: non-overlapping patches holding at least one selection pixel
     one_px = 0.5 / (s.patch_size * s.patch_size)
     index_tile(
         labels,
         tile,
-        validation_index_path(out),
+        selection_index_path(out),
         s.patch_size,
         s.patch_size,
         one_px,
         codes,
-        split="validation",
+        split=SELECTION,
     )
+
+
+def check_drawable(
+    cfg: Config, sampler: ClassFirstSampler, counts: np.ndarray, s: NetSettings, where: Path | None
+) -> None:
+    """Stop when a class with training pixels can never be drawn, unless the config accepts it.
+
+    Such a class reaches the network only as a bystander in other classes' patches, or not at all,
+    and the map lacks it without any sign but a log line. A class without any training pixel is
+    left out as by every classifier (a warning): no sampler can help there.
+    """
+    drawn = set(sampler.classes.tolist())
+    codes = [int(c) for c in cfg.class_codes]
+    no_px = [c for c, n in zip(codes, counts, strict=True) if n == 0]
+    if no_px:
+        log.warning("classes without training pixels (never a target): %s", _named(no_px, cfg))
+    undrawn = [c for c, n in zip(codes, counts, strict=True) if n > 0 and c not in drawn]
+    if not undrawn:
+        return
+    msg = (
+        f"classes with training pixels in no {s.patch_size}x{s.patch_size}-px patch position of any tile,"
+        f" so never drawn for training: {_named(undrawn, cfg)}"
+    )
+    if not s.allow_undrawn_classes:
+        raise PipelineError(
+            where, msg + " (lower nets.patch_size, add reference polygons, or set nets.allow_undrawn_classes)"
+        )
+    log.warning("%s; trained anyway (nets.allow_undrawn_classes)", msg)
+
+
+def _named(codes: Any, cfg: Config) -> str:
+    names = {c.code: c.name for c in cfg.classes}
+    if isinstance(codes, dict):
+        return ", ".join(f"{c} {names.get(c, '?')} ({v})" for c, v in codes.items())
+    return ", ".join(f"{c} {names.get(c, '?')}" for c in codes)
+
+
+def sampled_pixels(
+    data: PatchData, sampler: ClassFirstSampler, codes: np.ndarray, seed: int, n: int = 2048
+) -> np.ndarray:
+    """Labelled training pixels per class in ``n`` patches drawn as training draws them.
+
+    The class-first sampler already shows rare classes far more often than their share of the
+    tiles; eq. 4 on these counts corrects only what the sampler leaves (one rebalancing, not two).
+    Every process draws the same patches from ``seed``, so all get the same weights.
+    """
+    refs = sampler.draw(n, np.random.default_rng(seed))
+    seen = np.bincount(data.read_labels(refs).ravel(), minlength=256)
+    return seen[np.asarray(codes, dtype=np.int64)]
 
 
 def _lut(codes: np.ndarray) -> np.ndarray:
@@ -317,20 +403,28 @@ def train_network(
     data = PatchData(gapfilled, labels, patches, norm, s.patch_size)
     codes = cfg.class_codes
     counts = data.class_counts(codes, world)
+    need = min_pixels(s.patch_size, s.min_labelled)
+    sampler = ClassFirstSampler(
+        list(data.train_index.values()),
+        [int(c) for c in codes],
+        need=need,
+        min_positions=s.min_class_positions,
+    )
+    check_drawable(cfg, sampler, counts, s, next(iter(patches.values()), None))
+    relaxed = {c: t for c, t in sampler.thresholds.items() if t < need}
+    if relaxed:
+        log.info(
+            "classes without %d positions at >= %d px of a %d-px patch, drawn from their best-stocked"
+            " positions instead (threshold in px): %s",
+            s.min_class_positions, need, s.patch_size, _named(relaxed, cfg),
+        )  # fmt: skip
     empty = [int(c) for c, n in zip(codes, counts, strict=True) if n == 0]
-    if empty:
-        log.warning("classes without training pixels (never a target): %s", empty)
-    sampler = ClassFirstSampler(list(data.train_index.values()), codes=[int(c) for c in codes])
-    if len(sampler.classes) == 0:
-        raise PipelineError(
-            next(iter(patches.values()), None),
-            f"no tile has a patch position with >= {s.min_labelled:.0%} labelled pixels; "
-            "lower nets.min_labelled or nets.patch_size, or add reference polygons",
-        )
-    for c in sorted(set(int(x) for x in codes) - set(int(x) for x in sampler.classes) - set(empty)):
-        log.warning(
-            "class %d has training pixels but no patch with >= %.0f%% of them", c, 100 * s.min_labelled
-        )
+    if s.class_weights == "sampled":
+        seen = sampled_pixels(data, sampler, codes, derive_seed(cfg.seed, f"{name}/weights"))
+        weight_counts = np.where(counts > 0, np.maximum(seen, 1), 0)  # drawable: > 0 anyway
+    else:
+        weight_counts = counts if s.class_weights == "paper" else (counts > 0).astype(np.int64)
+    class_w = class_weights(weight_counts, s.max_class_weight)
 
     n_dates = len(norm.dates)
     if n_dates % s.groups:
@@ -351,7 +445,7 @@ def train_network(
     if s.patch_size % net.pool_factor:
         raise PipelineError(None, f"nets.patch_size {s.patch_size} is not a multiple of {net.pool_factor}")
     opt = torch.optim.Adam(net.parameters(), lr=s.learning_rate)
-    weights = torch.from_numpy(class_weights(counts)).to(device)
+    weights = torch.from_numpy(class_w).to(device)
     lut = _lut(codes)
     channels = [f"{d}/{b}" for d in norm.dates for b in (*norm.bands, *s.indices)]
     identity = {
@@ -367,6 +461,7 @@ def train_network(
 
     history: list[dict[str, Any]] = []
     start = 0
+    best: dict[str, Any] | None = None  # the epoch kept: best selection kappa so far, and its weights
     if latest := latest_checkpoint(ckdir):
         blob = load_weights(latest)
         check_resumable(blob, identity, latest, ckdir)
@@ -374,15 +469,16 @@ def train_network(
         opt.load_state_dict(blob["optimizer"])
         history = list(blob["history"])
         start = int(blob["epoch"])
+        best = blob.get("best")
         log.info("resuming %s from %s (epoch %d of %d)", name, latest.name, start, s.epochs)
 
-    val_refs: list[PatchRef] = []
+    sel_refs: list[PatchRef] = []
     if world.is_main:
-        val_refs = data.validation_refs(s.validation_patches, derive_seed(cfg.seed, f"{name}/validation"))
-        if val_refs:
-            val_x, val_y = data.read(val_refs, split="validation")
+        sel_refs = data.selection_refs(s.selection_patches, derive_seed(cfg.seed, f"{name}/selection"))
+        if sel_refs:
+            sel_x, sel_y = data.read(sel_refs, split=SELECTION)
         else:
-            log.warning("no validation patches: validation scores are not computed")
+            log.warning("no model-selection patches (reference.selection_ratio): the last epoch is kept")
     batches = BatchSource(data, sampler, world, s.batch_size, s.augment)
     model_fwd: torch.nn.Module = net
     if world.size > 1:
@@ -430,25 +526,39 @@ def train_network(
             bar.set_postfix(loss=f"{total / (step + 1):.4f}")
         bar.close()
         row = {"epoch": epoch + 1, "lr": lr, "train_loss": total / s.steps_per_epoch}
-        if val_refs:
-            row |= evaluate(net, val_x, val_y, norm, s.indices, codes, lut, weights, s.batch_size, device)
+        if sel_refs:
+            row |= evaluate(net, sel_x, sel_y, norm, s.indices, codes, lut, weights, s.batch_size, device)
         row["seconds"] = round(time.perf_counter() - t0, 3)
         history.append(row)
         if not world.is_main:
             continue  # process 0 logs, validates and checkpoints; the weights are the same everywhere
+        if best is None or _better(row.get("sel_kappa"), best["sel_kappa"]):
+            state = {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}
+            best = {"epoch": epoch + 1, "sel_kappa": row.get("sel_kappa"), "state_dict": state}
         log.info(
-            "%s epoch %d/%d: lr %.2e, loss %.4f, validation loss %s, OA %s, kappa %s",
+            "%s epoch %d/%d: lr %.2e, loss %.4f, selection loss %s, OA %s, kappa %s, mean F1 %s",
             name, epoch + 1, s.epochs, lr, row["train_loss"],
-            _fmt(row.get("val_loss")), _fmt(row.get("val_oa")), _fmt(row.get("val_kappa")),
+            _fmt(row.get("sel_loss")), _fmt(row.get("sel_oa")), _fmt(row.get("sel_kappa")),
+            _fmt(row.get("sel_mean_f1")),
         )  # fmt: skip
-        save_checkpoint(ckdir, epoch + 1, net, opt, history, identity, s.keep_checkpoints)
+        save_checkpoint(ckdir, epoch + 1, net, opt, history, identity, s.keep_checkpoints, best)
 
     if world.size > 1:
         dist.barrier()
     if not world.is_main:
         return
+    if best is not None:  # the model kept: the epoch that scored best on the selection polygons
+        net.load_state_dict(best["state_dict"])
+        log.info(
+            "%s: keeping epoch %d of %d (selection kappa %s)", name, best["epoch"], s.epochs,
+            _fmt(best["sel_kappa"]),
+        )  # fmt: skip
     model: NetClassifier = get(name)(net.cpu(), codes, s.indices)  # type: ignore[call-arg]
-    meta = _meta(cfg, name, model, norm, empty, percentiles, s, spec, channels, counts, data, nodes, history)
+    meta = _meta(
+        cfg, name, model, norm, empty, percentiles, s, spec, channels, counts, data, nodes, history,
+        class_w, sampler,
+    )  # fmt: skip
+    meta["training"]["kept_epoch"] = best["epoch"] if best is not None else s.epochs
     meta["timing_s"] = {"training": round(time.perf_counter() - t_start, 3)}
     with atomic_path(out_dir) as tmp:
         tmp.mkdir()
@@ -459,6 +569,11 @@ def train_network(
     log.info("trained %s: %d epochs -> %s", name, s.epochs, out_dir)
 
 
+def _better(score: float | None, best: float | None) -> bool:
+    """A strictly higher selection score (an epoch without one never replaces a scored one)."""
+    return score is not None and (best is None or score > best)
+
+
 def _fmt(v: float | None) -> str:
     return "n/a" if v is None else f"{v:.4f}"
 
@@ -466,7 +581,7 @@ def _fmt(v: float | None) -> str:
 def _training_identity(s: NetSettings, seed: int, nodes: int) -> dict[str, Any]:
     """Settings a resumed run must share with the checkpoint (``epochs`` may grow, others may not)."""
     d = asdict(s)
-    for k in ("epochs", "device", "keep_checkpoints", "validation_patches"):
+    for k in ("epochs", "device", "keep_checkpoints", "selection_patches"):
         d.pop(k)
     return json.loads(json.dumps(d | {"seed": seed, "nodes": nodes}))
 
@@ -484,7 +599,7 @@ def evaluate(
     batch: int,
     device: str,
 ) -> dict[str, float | None]:
-    """Loss (eq. 1), OA and kappa on the fixed validation patches (labelled pixels only)."""
+    """Loss (eq. 1), OA, kappa and mean F-score on the fixed selection patches (labelled pixels only)."""
     net.eval()
     loss_sum, n_px = 0.0, 0
     cm = np.zeros((len(codes), len(codes)), np.int64)
@@ -498,7 +613,13 @@ def evaluate(
         pred = np.asarray(codes)[logits.argmax(1).cpu().numpy()]
         cm += confusion(labels[i : i + batch], pred.astype(np.uint8), np.asarray(codes))
     sc = scores(cm)
-    return {"val_loss": loss_sum / max(n_px, 1), "val_oa": sc["oa"], "val_kappa": sc["kappa"]}
+    f1 = [f for f in sc["f1"] if f is not None]
+    return {
+        "sel_loss": loss_sum / max(n_px, 1),
+        "sel_oa": sc["oa"],
+        "sel_kappa": sc["kappa"],
+        "sel_mean_f1": float(np.mean(f1)) if f1 else None,
+    }
 
 
 def latest_checkpoint(ckdir: Path) -> Path | None:
@@ -514,8 +635,12 @@ def save_checkpoint(
     history: list[dict[str, Any]],
     identity: dict[str, Any],
     keep: int,
+    best: dict[str, Any] | None = None,
 ) -> Path:
-    """Write ``epoch_NNN.pt`` atomically, then drop all but the ``keep`` newest (never the new one)."""
+    """Write ``epoch_NNN.pt`` atomically, then drop all but the ``keep`` newest (never the new one).
+
+    ``best`` (epoch, selection kappa, weights of the epoch to keep) travels in every checkpoint, so
+    a resumed run keeps the same epoch as an uninterrupted one."""
     ckdir.mkdir(parents=True, exist_ok=True)
     path = ckdir / f"epoch_{epoch:04d}.pt"
     blob = {
@@ -526,6 +651,8 @@ def save_checkpoint(
         "history": history,
         "identity": identity,
     }
+    if best is not None:
+        blob["best"] = best
     with atomic_path(path) as tmp:
         torch.save(blob, tmp)
     (ckdir / HISTORY).write_text(history_csv(history))
@@ -566,7 +693,7 @@ def _diff(a: Any, b: Any) -> str:
 
 
 def history_csv(history: list[dict[str, Any]]) -> str:
-    keys = ["epoch", "lr", "train_loss", "val_loss", "val_oa", "val_kappa", "seconds"]
+    keys = ["epoch", "lr", "train_loss", "sel_loss", "sel_oa", "sel_kappa", "sel_mean_f1", "seconds"]
     buf = io.StringIO()
     w = csv.DictWriter(buf, keys, extrasaction="ignore")
     w.writeheader()
@@ -575,7 +702,7 @@ def history_csv(history: list[dict[str, Any]]) -> str:
 
 
 def plot_history(history: list[dict[str, Any]], out: Path, title: str = "") -> None:
-    """Loss, validation OA/kappa and learning rate per epoch, one PNG people look at instead of logs."""
+    """Loss, selection OA/kappa/F1 and learning rate per epoch, one PNG people look at instead of logs."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -584,13 +711,13 @@ def plot_history(history: list[dict[str, Any]], out: Path, title: str = "") -> N
     ep = [h["epoch"] for h in history]
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6), constrained_layout=True)
     axes[0].plot(ep, [h["train_loss"] for h in history], "o-", label="train")
-    if any(h.get("val_loss") is not None for h in history):
-        axes[0].plot(ep, [h.get("val_loss") for h in history], "s-", label="validation")
+    if any(h.get("sel_loss") is not None for h in history):
+        axes[0].plot(ep, [h.get("sel_loss") for h in history], "s-", label="model selection")
     axes[0].set(title="loss (eq. 1)", xlabel="epoch")
     axes[0].legend()
-    for key, label in (("val_oa", "OA"), ("val_kappa", "kappa")):
+    for key, label in (("sel_oa", "OA"), ("sel_kappa", "kappa"), ("sel_mean_f1", "mean F1")):
         axes[1].plot(ep, [h.get(key) for h in history], "o-", label=label)
-    axes[1].set(title="validation", xlabel="epoch", ylim=(0, 1))
+    axes[1].set(title="model selection (held-out training polygons)", xlabel="epoch", ylim=(0, 1))
     axes[1].legend()
     axes[2].plot(ep, [h["lr"] for h in history], "o-")
     axes[2].set(title="learning rate (eq. 3)", xlabel="epoch")
@@ -614,6 +741,8 @@ def _meta(
     data: PatchData,
     nodes: int,
     history: list[dict[str, Any]],
+    class_w: np.ndarray,
+    sampler: ClassFirstSampler,
 ) -> dict[str, Any]:
     from pipeline.train import base_meta
 
@@ -628,7 +757,9 @@ def _meta(
     meta["training"] = _training_identity(s, cfg.seed, nodes) | {
         "epochs": s.epochs,
         "pixels_per_class": {str(int(c)): int(n) for c, n in zip(cfg.class_codes, counts, strict=True)},
-        "class_weights": [float(w) for w in class_weights(counts)],
+        "class_weights": [float(w) for w in class_w],
+        "class_weighting": s.class_weights,
+        "draw_thresholds_px": {str(c): int(t) for c, t in sampler.thresholds.items()},
         "patch_positions": {t: int(i.rows.size) for t, i in data.train_index.items()},
         "history": history,
     }

@@ -5,10 +5,20 @@ top-left corners of every tile are precomputed once (:func:`index_tile`, one ``.
 a lattice of step ``stride``, with, per class, the positions holding >= 10 % of that class.
 Seed §3.3.4 / §3.3.6 steps 1-2: training draws a class uniformly first, then a position uniformly
 among that class's positions pooled over every tile (:class:`ClassFirstSampler`), so minority
-classes are seen as often as water. Patches are then sliced out of the gapfilled zarr cubes
-(:func:`read_patches`, a 64-px patch touches 1-4 inner chunks, never a tile), normalised by eq. 2
-plus optional spectral indices (§3.2.5, :func:`patch_inputs`) and augmented by the 8 rotations /
-mirrors of the square (§3.3.5, :func:`augment`).
+classes are seen as often as water.
+
+Sparse labels: the 10 % rule suits reference data as dense as the French national layers; a class
+whose objects are small or sparsely labelled may have no such position at all, and would then never
+be drawn (it was so for 13 of the demo's 17 classes). So each class's threshold is the paper's,
+relaxed only as far as needed to give ``min_positions`` positions: ``min(10 % of a patch, the count
+of the class's min_positions-th best-stocked position)``, at least one pixel. The index keeps, per
+class, every position holding at least its tile's relaxed threshold and how many pixels of the
+class it holds, so the sampler can apply the run-wide threshold over all tiles.
+
+Patches are then sliced out of the gapfilled zarr cubes (:func:`read_patches`, a 64-px patch
+touches 1-4 inner chunks, never a tile), normalised by eq. 2 plus optional spectral indices
+(§3.2.5, :func:`patch_inputs`) and augmented by the 8 rotations / mirrors of the square (§3.3.5,
+:func:`augment`).
 
 The array functions are pure and independent of zarr, so they are tested against brute-force
 oracles; only :func:`index_tile` and :func:`read_patches` touch stores.
@@ -21,7 +31,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 import zarr
@@ -60,6 +70,7 @@ class BlockPositions(NamedTuple):
     rows: np.ndarray  # (n,) int32
     cols: np.ndarray  # (n,) int32
     members: list[np.ndarray]  # one sorted int64 index array per code, in the order of ``codes``
+    pixels: list[np.ndarray]  # per code, int32 pixels of that code in each member position
 
 
 def _lattice(start: int, length: int, size: int, stride: int) -> np.ndarray:
@@ -116,42 +127,102 @@ def patch_positions(
     codes: Sequence[int],
     row0: int = 0,
     col0: int = 0,
+    thresholds: Sequence[int] | None = None,
 ) -> BlockPositions:
     """Valid patch positions of a (H, W) label block whose top-left pixel is at absolute (row0, col0).
 
     Candidates are the absolute lattice points (``row % stride == col % stride == 0``) whose
     ``size`` x ``size`` patch lies inside the block, so blocks cut from one tile with ``size - 1``
     px of overlap give each position exactly once. A position is valid when >= :func:`min_pixels`
-    pixels are labelled (any non-zero code) and is listed for code ``c`` when that many are ``c``.
-    Counts come from integral images over the whole block (one per code present), not a loop.
+    pixels are labelled (any non-zero code) and is listed for code ``c`` when that many are ``c``,
+    or, with ``thresholds``, when at least ``thresholds[i]`` are ``codes[i]`` (such a position is
+    listed even if less of it is labelled). Counts come from integral images over the whole block
+    (one per code present), not a loop.
     """
     if labels.ndim != 2:
         raise ValueError(f"labels must be 2-D, got shape {labels.shape}")
     codes = _check_params(size, stride, min_fraction, codes)
     need = min_pixels(size, min_fraction)
+    thr = _thresholds(thresholds, codes, need)
     lr = _lattice(row0, labels.shape[0], size, stride)
     lc = _lattice(col0, labels.shape[1], size, stride)
-    empty = BlockPositions(np.empty(0, np.int32), np.empty(0, np.int32), [np.empty(0, np.int64)] * len(codes))
+    none = [np.empty(0, np.int64)] * len(codes)
+    empty = BlockPositions(
+        np.empty(0, np.int32), np.empty(0, np.int32), none, [np.empty(0, np.int32)] * len(codes)
+    )
     if lr.size == 0 or lc.size == 0:
         return empty
     labelled = labels != 0
     if not labelled.any():
         return empty
     valid = (_box_sums(labelled, lr, lc, size, stride) >= need).ravel()
+    present = set(np.unique(labels).tolist()) if labels.dtype != np.uint8 else _present(labels)
+    hits: list[tuple[np.ndarray, np.ndarray]] = []
+    for code, t in zip(codes, thr, strict=True):
+        if code not in present:
+            hits.append((np.empty(0, np.int64), np.empty(0, np.int32)))
+            continue
+        count = _box_sums(labels == code, lr, lc, size, stride).ravel()
+        hit = np.flatnonzero(count >= t)
+        hits.append((hit, count[hit].astype(np.int32)))
+        valid[hit] = True  # a relaxed class's position is listed even when little else is labelled
     vid = np.flatnonzero(valid)
     if vid.size == 0:
         return empty
-    present = set(np.unique(labels).tolist()) if labels.dtype != np.uint8 else _present(labels)
-    members = []
-    for code in codes:
-        if code not in present:
-            members.append(np.empty(0, np.int64))
-            continue
-        hit = np.flatnonzero((_box_sums(labels == code, lr, lc, size, stride) >= need).ravel())
-        members.append(np.searchsorted(vid, hit))  # hit is a subset of vid: its rank among valid positions
+    members = [np.searchsorted(vid, hit) for hit, _ in hits]  # each hit is in vid: its rank there
     rows = (lr[vid // lc.size] + row0).astype(np.int32)
     cols = (lc[vid % lc.size] + col0).astype(np.int32)
-    return BlockPositions(rows, cols, members)
+    return BlockPositions(rows, cols, members, [px for _, px in hits])
+
+
+def _thresholds(thresholds: Sequence[int] | None, codes: list[int], need: int) -> list[int]:
+    if thresholds is None:
+        return [need] * len(codes)
+    thr = [int(t) for t in thresholds]
+    if len(thr) != len(codes) or any(t < 1 for t in thr):
+        raise ValueError(f"need one threshold >= 1 per code, got {thr} for {codes}")
+    return thr
+
+
+def class_count_histogram(
+    labels: np.ndarray, size: int, stride: int, codes: Sequence[int], row0: int = 0, col0: int = 0
+) -> np.ndarray:
+    """(len(codes), size**2 + 1) int64: per code, how many lattice positions hold n pixels of it.
+
+    Same lattice as :func:`patch_positions`, so histograms of blocks cut with ``size - 1`` px of
+    overlap add up to the tile's.
+    """
+    codes = _check_params(size, stride, 0.5, codes)
+    hist = np.zeros((len(codes), size * size + 1), np.int64)
+    lr = _lattice(row0, labels.shape[0], size, stride)
+    lc = _lattice(col0, labels.shape[1], size, stride)
+    if lr.size == 0 or lc.size == 0:
+        return hist
+    present = _present(labels) if labels.dtype == np.uint8 else set(np.unique(labels).tolist())
+    for i, code in enumerate(codes):
+        if code in present:
+            count = _box_sums(labels == code, lr, lc, size, stride).ravel()
+            hist[i] = np.bincount(count, minlength=size * size + 1)
+        else:
+            hist[i, 0] = lr.size * lc.size
+    return hist
+
+
+def relaxed_threshold(counts_at_least: np.ndarray, need: int, min_positions: int) -> int:
+    """``min(need, n)`` for the largest ``n`` with >= ``min_positions`` positions holding >= n pixels.
+
+    ``counts_at_least[n]`` is the number of positions holding at least ``n`` pixels of the class
+    (non-increasing in n). At least 1: a position without any pixel of the class never counts.
+    """
+    if min_positions <= 0:
+        return need
+    ok = np.flatnonzero(counts_at_least[1 : need + 1] >= min_positions)
+    return int(ok[-1]) + 1 if ok.size else 1
+
+
+def at_least(hist: np.ndarray) -> np.ndarray:
+    """Per row of a count histogram: positions holding at least n pixels, for every n."""
+    return np.cumsum(hist[..., ::-1], axis=-1)[..., ::-1]
 
 
 @dataclass(frozen=True, eq=False)
@@ -167,6 +238,7 @@ class PatchIndex:
     class_codes: np.ndarray  # (K,) uint8, ascending, codes with at least one position
     class_offsets: np.ndarray  # (K + 1,) int64
     class_members: np.ndarray  # (class_offsets[-1],) int64 indices into rows/cols
+    class_pixels: np.ndarray  # (class_offsets[-1],) int32 pixels of the class at each member
 
     @property
     def n_positions(self) -> int:
@@ -178,6 +250,13 @@ class PatchIndex:
         if i.size == 0:
             return np.empty(0, np.int64)
         return self.class_members[self.class_offsets[i[0]] : self.class_offsets[i[0] + 1]]
+
+    def pixels_of(self, code: int) -> np.ndarray:
+        """Pixels of ``code`` in each of :meth:`members_of`'s positions."""
+        i = np.flatnonzero(self.class_codes == code)
+        if i.size == 0:
+            return np.empty(0, np.int32)
+        return self.class_pixels[self.class_offsets[i[0]] : self.class_offsets[i[0] + 1]]
 
     def positions_of(self, code: int) -> tuple[np.ndarray, np.ndarray]:
         m = self.members_of(code)
@@ -201,6 +280,7 @@ class PatchIndex:
                 class_codes=self.class_codes,
                 class_offsets=self.class_offsets,
                 class_members=self.class_members,
+                class_pixels=self.class_pixels,
             )
 
     @classmethod
@@ -211,6 +291,12 @@ class PatchIndex:
             raise PipelineError(path, "patch index not found")
         try:
             with np.load(path, allow_pickle=False) as z:
+                if "class_pixels" not in z.files:
+                    raise PipelineError(
+                        path,
+                        "patch index written by an older version (no per-class pixel counts): "
+                        "rerun the patches stage (snakemake --forcerun patches)",
+                    )
                 ix = cls(
                     tile=str(z["tile"]),
                     size=int(z["size"]),
@@ -221,7 +307,10 @@ class PatchIndex:
                     class_codes=z["class_codes"].astype(np.uint8, copy=False),
                     class_offsets=z["class_offsets"].astype(np.int64, copy=False),
                     class_members=z["class_members"].astype(np.int64, copy=False),
+                    class_pixels=z["class_pixels"].astype(np.int32, copy=False),
                 )
+        except PipelineError:
+            raise
         except Exception as exc:  # np.load raises OSError, ValueError, BadZipFile, EOFError, KeyError...
             raise PipelineError(path, f"not a readable patch index ({type(exc).__name__}: {exc})") from exc
         if why := ix._inconsistency():
@@ -238,6 +327,10 @@ class PatchIndex:
             return "class offsets do not delimit the class members"
         if self.class_members.size and (self.class_members.min() < 0 or self.class_members.max() >= n):
             return f"class members outside the {n} positions"
+        if self.class_pixels.shape != self.class_members.shape:
+            return f"{self.class_pixels.size} pixel counts for {self.class_members.size} class members"
+        if self.class_pixels.size and (self.class_pixels.min() < 1 or self.class_pixels.max() > self.size**2):
+            return f"class pixel counts outside 1..{self.size**2}"
         return None
 
 
@@ -251,36 +344,59 @@ def index_tile(
     codes: Sequence[int],
     split: str = "train",
     block: int = SHARD,
+    min_positions: int = 0,
+    held_out: str | None = None,
 ) -> PatchIndex:
     """Precompute one tile's valid patch positions from its ``split`` labels and write ``out``.
 
     The labels are streamed in full-width bands of ``block`` position rows (``block + size - 1``
     label rows each), so memory stays ~(block + size) x width whatever the tile's height; only
-    patches fully inside the tile are kept. A tile without any valid position only logs a warning:
-    it still gets mapped, it just contributes no training patch.
+    patches fully inside the tile are kept. With ``min_positions`` > 0 a first pass counts, per
+    class, the positions holding n of its pixels, and a class lacking ``min_positions`` positions
+    at the ``min_fraction`` rule is listed at its relaxed threshold (:func:`relaxed_threshold`).
+    ``held_out``: a label array whose pixels are removed from ``split`` (the model-selection
+    polygons, :func:`pipeline.reference.training_labels`). A tile without any valid position only
+    logs a warning: it still gets mapped, it just contributes no training patch.
     """
+    from pipeline.reference import HeldOut
+
     labels_store = Path(labels_store)
-    group = open_store(labels_store, "reference", (split,))
-    arr: zarr.Array = group[split]  # type: ignore[assignment]
+    group = open_store(labels_store, "reference", (split,) + ((held_out,) if held_out else ()))
+    arr: Any = group[split] if held_out is None else HeldOut(group[split], group[held_out])
     if len(arr.shape) != 2:
         raise PipelineError(labels_store, f"'{split}' labels have shape {arr.shape}, expected (H, W)")
     height, width = arr.shape
     codes = sorted(set(_check_params(size, stride, min_fraction, codes)))
     if block < 1:
         raise ValueError(f"block must be >= 1, got {block}")
+    need = min_pixels(size, min_fraction)
+
+    def bands():
+        for a in range(0, max(0, height - size + 1), block):
+            lab = np.asarray(arr[a : min(height, a + block + size - 1), :])
+            if bad := sorted(_present(lab) - {0, *codes}):
+                raise PipelineError(labels_store, f"{split} labels hold codes {bad} not in the nomenclature")
+            yield a, lab
+
+    thresholds = [need] * len(codes)
+    present: set[int] = set()
+    if min_positions > 0:
+        hist = sum((class_count_histogram(lab, size, stride, codes, row0=a) for a, lab in bands()), start=0)
+        if not isinstance(hist, int):
+            thresholds = [relaxed_threshold(h, need, min_positions) for h in at_least(hist)]
+            present = {c for c, h in zip(codes, hist, strict=True) if h[1:].any()}
     rows: list[np.ndarray] = []
     cols: list[np.ndarray] = []
     members: list[list[np.ndarray]] = [[] for _ in codes]
+    pixels: list[list[np.ndarray]] = [[] for _ in codes]
     n = 0
-    for a in range(0, max(0, height - size + 1), block):
-        lab = np.asarray(arr[a : min(height, a + block + size - 1), :])
-        if bad := sorted(_present(lab) - {0, *codes}):
-            raise PipelineError(labels_store, f"{split} labels hold codes {bad} not in the nomenclature")
-        got = patch_positions(lab, size, stride, min_fraction, codes, row0=a, col0=0)
+    for a, lab in bands():
+        got = patch_positions(lab, size, stride, min_fraction, codes, row0=a, col0=0, thresholds=thresholds)
         rows.append(got.rows)
         cols.append(got.cols)
-        for i, m in enumerate(got.members):
+        for i, (m, px) in enumerate(zip(got.members, got.pixels, strict=True)):
             members[i].append(m + n)
+            pixels[i].append(px)
         n += got.rows.size
     per_code = [np.concatenate(m) if m else np.empty(0, np.int64) for m in members]
     keep = [i for i, m in enumerate(per_code) if m.size]
@@ -294,22 +410,30 @@ def index_tile(
         class_codes=np.array([codes[i] for i in keep], np.uint8),
         class_offsets=np.concatenate([[0], np.cumsum([per_code[i].size for i in keep])]).astype(np.int64),
         class_members=np.concatenate([per_code[i] for i in keep] or [np.empty(0, np.int64)]).astype(np.int64),
+        class_pixels=np.concatenate(
+            [np.concatenate(pixels[i]) for i in keep] or [np.empty(0, np.int32)]
+        ).astype(np.int32),
     )
     if index.n_positions == 0:
+        small = height < size or width < size
         log.warning(
-            "%s: tile %s has no %dx%d patch with >= %d labelled '%s' pixels, so it gives no %s patch"
-            " (the tile is still mapped)",
+            "%s: tile %s %s, so it gives no %s patch (the tile is still mapped)",
             labels_store,
             tile,
-            size,
-            size,
-            min_pixels(size, min_fraction),
-            split,
+            f"({height}x{width} px) is smaller than a {size}x{size} patch (nets.patch_size)"
+            if small
+            else f"has no {size}x{size} patch with >= {need} labelled '{split}' pixels",
             split,
         )
     else:
+        relaxed = {c: t for c, t in zip(codes, thresholds, strict=True) if t < need and c in present}
         log.info(
-            "%s patch index %s: %d positions, per class %s", split, tile, index.n_positions, index.counts()
+            "%s patch index %s: %d positions, per class %s%s",
+            split,
+            tile,
+            index.n_positions,
+            index.counts(),
+            f"; relaxed thresholds (px, paper's {need}) {relaxed}" if relaxed else "",
         )
     index.save(out)
     return index
@@ -332,10 +456,20 @@ class ClassFirstSampler:
     """Draw a class uniformly, then a position uniformly among that class's positions of all tiles.
 
     ``classes`` are ``codes`` (default: every class of the indices) that have at least one position
-    in some tile; a tile lacking a class is never chosen for it (seed §3.3.2, §3.3.4).
+    in some tile; a tile lacking a class is never chosen for it (seed §3.3.2, §3.3.4). A class's
+    positions are those holding at least ``need`` of its pixels (default: each index's own
+    ``min_fraction`` rule), or, with ``min_positions`` > 0 and fewer such positions pooled over the
+    tiles, its ``min_positions`` best-stocked ones (:func:`relaxed_threshold`; the indices must
+    have been built with at least that ``min_positions``). ``thresholds`` records each class's.
     """
 
-    def __init__(self, indices: Sequence[PatchIndex], codes: Sequence[int] | None = None) -> None:
+    def __init__(
+        self,
+        indices: Sequence[PatchIndex],
+        codes: Sequence[int] | None = None,
+        need: int | None = None,
+        min_positions: int = 0,
+    ) -> None:
         self.indices = list(indices)
         if not self.indices:
             raise ValueError("no patch index given")
@@ -346,18 +480,30 @@ class ClassFirstSampler:
         if len(sizes) != 1:
             raise ValueError(f"patch indices of different patch sizes {sorted(sizes)}")
         self.size = sizes.pop()
+        if need is None:
+            need = max(min_pixels(self.size, ix.min_fraction) for ix in self.indices)
+        self.need = int(need)
         union = {int(c) for ix in self.indices for c in ix.class_codes}
         wanted = sorted(union if codes is None else {int(c) for c in codes})
         # per class: members per tile and the cumulative counts that pool them
         self._members: dict[int, list[np.ndarray]] = {}
         self._cum: dict[int, np.ndarray] = {}
+        self.thresholds: dict[int, int] = {}
         for code in wanted:
-            parts = [ix.members_of(code) for ix in self.indices]
+            px = [ix.pixels_of(code) for ix in self.indices]
+            if not any(p.size for p in px):
+                continue
+            hist = np.bincount(np.concatenate(px), minlength=self.size**2 + 1)
+            thr = relaxed_threshold(at_least(hist), self.need, min_positions)
+            parts = [ix.members_of(code)[p >= thr] for ix, p in zip(self.indices, px, strict=True)]
             cum = np.concatenate([[0], np.cumsum([p.size for p in parts])]).astype(np.int64)
             if cum[-1]:
-                self._members[code], self._cum[code] = parts, cum
-        if missing := [c for c in wanted if c not in self._members]:
-            log.warning("classes without any valid patch position in any tile (never drawn): %s", missing)
+                self._members[code], self._cum[code], self.thresholds[code] = parts, cum, thr
+        self.missing = [c for c in wanted if c not in self._members]
+        if self.missing:
+            log.warning(
+                "classes without any valid patch position in any tile (never drawn): %s", self.missing
+            )
         if not self._members:
             raise PipelineError(None, f"no tile among {self.tiles} has a valid patch position for any class")
         self.classes = np.array(sorted(self._members), np.uint8)

@@ -4,6 +4,12 @@ Two stages so tiles stay independent: ``split`` reads the polygon layer once, ch
 every polygon to a home tile and to train or validation (67/33 at polygon level, stratified per
 tile and class, seeded), and writes ``split.gpkg``; ``rasterise`` burns one tile's polygons. A
 polygon crossing two tiles keeps one split everywhere, so no polygon is ever on both sides.
+
+Model selection: a share of the training polygons (``reference.selection_ratio``, stratified the
+same way) is also marked ``selection`` and burnt into its own label array. The networks never train
+on those pixels and choose their kept epoch on them (:func:`training_labels`), so the validation
+polygons behind the final metrics play no part in training at all. The Random Forest, which has
+no epoch to choose, trains on every training polygon.
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import geopandas as gpd
 import numpy as np
@@ -38,6 +45,26 @@ log = logging.getLogger(__name__)
 
 SPLITS = {"train": 1, "validation": 2}
 TRAIN_FOLD = "train_fold"  # label-store array: fold + 1 of the training polygon under a pixel, 0 = none
+SELECTION = "selection"  # label-store array: codes of the training polygons held out for model selection
+
+
+class HeldOut:
+    """A label array read with another array's non-zero pixels removed (sliced like a zarr array)."""
+
+    def __init__(self, labels: Any, held_out: Any) -> None:
+        if tuple(labels.shape) != tuple(held_out.shape):
+            raise ValueError(f"label arrays of shapes {labels.shape} and {held_out.shape}")
+        self.labels, self.held_out = labels, held_out
+        self.shape, self.dtype = tuple(labels.shape), labels.dtype
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        block = np.asarray(self.labels[key])
+        return np.where(np.asarray(self.held_out[key]) != 0, np.zeros((), block.dtype), block)
+
+
+def training_labels(group: Any) -> HeldOut:
+    """A label store's training labels without the model-selection polygons (what networks fit)."""
+    return HeldOut(group["train"], group[SELECTION])
 
 
 def read_polygons(path: Path, class_field: str, codes: np.ndarray) -> gpd.GeoDataFrame:
@@ -98,6 +125,28 @@ def split_table(tile: np.ndarray, code: np.ndarray, train_ratio: float, seed: in
     return out
 
 
+def selection_table(
+    tile: np.ndarray, code: np.ndarray, split: np.ndarray, ratio: float, seed: int
+) -> np.ndarray:
+    """True for the training polygons held out for model selection, stratified by (tile, class).
+
+    A stratum of n training polygons gives round(n * ratio) of them, at least one when n >= 2 and
+    ``ratio`` > 0, and never all: a class with a single training polygon keeps it for training.
+    """
+    rng = np.random.default_rng([seed, 2])
+    out = np.zeros(len(tile), bool)
+    if ratio <= 0:
+        return out
+    train = split == SPLITS["train"]
+    keys = np.rec.fromarrays([tile, code])
+    for key in np.unique(keys[train]):
+        members = np.flatnonzero((keys == key) & train)
+        n = members.size
+        k = min(n - 1, max(1, int(np.floor(n * ratio + 0.5)))) if n >= 2 else 0
+        out[rng.permutation(members)[:k]] = True
+    return out
+
+
 def folds(cfg: Config) -> int:
     """Folds of the training polygons: one per geometric-QA reference RF (at least 1)."""
     return max(1, int(cfg["qa"]["references"]))
@@ -153,18 +202,28 @@ def split_polygons(cfg: Config, grids: Mapping[str, Path], out: Path) -> None:
     )
     gdf["split"] = np.where(split == SPLITS["train"], "train", "validation")
     gdf["fold"] = fold_table(gdf["tile"].to_numpy(), gdf["code"].to_numpy(), split, folds(cfg), cfg.seed)
+    ratio = float(cfg["reference"]["selection_ratio"])
+    gdf["selection"] = selection_table(gdf["tile"].to_numpy(), gdf["code"].to_numpy(), split, ratio, cfg.seed)
+    gdf["selection"] = gdf["selection"].astype(np.int32)
     _log_split(gdf, cfg)
     with atomic_path(out) as tmp:
         pyogrio.write_dataframe(
-            gdf[["id", "code", "tile", "split", "fold", "geometry"]], tmp, layer="reference", driver="GPKG"
+            gdf[["id", "code", "tile", "split", "fold", "selection", "geometry"]],
+            tmp,
+            layer="reference",
+            driver="GPKG",
         )
 
 
 def _log_split(gdf: gpd.GeoDataFrame, cfg: Config) -> None:
     names = {c.code: c.name for c in cfg.classes}
     counts = gdf.groupby(["code", "split"]).size().unstack(fill_value=0)
+    held = gdf.groupby("code")["selection"].sum()
     for code, row in counts.iterrows():
-        log.info("reference %s: %s", names[int(code)], dict(row))
+        log.info(
+            "reference %s: %s, of which %d training polygons for model selection",
+            names[int(code)], {k: int(v) for k, v in row.items()}, int(held.get(code, 0)),
+        )  # fmt: skip
     missing = sorted(set(names) - set(gdf["code"].unique()))
     if missing:
         log.warning("classes without any reference polygon: %s", ", ".join(names[c] for c in missing))
@@ -183,19 +242,25 @@ def rasterise_tile(split: Path, tile: str, grid_store: Path, out: Path) -> None:
     tree = STRtree(geoms)
     codes = gdf["code"].to_numpy().astype(np.uint8)
     splits = gdf["split"].to_numpy()
-    if "fold" not in gdf.columns:
-        raise PipelineError(split, "no 'fold' field: written by an older version, run the split stage again")
+    for field in ("fold", SELECTION):
+        if field not in gdf.columns:
+            raise PipelineError(
+                split, f"no '{field}' field: written by an older version, run the split stage again"
+            )
     fold_id = np.where(splits == "train", gdf["fold"].to_numpy() + 1, 0).astype(np.uint8)
+    held = np.where((splits == "train") & (gdf[SELECTION].to_numpy() != 0), "train", "")
     with atomic_path(out) as tmp:
         group = create_store(tmp, "reference", grid, tile=tile, n_polygons=int(len(gdf)))
         arrays = {name: add_array(group, name, (grid.height, grid.width), "uint8", 0) for name in SPLITS}
         fold_arr = add_array(group, TRAIN_FOLD, (grid.height, grid.width), "uint8", 0)
+        sel_arr = add_array(group, SELECTION, (grid.height, grid.width), "uint8", 0)
         for win in tqdm(list(iter_windows(grid.height, grid.width)), desc=f"rasterise {tile}", unit="win"):
             burnt = burn_window(grid, win, geoms, codes, splits, tree)
             rows, cols = win_slices(win)
             for name, arr in arrays.items():
                 arr[rows, cols] = burnt[name]
             fold_arr[rows, cols] = burn_window(grid, win, geoms, fold_id, splits, tree)["train"]
+            sel_arr[rows, cols] = burn_window(grid, win, geoms, codes, held, tree)["train"]
 
 
 def burn_window(grid: Grid, win, geoms, codes, splits, tree: STRtree) -> dict[str, np.ndarray]:

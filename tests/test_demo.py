@@ -332,8 +332,12 @@ def test_reference_polygons():
     assert 0.6 * c.reference_share < share < 1.3 * c.reference_share
     present = area[area > 0]
     assert len(present) == 17
-    assert present.max() / present.min() >= 100
-    assert np.argmax(area) == K["WAT"]
+    assert present.max() / present.min() >= 5  # imbalanced, as the landscape and its sources are
+    # as dense as the national layers: most crop parcels (LPIS) are labelled, fewer natural areas
+    true_area = np.bincount(truth.ravel(), minlength=len(CLASS_NAMES))
+    cover = area / np.maximum(true_area, 1)
+    assert min(cover[K[n]] for n in ("ASC", "AWC", "IGL")) > 0.45
+    assert max(cover[K[n]] for n in ("NGL", "WOM", "BRO")) < 0.4
     # some classes only have polygons on one tile
     x_split = c.tiles[1].grid.transform.c
     west = {lab for g, lab in zip(geoms, labels, strict=True) if g.bounds[2] <= x_split}

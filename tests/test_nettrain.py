@@ -47,7 +47,7 @@ TINY = {
     "epochs": 2,
     "steps_per_epoch": 3,
     "warmup_epochs": 1,
-    "validation_patches": 4,
+    "selection_patches": 4,
     "device": "cpu",
 }
 
@@ -172,7 +172,8 @@ def test_model_folder(uninterrupted):
     hist = meta["training"]["history"]
     assert [h["epoch"] for h in hist] == [1, 2]
     assert hist[0]["lr"] == pytest.approx(1e-3)  # one process: eq. 3 is the base rate
-    assert all(0 <= h["val_oa"] <= 1 for h in hist)
+    assert all(0 <= h["sel_oa"] <= 1 for h in hist)
+    assert 1 <= meta["training"]["kept_epoch"] <= 2
     assert (out / "training.png").stat().st_size > 0
     assert (out / "history.csv").read_text().splitlines()[0].startswith("epoch,lr,train_loss")
     # the weights file holds no code: it loads under weights_only=True

@@ -22,6 +22,7 @@ from pipeline.patches import (
     augment,
     channels_per_date,
     index_tile,
+    min_pixels,
     patch_inputs,
     patch_positions,
     random_augment,
@@ -106,6 +107,7 @@ def make_index(tile, size, rows_by_class: dict[int, list[tuple[int, int]]]) -> P
         np.array(codes, np.uint8),
         np.array(offsets, np.int64),
         np.array(members, np.int64),
+        np.full(len(members), size * size, np.int32),  # every member full of its class
     )
 
 
@@ -277,6 +279,12 @@ def test_patch_index_round_trip_and_corrupt_files(tmp_path):
     bad.save(inconsistent)
     with pytest.raises(PipelineError, match=r"inconsistent\.npz.*corrupt patch index"):
         PatchIndex.load(inconsistent)
+    # an index of an older version (no per-class pixel counts) names the stage to rerun
+    old = tmp_path / "old.npz"
+    with open(old, "wb") as f:
+        np.savez(f, **{k: v for k, v in np.load(path).items() if k != "class_pixels"})
+    with pytest.raises(PipelineError, match=r"old\.npz.*older version.*forcerun patches"):
+        PatchIndex.load(old)
 
 
 # --------------------------------------------------------------------------- sampler
@@ -512,3 +520,88 @@ def test_random_augment_per_patch():
         np.testing.assert_array_equal(yo[i], ((xo[i, 0, 0] - i) % 251).astype(np.uint8))
     with pytest.raises(ValueError):
         random_augment(x, y[:3], np.random.default_rng(0))
+
+
+# --------------------------------------------------------------------- sparse labels: relaxed thresholds
+
+
+def brute_counts(labels, size, stride, code, row0=0):
+    """Pixels of ``code`` at every lattice position, counted patch by patch: {(row, col): n}."""
+    h, w = labels.shape
+    return {
+        (r, c): int(np.count_nonzero(labels[r - row0 : r - row0 + size, c : c + size] == code))
+        for r in range(row0, row0 + h - size + 1)
+        if r % stride == 0
+        for c in range(0, w - size + 1)
+        if c % stride == 0
+    }
+
+
+def brute_threshold(counts, need, k):
+    """min(need, the k-th largest positive count), at least 1 (the relaxed rule, by sorting)."""
+    positive = sorted((n for n in counts if n > 0), reverse=True)
+    return min(need, positive[k - 1]) if len(positive) >= k else 1
+
+
+@pytest.mark.parametrize(("size", "stride", "k"), [(16, 4, 5), (12, 3, 20), (16, 8, 1)])
+def test_relaxed_index_matches_brute_force(tmp_path, size, stride, k):
+    """Each class is listed where it holds >= min(10 %, its k-th best count) pixels; the counts kept
+    are the true ones; every position of the paper's rule is still there."""
+    rng = np.random.default_rng(size + k)
+    lab = random_labels(rng, 90, 70, n_rect=8, noise=0.01)
+    lab[40:43, 30:33] = 5  # one small object: no patch holds 10 % of class 5
+    lab[lab == 5] = 0
+    lab[40:43, 30:33] = 5
+    store = write_labels(tmp_path / "T31TCJ.zarr", lab)
+    need = min_pixels(size, 0.1)
+    index = index_tile(
+        store, "T31TCJ", tmp_path / "i.npz", size, stride, 0.1, CODES, block=24, min_positions=k
+    )
+    strict = patch_positions(lab, size, stride, 0.1, CODES)
+    listed = set(zip(index.rows.tolist(), index.cols.tolist(), strict=True))
+    assert set(zip(strict.rows.tolist(), strict.cols.tolist(), strict=True)) <= listed
+    assert len(listed) == index.n_positions  # each position once
+    for code in CODES:
+        counts = brute_counts(lab, size, stride, code)
+        thr = brute_threshold(counts.values(), need, k)
+        want = {p: n for p, n in counts.items() if n >= thr and n > 0}
+        r, c = index.positions_of(code)
+        got = dict(zip(zip(r.tolist(), c.tolist(), strict=True), index.pixels_of(code).tolist(), strict=True))
+        assert got == want, f"class {code}"
+    assert index.counts()[5] > 0 and max(index.pixels_of(5)) == 9 < need  # drawable now, at 9 px
+
+
+def test_sampler_pools_the_relaxed_threshold_over_tiles(tmp_path):
+    """The run-wide threshold comes from the positions of all tiles together, and min_positions=0
+    keeps the seed's rule (a class below it is never drawn)."""
+    rng = np.random.default_rng(3)
+    tiles = {}
+    for name in ("T31TCJ", "T31TDJ"):
+        lab = random_labels(rng, 64, 64, n_rect=5, noise=0.01)
+        lab[lab == 3] = 0
+        r, c = rng.integers(0, 56, 2)
+        lab[r : r + 3, c : c + 4] = 3  # class 3: one 12-px object per tile
+        tiles[name] = lab
+    size, stride, k = 16, 4, 30
+    need = min_pixels(size, 0.1)
+    stores = {t: write_labels(tmp_path / f"{t}.zarr", lab) for t, lab in tiles.items()}
+    indices = [
+        index_tile(store, t, tmp_path / f"{t}.npz", size, stride, 0.1, CODES, min_positions=k)
+        for t, store in stores.items()
+    ]
+    sampler = ClassFirstSampler(indices, CODES, need=need, min_positions=k)
+    for code in CODES:
+        pooled = [n for lab in tiles.values() for n in brute_counts(lab, size, stride, code).values()]
+        thr = brute_threshold(pooled, need, k)
+        if any(n >= thr for n in pooled if n > 0):
+            assert sampler.thresholds[code] == thr, code
+            assert sampler.counts[code] == sum(1 for n in pooled if n >= thr and n > 0)
+    assert sampler.thresholds[3] <= 12 < need
+    refs = sampler.draw(400, np.random.default_rng(0))
+    for ref in refs:
+        lab = tiles[ref.tile]
+        got = np.count_nonzero(lab[ref.row : ref.row + size, ref.col : ref.col + size] == ref.code)
+        assert got >= sampler.thresholds[ref.code]
+    assert 3 in {r.code for r in refs}
+    strict = ClassFirstSampler(indices, CODES, need=need, min_positions=0)
+    assert 3 not in strict.classes.tolist() and 3 in strict.missing

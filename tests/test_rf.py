@@ -99,6 +99,9 @@ def make_scene(tmp_path: Path, seed: int = 0, dates: list[str] = DATES) -> Scene
         lab = create_store(tmp_path / f"l_{tile}.zarr", "reference", grid, tile=tile)
         add_array(lab, "train", (H, W), "uint8", 0)[...] = train_lab
         add_array(lab, "validation", (H, W), "uint8", 0)[...] = val_lab
+        # model selection (networks): the training labels of rows 32-47, held out of their training
+        sel_lab = np.where(np.arange(H)[:, None] >= 32, train_lab, 0).astype(np.uint8)
+        add_array(lab, "selection", (H, W), "uint8", 0)[...] = sel_lab
         out.gapfilled[tile] = tmp_path / f"g_{tile}.zarr"
         out.labels[tile] = tmp_path / f"l_{tile}.zarr"
         out.truth[tile], out.cubes[tile] = truth, cube

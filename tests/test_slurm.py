@@ -97,7 +97,7 @@ def _demo_config(work: Path) -> None:
     # over many steps (see ADAM_ATOL)
     raw["nets"].update(
         unet_filters=[8, 16, 32], mlp_filters=[32, 16, 16], lstm_hidden=16, patch_size=32,
-        batch_size=B, epochs=2, steps_per_epoch=1, warmup_epochs=0, validation_patches=8, dropout=0.0,
+        batch_size=B, epochs=2, steps_per_epoch=1, warmup_epochs=0, selection_patches=8, dropout=0.0,
     )  # fmt: skip
     small = {"runtime": 30, "mem_mb": 1000, "cpus_per_task": 1}
     raw["resources"] = {"partition": "debug"}

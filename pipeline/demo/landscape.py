@@ -101,7 +101,7 @@ class Country:
     tile_specs: tuple[tuple[str, str], ...]
     cloud_cover: float = 0.25
     label_noise: float = 0.03
-    reference_share: float = 0.08
+    reference_share: float = 0.45
     out: Path = Path("demo")
     codes: tuple[int, ...] = field(default=tuple(range(1, 18)))
     window: int = 512
@@ -126,7 +126,7 @@ class Country:
             tile_specs=tuple((t["name"], t.get("format", "theia")) for t in demo["tiles"]),
             cloud_cover=float(demo.get("cloud_cover", 0.25)),
             label_noise=float(demo.get("label_noise", 0.03)),
-            reference_share=float(demo.get("reference_share", 0.08)),
+            reference_share=float(demo.get("reference_share", 0.45)),
             out=Path(demo["out"]),
             codes=tuple(by_name[n] for n in CLASS_NAMES),
             window=int(demo.get("window", 512)),

@@ -1,10 +1,14 @@
-"""Reference polygons of the demo country: sparse, eroded inside objects, imbalanced, slightly wrong.
+"""Demo reference polygons: as dense as the national databases, eroded, imbalanced, slightly wrong.
 
 Why like this: operational reference data (Stoian et al. 2019, section 2.2-2.3) are a fusion of
-existing databases. They cover a small share of the area, sit inside objects without following
-their boundaries, are heavily imbalanced (1:100 and more between classes, Table 1), miss some
-classes on some tiles, and carry out-of-date labels. A demo whose reference were dense, balanced
-and exact would let a classifier look better than it will on real data.
+existing databases, each as dense as its source: the LPIS declares most farm parcels, the forest
+database most stands, the urban and water layers most of their objects, while natural classes come
+from generalised CLC-like layers and are sparser (:data:`SOURCE_DENSITY`). Polygons sit inside
+objects without following their boundaries, classes are imbalanced (the landscape's own proportions
+times each source's density), some classes are missing on some tiles, and labels are sometimes out
+of date. A demo whose reference were exact would let a classifier look better than it will on real
+data; one far sparser than the real layers (the 8 % of Table 1's shares it once had) starves the
+patch-based networks in a way real national data do not (issue 10, docs/networks.md).
 
 Sampling: every object (parcel, block, stand, per-cell piece of sea, rock, glacier, road...) of
 every 320 m macro cell is a candidate; its pixels inside the cell are eroded by one pixel
@@ -34,11 +38,13 @@ from pipeline.io.atomic import atomic_path
 
 log = logging.getLogger(__name__)
 
-# Table 1 of the seed: share of each class in the reference area (%), all tiles.
-TABLE1_SHARE = {
-    "ASC": 2.43, "AWC": 5.74, "BLF": 6.32, "COF": 17.31, "NGL": 4.68, "WOM": 2.83, "CUF": 0.83,
-    "DUF": 4.37, "ICU": 3.61, "RSF": 0.31, "BRO": 4.29, "BDS": 0.35, "WAT": 41.21, "GPS": 0.14,
-    "IGL": 5.27, "ORC": 0.05, "VIN": 0.18,
+# Share of each class's area that its source database labels (relative weights; the run's
+# ``reference_share`` scales them): LPIS crops, forest stands, urban fabric and water mostly
+# declared, roads as thin lines, natural classes from generalised land-cover layers.
+SOURCE_DENSITY = {
+    "ASC": 0.8, "AWC": 0.8, "IGL": 0.8, "ORC": 0.6, "VIN": 0.6, "BLF": 0.6, "COF": 0.6, "CUF": 0.5,
+    "DUF": 0.5, "ICU": 0.5, "RSF": 0.25, "WAT": 0.5, "NGL": 0.3, "WOM": 0.3, "BDS": 0.3, "BRO": 0.3,
+    "GPS": 0.3,
 }  # fmt: skip
 # Plausible out-of-date labels: crop rotation, meadow ploughed, clear-cut replanted, glacier retreat...
 CONFUSION = {
@@ -78,8 +84,9 @@ def class_areas(c: Country, step: int = 4) -> np.ndarray:
 
 
 def targets(c: Country, areas: np.ndarray) -> np.ndarray:
-    """Reference area (px) wanted per class: Table 1 proportions over the classes the country holds."""
-    w = np.array([TABLE1_SHARE[n] if areas[i] > 0 else 0.0 for i, n in enumerate(CLASS_NAMES)])
+    """Reference area (px) wanted per class: each class's area times its source's density, scaled so
+    the whole reference covers ``reference_share`` of the country."""
+    w = np.array([SOURCE_DENSITY[n] for n in CLASS_NAMES]) * np.asarray(areas, dtype=np.float64)
     total = c.reference_share * c.width * c.height
     return total * w / w.sum()
 

@@ -18,7 +18,7 @@ rule patches:
         str(LAYOUT.labels("{tile}")),
     output:
         train=str(LAYOUT.patches("{tile}", "train")),
-        validation=str(LAYOUT.patches("{tile}", "validation")),
+        selection=str(LAYOUT.patches("{tile}", "selection")),
     log:
         str(LAYOUT.workdir / "logs" / "patches_{tile}.log"),
     benchmark:
