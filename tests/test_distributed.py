@@ -176,7 +176,7 @@ def _layout_run(tmp: Path, scene, patches, name: str, **nets) -> Path:
         ):
             dst.parent.mkdir(parents=True, exist_ok=True)
             dst.symlink_to(src)
-        for split in ("train", "validation"):
+        for split in ("train", "selection"):
             dst = lay.patches(tile, split)
             dst.parent.mkdir(parents=True, exist_ok=True)
             dst.symlink_to(patches[tile].with_name(f"{tile}.{split}.npz"))

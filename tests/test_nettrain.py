@@ -358,3 +358,131 @@ def test_checkpoint_trained_on_other_labels_is_refused(run, uninterrupted, tmp_p
             cfg, "fgunet", scene.gapfilled, labels, scene.percentiles, tmp_path / "m",
             patches=patches, checkpoints=ref_out.with_name("fgunet.checkpoints"),
         )  # fmt: skip
+
+
+# --- sparse labels, weights and model selection (issue 10) ----------------------------------------
+
+
+def _sparse_class_scene(tmp_path):
+    """The stripes scene plus class 53 as 3x3 objects (9 px: no 32-px patch holds 10 % of it) with a
+    spectrum of its own (alternating low/high bands), in the training rows and the validation rows."""
+    scene = make_scene(tmp_path)
+    rng = np.random.default_rng(5)
+    for tile in scene.labels:
+        refl = zarr.open_group(str(scene.gapfilled[tile]), mode="r+")["reflectance"]
+        cube = refl[...]
+        lab = zarr.open_group(str(scene.labels[tile]), mode="r+")
+        train, val, sel = lab["train"][...], lab["validation"][...], lab["selection"][...]
+        spectrum = np.where(np.arange(cube.shape[1]) % 2, 4200, 300)[None, :, None, None]
+        for r in (18, 38, 62, 82):
+            for c in range(4, 124, 12):
+                cube[:, :, r : r + 3, c : c + 3] = spectrum + rng.normal(
+                    0, 150, (cube.shape[0], cube.shape[1], 3, 3)
+                )
+                target = train if r < 48 else val
+                target[r : r + 3, c : c + 3] = 53
+                if 32 <= r < 48:
+                    sel[r : r + 3, c : c + 3] = 53
+        refl[...] = cube
+        lab["train"][...], lab["validation"][...], lab["selection"][...] = train, val, sel
+    return scene
+
+
+def _recall(cfg, scene, out, tmp_path, code=53):
+    hit = total = 0
+    for tile in scene.labels:
+        predict_tile(cfg, out, scene.gapfilled[tile], tmp_path / f"{tile}.tif")
+        with rasterio.open(tmp_path / f"{tile}.tif") as src:
+            pred = src.read(1)
+        ref = zarr.open_group(str(scene.labels[tile]), mode="r")["validation"][...]
+        hit += int(((ref == code) & (pred == code)).sum())
+        total += int((ref == code).sum())
+    return hit / total
+
+
+def test_a_sparse_class_is_drawn_and_learnt_and_an_undrawable_one_stops(tmp_path, caplog):
+    """The seed's 10 % rule alone never draws a class of 9-px objects: training stops naming it.
+    With the relaxed threshold (the default) it is drawn from its best-stocked positions and mapped."""
+    scene = _sparse_class_scene(tmp_path)
+    strict = net_config(tmp_path / "strict", min_class_positions=0)
+    patches = {t: tmp_path / "strict" / f"{t}.train.npz" for t in scene.labels}
+    for tile, lab in scene.labels.items():
+        index_patches(strict, tile, lab, patches[tile])
+    with pytest.raises(PipelineError, match=r"never drawn for training: 53 GPS.*allow_undrawn_classes"):
+        train_network(
+            strict, "mlp3", scene.gapfilled, scene.labels, scene.percentiles, tmp_path / "s", patches=patches
+        )
+    assert not (tmp_path / "s").exists()
+
+    cfg = net_config(tmp_path / "relaxed", epochs=3, steps_per_epoch=10, learning_rate=0.01)
+    patches = {t: tmp_path / "relaxed" / f"{t}.train.npz" for t in scene.labels}
+    for tile, lab in scene.labels.items():
+        index_patches(cfg, tile, lab, patches[tile])
+    out = tmp_path / "relaxed" / "mlp3"
+    with caplog.at_level("INFO", logger="pipeline.nettrain"):
+        train_network(cfg, "mlp3", scene.gapfilled, scene.labels, scene.percentiles, out, patches=patches)
+    meta = load_meta(out)["training"]
+    thr = int(meta["draw_thresholds_px"]["53"])
+    assert thr in (9, 18, 27)  # whole objects (1-3 of them in a patch), far below 10 % of 32x32 = 103 px
+    assert any(f"53 GPS ({thr})" in r.getMessage() for r in caplog.records)
+    assert _recall(cfg, scene, out, tmp_path) > 0.8
+
+
+def test_sampled_weights_correct_only_what_the_sampler_leaves(run):
+    """Eq. 4 on the pixels of drawn patches: a class the sampler over-represents is not weighted up
+    again. Counts are checked against the same draws counted by hand."""
+    tmp, scene, patches = run
+    cfg = net_config(tmp / "w")
+    data = nettrain.PatchData(
+        scene.gapfilled, scene.labels, patches, nettrain.Normalisation.from_percentiles(scene.percentiles), 32
+    )
+    sampler = nettrain.ClassFirstSampler(list(data.train_index.values()), [11, 31, 51], need=103)
+    got = nettrain.sampled_pixels(data, sampler, cfg.class_codes, seed=3, n=64)
+    refs = sampler.draw(64, np.random.default_rng(3))
+    want = np.zeros(256, np.int64)
+    for r in refs:
+        train = zarr.open_group(str(scene.labels[r.tile]), mode="r")["train"][
+            r.row : r.row + 32, r.col : r.col + 32
+        ]
+        sel = zarr.open_group(str(scene.labels[r.tile]), mode="r")["selection"][
+            r.row : r.row + 32, r.col : r.col + 32
+        ]
+        want += np.bincount(np.where(sel > 0, 0, train).ravel(), minlength=256)
+    np.testing.assert_array_equal(got, want[np.asarray(cfg.class_codes, np.int64)])
+    # cap: 1031 / 1 would be 1000x the smallest weight; it is held at 50x (1.031 * 50)
+    np.testing.assert_allclose(
+        class_weights(np.array([1000, 30, 0, 1]), cap=50), [1.031, 1031 / 30, 0, 51.55], rtol=1e-6
+    )
+
+
+def test_the_epoch_kept_is_the_best_on_the_selection_polygons(run, monkeypatch):
+    """Selection kappa peaks at epoch 1 of 3: the model folder holds epoch 1's weights, also after a
+    kill and resume; the validation labels are never read during training."""
+    tmp, scene, patches = run
+    scores_by_epoch = iter([0.9, 0.5, 0.7] * 2)
+    real_eval = nettrain.evaluate
+
+    def scripted(*a, **k):
+        row = real_eval(*a, **k)
+        return row | {"sel_kappa": next(scores_by_epoch)}
+
+    monkeypatch.setattr(nettrain, "evaluate", scripted)
+    read_splits = []
+    real_read = nettrain.PatchData.read
+
+    def spy(self, refs, split="train"):
+        read_splits.append(split)
+        return real_read(self, refs, split)
+
+    monkeypatch.setattr(nettrain.PatchData, "read", spy)
+    cfg = net_config(tmp / "best", epochs=3, keep_checkpoints=1)
+    out = tmp / "best" / "models" / "fgunet"
+    _train(cfg, scene, patches, out)
+    meta = load_meta(out)["training"]
+    assert meta["kept_epoch"] == 1 and [h["sel_kappa"] for h in meta["history"]] == [0.9, 0.5, 0.7]
+    assert set(read_splits) == {"train", "selection"}
+    ckdir = out.with_name("fgunet.checkpoints")
+    assert [p.name for p in ckdir.glob("epoch_*.pt")] == ["epoch_0003.pt"]  # epoch 1's file is gone
+    epoch1 = load_weights(ckdir / "epoch_0003.pt")["best"]
+    assert epoch1["epoch"] == 1 and _same_weights(_weights(out), epoch1["state_dict"])
+    assert not _same_weights(_weights(out), load_weights(ckdir / "epoch_0003.pt")["state_dict"])
