@@ -265,12 +265,19 @@ def counter_flops(net: nn.Module, side: int = 64) -> float:
 
 
 class _ChannelsLastInput(nn.Module):
+    """Wraps ``Net.features`` (a ``GroupFeatures``): both of its entry points get a channels-last input
+    (``forward_lowmem`` calls ``parts``, ``Net.forward`` calls ``forward``)."""
+
     def __init__(self, inner: nn.Module) -> None:
         super().__init__()
         self.inner = inner
+        self.out_channels = inner.out_channels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.inner(x.contiguous(memory_format=torch.channels_last))
+
+    def parts(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return self.inner.parts(x.contiguous(memory_format=torch.channels_last))
 
 
 def configure(net: nn.Module, variant: str) -> nn.Module:

@@ -289,54 +289,108 @@ def test_channels_last_weights_compute_the_same(arch):
         torch.testing.assert_close(net.forward_lowmem(xl), ref_low, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("channels_last", [False, True])
-def test_inference_pixel_path_is_the_layer_path(monkeypatch, channels_last: bool) -> None:
-    """Without autograd the 1x1 path runs as a chunked per-pixel MLP: same values, fp32 and bf16."""
-    import pipeline.models.nets as nets
+def _take_path(monkeypatch, path: str, probe: str, dtype: torch.dtype) -> None:
+    """``fast``: the private primitive where its probe says it works here (else skip: that machine
+    only ever runs the fallback, tested by the other parameter); ``fallback``: forced off by the
+    environment variable, as a user would."""
+    from pipeline.models import capability
 
+    if dtype == torch.bfloat16 and not capability.bf16_autocast("cpu"):
+        pytest.skip("bf16 autocast does not run on this CPU (precision falls back to fp32)")
+    if path == "fallback":
+        monkeypatch.setenv(capability.FAST_PATHS_ENV, "0")
+    elif not getattr(capability, probe)(dtype):
+        pytest.skip(f"capability.{probe}({dtype}) is false on this CPU/build: only the fallback runs")
+
+
+def _spy(monkeypatch, op: str) -> list[int]:
+    """Count the calls of ``torch.ops.mkldnn.<op>`` (to show which path a test exercised)."""
+    calls: list[int] = []
+    real = getattr(torch.ops.mkldnn, op)
+
+    def spy(*args):
+        calls.append(1)
+        return real(*args)
+
+    monkeypatch.setattr(torch.ops.mkldnn, op, spy)
+    return calls
+
+
+PATHS = ["fast", "fallback"]
+DTYPES = [torch.float32, torch.bfloat16]
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
+def test_inference_pixel_path_is_the_layer_path(monkeypatch, dtype, channels_last: bool) -> None:
+    """Without autograd the 1x1 path runs as a chunked per-pixel MLP (public addmm + ReLU, no private
+    primitive, so the same on every CPU): same values, fp32 and bf16."""
+    import pipeline.models.nets as nets
+    from pipeline.models import capability
+
+    if dtype == torch.bfloat16 and not capability.bf16_autocast("cpu"):
+        pytest.skip("bf16 autocast does not run on this CPU (precision falls back to fp32)")
     monkeypatch.setattr(nets, "MLP_CHUNK", 100)  # 7 x 33 = 231 px: two full chunks and a partial one
     torch.manual_seed(3)
     net = build(NetSpec("fgunet", 6, 2, 5, unet_filters=(4, 8, 16), mlp_filters=(16, 12, 8))).eval()
-    path = net.features.pixel
+    path_ = net.features.pixel
     x = torch.rand(1, 6, 7, 33)
     if channels_last:
         net.to(memory_format=torch.channels_last)
         x = x.contiguous(memory_format=torch.channels_last)
-    ref = path.layers(x)  # the conv+ReLU layers, with autograd on
-    with torch.no_grad():
-        got = path(x)
-    assert got.shape == ref.shape
-    torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-6)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        ref16 = path.layers(x)
+    bf16 = dtype == torch.bfloat16
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        ref = path_.layers(x)  # the conv+ReLU layers, with autograd on
         with torch.inference_mode():
-            got16 = path(x)
-    assert got16.dtype == ref16.dtype == torch.bfloat16
-    torch.testing.assert_close(got16.float(), ref16.float(), rtol=2e-2, atol=2e-2)
-    assert path(x).requires_grad  # training keeps the conv layers (and autograd)
+            got = path_(x)
+    assert got.shape == ref.shape and got.dtype == ref.dtype == dtype
+    tol = 2e-2 if bf16 else 1e-6
+    torch.testing.assert_close(got.float(), ref.float(), rtol=tol, atol=tol)
+    assert path_(x).requires_grad  # training keeps the conv layers (and autograd)
     lstm = build(NetSpec("tsfgunet", 6, 2, 5, unet_filters=(4, 8, 16), mlp_filters=(8,))).features.pixel
     assert not lstm._mlp
 
 
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_fused_conv_relu_is_conv_then_relu(channels_last: bool) -> None:
-    """Inference runs conv+ReLU as one oneDNN primitive: the same values as the two modules."""
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
+@pytest.mark.parametrize("path", PATHS)
+def test_fused_conv_relu_is_conv_then_relu(monkeypatch, path, dtype, channels_last: bool) -> None:
+    """Inference runs conv+ReLU as one oneDNN primitive where it works: the same values as the
+    two modules (the fallback, which is those modules)."""
     import pipeline.models.nets as nets
 
-    if nets._FUSED is None:
-        pytest.skip("this torch build has no oneDNN conv+ReLU primitive (the plain path is used)")
+    _take_path(monkeypatch, path, "fused_conv_relu", dtype)
+    calls = _spy(monkeypatch, "_convolution_pointwise")
     torch.manual_seed(4)
     unit = nets._conv_relu(5, 7, 3)
     x = torch.randn(2, 5, 13, 11)
     if channels_last:
         unit.to(memory_format=torch.channels_last)
         x = x.contiguous(memory_format=torch.channels_last)
-    ref = unit[1](unit[0](x))  # autograd on: the modules one after the other
-    with torch.no_grad():
-        torch.testing.assert_close(unit(x), ref, rtol=1e-5, atol=1e-5)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        ref16 = unit[1](unit[0](x))
+    bf16 = dtype == torch.bfloat16
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        ref = unit[1](unit[0](x))  # autograd on: the modules one after the other
         with torch.inference_mode():
-            got16 = unit(x)
-    assert got16.dtype == torch.bfloat16
-    torch.testing.assert_close(got16.float(), ref16.float(), rtol=0, atol=0)
+            got = unit(x)
+    assert got.dtype == ref.dtype == dtype
+    # bf16: both round the same fp32-accumulated result once, so bit-identical
+    tol = 0 if bf16 else 1e-5
+    torch.testing.assert_close(got.float(), ref.float(), rtol=tol, atol=tol)
+    assert bool(calls) == (path == "fast")
+
+
+@pytest.mark.parametrize("arch", ["fgunet", "tsfgunet"])
+def test_fast_paths_and_fallback_give_the_same_fp32_net(monkeypatch, arch: str) -> None:
+    """A whole inference forward, private primitives on vs forced off: the same logits to 1e-6."""
+    from pipeline.models import capability
+
+    if not capability.fused_conv_relu(torch.float32):
+        pytest.skip("no fp32 private primitive works here: every run is the fallback")
+    torch.manual_seed(5)
+    net = build(NetSpec(arch, 3, 2, 4, **SMALL)).eval().to(memory_format=torch.channels_last)
+    x = torch.rand(1, 6, 16, 12)
+    with torch.inference_mode():
+        fast = net.forward_lowmem(x)
+        monkeypatch.setenv(capability.FAST_PATHS_ENV, "0")
+        plain = net.forward_lowmem(x)
+    torch.testing.assert_close(fast, plain, rtol=1e-6, atol=1e-6)

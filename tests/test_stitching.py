@@ -15,9 +15,10 @@ import torch
 
 from pipeline.config import Config, validate
 from pipeline.infer import classify_window, predict_tile
-from pipeline.models import get
+from pipeline.models import capability, get
 from pipeline.models.features import Normalisation
 from pipeline.nettrain import index_patches, train_network
+from pipeline.patches import patch_inputs
 from pipeline.train import load_meta
 from tests.test_nettrain import net_config
 from tests.test_rf import BANDS, DATES, make_scene
@@ -91,6 +92,8 @@ def test_stitched_equals_whole_image(trained, tmp_path):
 
 def test_bf16_inference_agrees_with_fp32(trained, tmp_path):
     """bf16 autocast (the default where the CPU has it) changes classes only at near-ties."""
+    if not capability.bf16_autocast("cpu"):
+        pytest.skip(f"bf16 autocast does not run on this CPU ({capability.failure('bf16 autocast on cpu')})")
     name, _, scene, cfg, model_dir = trained
     tile = "T31TCJ"
     got = {}
@@ -103,5 +106,42 @@ def test_bf16_inference_agrees_with_fp32(trained, tmp_path):
             got[precision] = src.read(1)
             assert src.tags()["PRECISION"] == precision
     data = got["fp32"] > 0
-    assert (got["fp32"][data] == got["bf16"][data]).mean() > 0.99
     assert ((got["bf16"] > 0) == data).all()
+    differ = data & (got["fp32"] != got["bf16"])
+    assert differ.mean() < 0.05
+    # where the classes differ, fp32's best two logits were near a tie: within bf16's few-percent
+    # rounding of the logits' size (the test nets are barely trained, so near-ties are common)
+    model = get(name).load(model_dir)
+    meta = load_meta(model_dir)
+    norm = Normalisation.from_json(meta["normalisation"], BANDS, DATES)
+    x = torch.from_numpy(patch_inputs(scene.cubes[tile], norm, model.indices))[None]
+    with torch.no_grad():
+        logits = model.net(x)[0]
+    top2 = logits.topk(2, dim=0).values
+    margin = (top2[0] - top2[1]).numpy()
+    scale = logits.abs().amax(0).numpy()
+    assert (margin[differ] <= 0.05 * scale[differ]).all()
+    assert (margin[data & ~differ] > 0.05 * scale[data & ~differ]).mean() > 0.5  # not vacuous
+
+
+def test_bf16_that_cannot_run_gives_fp32_maps(trained, tmp_path, monkeypatch, caplog):
+    """Where the bf16 probe fails, ``precision: bf16`` maps in fp32 (tagged so, warned) and ``auto``
+    picks fp32: the same map as ``fp32``, never a crash on a missing primitive."""
+    name, _, scene, cfg, model_dir = trained
+    monkeypatch.setattr(capability, "bf16_autocast", lambda kind="cpu": False)
+    tile = "T31TCJ"
+    got = {}
+    for precision in ("fp32", "bf16", "auto"):
+        out = tmp_path / f"{precision}.tif"
+        caplog.clear()
+        with caplog.at_level("WARNING"):
+            predict_tile(
+                _with(cfg, window=64, overlap=32, precision=precision), model_dir, scene.gapfilled[tile], out
+            )
+        with rasterio.open(out) as src:
+            got[precision] = src.read(1)
+            assert src.tags()["PRECISION"] == "fp32"
+        warned = [r for r in caplog.records if r.levelname == "WARNING" and "fp32 instead" in r.getMessage()]
+        assert len(warned) == (precision == "bf16")
+    np.testing.assert_array_equal(got["bf16"], got["fp32"])
+    np.testing.assert_array_equal(got["auto"], got["fp32"])

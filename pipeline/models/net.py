@@ -9,14 +9,17 @@ holds tensors and plain values, never pickled code) and classifying one window o
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
 
 from pipeline.errors import PipelineError
-from pipeline.models import register
+from pipeline.models import capability, register
 from pipeline.models.features import Normalisation, nodata_mask
+
+log = logging.getLogger(__name__)
 
 WEIGHTS = "weights.pt"
 CONFIDENCE_NODATA = 255
@@ -42,11 +45,33 @@ class NetClassifier:
 
     def set_precision(self, precision: str) -> str:
         """``fp32``, ``bf16`` (autocast; 99.9 % identical classes on the demo) or ``auto`` (bf16 where
-        the hardware computes it natively: AVX512-BF16/AMX CPUs, bf16-capable GPUs). Returns the choice."""
+        the hardware computes it natively: AVX512-BF16/AMX CPUs, bf16-capable GPUs). Returns the
+        arithmetic that will really run, for the map's PRECISION tag.
+
+        An explicit ``bf16`` is honoured where bf16 autocast works (warned when it is emulated, so
+        slower than fp32); where it does not (:func:`capability.bf16_autocast` failed), fp32 runs
+        with a warning rather than the map job crashing on a missing primitive.
+        """
+        if precision not in ("auto", "fp32", "bf16"):
+            raise ValueError(f"unknown precision {precision!r}")
+        kind = "cuda" if str(self.device).startswith("cuda") else "cpu"
         if precision == "auto":
             precision = "bf16" if native_bf16(self.device) else "fp32"
-        if precision not in ("fp32", "bf16"):
-            raise ValueError(f"unknown precision {precision!r}")
+        elif precision == "bf16" and not capability.bf16_autocast(kind):
+            log.warning(
+                "inference.precision bf16 asked for, but bf16 autocast does not work on this %s (%s): "
+                "mapping in fp32 instead",
+                "CPU" if kind == "cpu" else "GPU",
+                capability.failure(f"bf16 autocast on {kind}"),
+            )
+            precision = "fp32"
+        elif precision == "bf16" and not native_bf16(self.device):
+            log.warning(
+                "inference.precision bf16 on a %s without native bf16 (no AVX512-BF16/AMX that oneDNN "
+                "may use, or a GPU without bf16): bf16 runs emulated, several to tens of times slower "
+                "than fp32 (docs/benchmarks/fgunet.md); precision auto would pick fp32 here",
+                "CPU" if kind == "cpu" else "GPU",
+            )
         self.precision = precision
         return precision
 
@@ -152,17 +177,22 @@ class NetClassifier:
 
 
 def native_bf16(device: str = "cpu") -> bool:
-    """Whether bf16 runs natively (else autocast would emulate it, slower than fp32)."""
+    """Whether bf16 runs natively here (else autocast emulates it, slower than fp32): the hardware
+    has it (CPU flags avx512_bf16/amx_bf16 that oneDNN may use, or a bf16 GPU) AND the bf16 probe
+    ran and agreed, since flags alone do not say the primitives exist in this build."""
     import torch
 
     if str(device).startswith("cuda"):
-        return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+        gpu = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        return bool(gpu) and capability.bf16_autocast("cuda")
     try:
         with open("/proc/cpuinfo") as f:
             flags = next((ln for ln in f if ln.startswith("flags")), "").split()
     except OSError:
         return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+    if not ("avx512_bf16" in flags or "amx_bf16" in flags):
+        return False
+    return capability.onednn_native_bf16() and capability.bf16_autocast("cpu")
 
 
 def load_weights(path: Path) -> dict[str, Any]:

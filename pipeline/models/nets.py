@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pipeline.models import NETWORKS as ARCHS  # one list of names: the registry's
+from pipeline.models import capability
 
 KERNEL = 3  # spatial kernel of the U-Net convolutions (the 1x1 path uses 1)
 
@@ -136,18 +137,6 @@ def _conv_relu(in_ch: int, out_ch: int, k: int) -> nn.Module:
     return _ConvReLU(nn.Conv2d(in_ch, out_ch, k, padding=k // 2), nn.ReLU(inplace=True))
 
 
-def _fused_conv_relu() -> Callable[..., Tensor] | None:
-    """oneDNN's conv with a ReLU post-op (what inductor emits), if this torch build has it."""
-    try:
-        return torch.ops.mkldnn._convolution_pointwise  # type: ignore[no-any-return]
-    except (AttributeError, RuntimeError):
-        return None
-
-
-_FUSED = _fused_conv_relu() if torch.backends.mkldnn.is_available() else None
-_FUSED_LINEAR = getattr(torch.ops.mkldnn, "_linear_pointwise", None) if _FUSED is not None else None
-
-
 def _compute_dtype(x: Tensor) -> torch.dtype:
     """The dtype a layer computes ``x`` in: autocast's where it is on for ``x``'s device."""
     kind = x.device.type
@@ -156,18 +145,21 @@ def _compute_dtype(x: Tensor) -> torch.dtype:
 
 class _ConvReLU(nn.Sequential):
     """Conv2d then ReLU (an ``nn.Sequential``, so weights keep their names). Without autograd on
-    CPU both run as one oneDNN primitive: the ReLU is applied while the output is still in cache
-    instead of in a second pass over it; identical values (tested), ~4 % of FG-UNET's time saved."""
+    CPU both run as one oneDNN primitive where :func:`capability.fused_conv_relu` found it working
+    for the compute dtype: the ReLU is applied while the output is still in cache instead of in a
+    second pass over it; identical values (tested); FG-UNET ``classify_window`` 5-9 % faster in
+    fp32 (AVX-512 and AVX2), 1-6 % in bf16 (docs/benchmarks/fgunet.md). Elsewhere (AVX2 CPUs in
+    bf16, ``LANDCOVER_FAST_PATHS=0``, autograd, float64, GPU) the two modules run."""
 
     def forward(self, x: Tensor) -> Tensor:
         conv = self[0]
-        if _FUSED is None or torch.is_grad_enabled() or x.device.type != "cpu":
+        if torch.is_grad_enabled() or x.device.type != "cpu":
             return super().forward(x)
         dt = _compute_dtype(x)
-        if dt not in (torch.float32, torch.bfloat16):  # oneDNN has no float64 primitive
+        if not capability.fused_conv_relu(dt):
             return super().forward(x)
         with torch.autocast("cpu", enabled=False):
-            return _FUSED(
+            return torch.ops.mkldnn._convolution_pointwise(
                 x.to(dt), conv.weight.to(dt), conv.bias.to(dt), list(conv.padding), list(conv.stride),
                 list(conv.dilation), conv.groups, "relu", [None], "",
             )  # fmt: skip
@@ -293,7 +285,8 @@ class PixelPath(nn.Module):
     Without autograd (inference) a conv+ReLU path runs as a per-pixel MLP over chunks of pixels:
     the same matmuls (identical results, tested), but each chunk's 200- and 100-channel activations
     stay in cache instead of making full-window round trips through memory; 2.6x faster for the
-    path on a 544² window in bf16 (docs/benchmarks/fgunet.md).
+    path on a 544² window in bf16 (docs/benchmarks/fgunet.md). Plain ``addmm`` + ReLU: oneDNN's
+    fused matmul+ReLU gained < 3 % with AVX-512 and lost 6 % with AVX2, so it is not used.
     """
 
     def __init__(self, in_ch: int, filters: tuple[int, ...], unit: Unit) -> None:
@@ -315,7 +308,6 @@ class PixelPath(nn.Module):
         kind = x.device.type
         dt = _compute_dtype(x)
         mats = [(c.weight.reshape(c.out_channels, -1).to(dt), c.bias.to(dt)) for c in self._convs]
-        fused = _FUSED_LINEAR if kind == "cpu" and dt in (torch.float32, torch.bfloat16) else None
         b, c, h, w = x.shape
         rows = x.permute(0, 2, 3, 1).reshape(-1, c)  # a view when x is channels-last
         out = torch.empty(rows.shape[0], self.out_channels, dtype=dt, device=x.device)
@@ -323,10 +315,7 @@ class PixelPath(nn.Module):
             for s in range(0, rows.shape[0], MLP_CHUNK):
                 y = rows[s : s + MLP_CHUNK].to(dt)
                 for wm, bias in mats:
-                    if fused is not None:  # matmul + ReLU as one oneDNN primitive
-                        y = fused(y, wm, bias, "relu", [None], "")
-                    else:
-                        y = torch.addmm(bias, y, wm.t()).relu_()
+                    y = torch.addmm(bias, y, wm.t()).relu_()
                 out[s : s + MLP_CHUNK] = y
         return out.reshape(b, h, w, -1).permute(0, 3, 1, 2)  # channels-last (B, F, H, W)
 
