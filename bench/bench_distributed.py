@@ -74,8 +74,11 @@ def make_tiles(root: Path, n_tiles: int, size: int, n_dates: int) -> tuple[dict,
         lstore = create_store(root / f"l{i}.zarr", "reference", grid, tile=tile)
         add_array(lstore, "train", (size, size), "uint8", 0)[...] = labels
         add_array(lstore, "validation", (size, size), "uint8", 0)[...] = 0
+        add_array(lstore, "selection", (size, size), "uint8", 0)[...] = 0  # no model selection here
         index_tile(root / f"l{i}.zarr", tile, root / f"{tile}.train.npz", N, 16, 0.1, CODES)
-        index_tile(root / f"l{i}.zarr", tile, root / f"{tile}.validation.npz", N, N, 0.5 / N**2, CODES)
+        index_tile(
+            root / f"l{i}.zarr", tile, root / f"{tile}.selection.npz", N, N, 0.5 / N**2, CODES, "selection"
+        )
         gap[tile], lab[tile], pat[tile] = root / f"g{i}.zarr", root / f"l{i}.zarr", root / f"{tile}.train.npz"
     channels = [f"{d}/{b}" for d in dates for b in BANDS]
     doc = {"low_percentile": 3, "high_percentile": 97, "bands": BANDS, "dates": dates, "channels": channels}
