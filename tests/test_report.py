@@ -365,7 +365,14 @@ def test_tile_without_validation_polygons_validates_as_no_validation_data(tmp_pa
     create_store(tmp_path / "T31TCJ.ingest.zarr", "ingest", grid, tile="T31TCJ")  # the tile grid only
     x0, y0 = grid.transform.c, grid.transform.f
     polygons = gpd.GeoDataFrame(
-        {"id": [1], "code": [int(cfg.class_codes[0])], "tile": ["T31TCJ"], "split": ["train"], "fold": [0]},
+        {
+            "id": [1],
+            "code": [int(cfg.class_codes[0])],
+            "tile": ["T31TCJ"],
+            "split": ["train"],
+            "fold": [0],
+            "selection": [0],
+        },
         geometry=[box(x0 + 100, y0 - 400, x0 + 500, y0 - 100)],
         crs=grid.crs,
     )
