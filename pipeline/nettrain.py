@@ -570,8 +570,11 @@ def train_network(
 
 
 def _better(score: float | None, best: float | None) -> bool:
-    """A strictly higher selection score (an epoch without one never replaces a scored one)."""
-    return score is not None and (best is None or score > best)
+    """Whether this epoch replaces the kept one: a strictly higher selection score; an unscored
+    epoch never replaces a scored one, and without any score (no selection patches) the latest wins."""
+    if score is None:
+        return best is None
+    return best is None or score > best
 
 
 def _fmt(v: float | None) -> str:

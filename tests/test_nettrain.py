@@ -486,3 +486,10 @@ def test_the_epoch_kept_is_the_best_on_the_selection_polygons(run, monkeypatch):
     epoch1 = load_weights(ckdir / "epoch_0003.pt")["best"]
     assert epoch1["epoch"] == 1 and _same_weights(_weights(out), epoch1["state_dict"])
     assert not _same_weights(_weights(out), load_weights(ckdir / "epoch_0003.pt")["state_dict"])
+
+
+def test_kept_epoch_rule_without_selection_scores_is_the_last():
+    better = nettrain._better
+    assert better(None, None)  # no selection patches at all: each new epoch replaces the kept one
+    assert not better(None, 0.5) and better(0.6, None)
+    assert better(0.6, 0.5) and not better(0.5, 0.5)  # ties keep the earlier epoch
