@@ -7,7 +7,7 @@ with the private oneDNN primitives in every combination:
 - ``conv``: fused conv+ReLU where :func:`pipeline.models.capability.fused_conv_relu` passes (the
   pipeline as it is);
 - ``linear``: only oneDNN's fused matmul+ReLU (``torch.ops.mkldnn._linear_pointwise``) in the
-  chunked 1x1 path. The pipeline dropped it after this benchmark (it gained < 3 %, and lost 6 % with
+  chunked 1x1 path. The pipeline dropped it after this benchmark (it added < 3 %, and lost 5 % with
   AVX2), so this script puts the removed code back itself (:func:`_chunked_fused_linear`), to
   re-measure it on another CPU;
 - ``both``: the two together;

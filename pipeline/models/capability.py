@@ -7,7 +7,7 @@ bf16 primitives raise at run time. CPU flags alone cannot tell, so each path is 
 tensor, compared with the public path (``nn.Conv2d`` + ReLU; conv and ``addmm`` in fp32) and the
 answer cached for the process. A path is taken only if its probe ran and agreed; otherwise the
 public path computes the same values. (oneDNN's fused matmul+ReLU, ``_linear_pointwise``, was
-dropped: +2-5 % with AVX-512, -6 % with AVX2; docs/benchmarks/fgunet.md.)
+dropped: +1-3 % over the fused convs with AVX-512, -5 % with AVX2; docs/benchmarks/fgunet.md.)
 
 ``LANDCOVER_FAST_PATHS=0`` (or ``false``/``no``/``off``) forces every private primitive off without
 probing, e.g. to rule them out when a map looks wrong or a new CPU crashes. It does not change the

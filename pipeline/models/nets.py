@@ -147,8 +147,8 @@ class _ConvReLU(nn.Sequential):
     """Conv2d then ReLU (an ``nn.Sequential``, so weights keep their names). Without autograd on
     CPU both run as one oneDNN primitive where :func:`capability.fused_conv_relu` found it working
     for the compute dtype: the ReLU is applied while the output is still in cache instead of in a
-    second pass over it; identical values (tested); FG-UNET ``classify_window`` 5-9 % faster in
-    fp32 (AVX-512 and AVX2), 1-6 % in bf16 (docs/benchmarks/fgunet.md). Elsewhere (AVX2 CPUs in
+    second pass over it; identical values (tested); FG-UNET ``classify_window`` 4-9 % faster in
+    fp32 (AVX2, AVX-512), 0.5-6 % in bf16 (docs/benchmarks/fgunet.md). Elsewhere (AVX2 CPUs in
     bf16, ``LANDCOVER_FAST_PATHS=0``, autograd, float64, GPU) the two modules run."""
 
     def forward(self, x: Tensor) -> Tensor:
@@ -286,7 +286,7 @@ class PixelPath(nn.Module):
     the same matmuls (identical results, tested), but each chunk's 200- and 100-channel activations
     stay in cache instead of making full-window round trips through memory; 2.6x faster for the
     path on a 544² window in bf16 (docs/benchmarks/fgunet.md). Plain ``addmm`` + ReLU: oneDNN's
-    fused matmul+ReLU gained < 3 % with AVX-512 and lost 6 % with AVX2, so it is not used.
+    fused matmul+ReLU added < 3 % to the fused convs with AVX-512 and lost 5 % with AVX2: not used.
     """
 
     def __init__(self, in_ch: int, filters: tuple[int, ...], unit: Unit) -> None:
