@@ -115,7 +115,9 @@ def _check_params(size: int, stride: int, min_fraction: float, codes: Sequence[i
 
 
 def _present(labels: np.ndarray) -> set[int]:
-    """Codes occurring in a uint8 block (a bincount: much faster than np.unique's sort)."""
+    """Codes occurring in a block (for uint8 a bincount: much faster than np.unique's sort)."""
+    if labels.dtype != np.uint8:
+        return set(np.unique(labels).tolist())
     return set(np.flatnonzero(np.bincount(labels.ravel(), minlength=256)).tolist())
 
 
@@ -156,7 +158,7 @@ def patch_positions(
     if not labelled.any():
         return empty
     valid = (_box_sums(labelled, lr, lc, size, stride) >= need).ravel()
-    present = set(np.unique(labels).tolist()) if labels.dtype != np.uint8 else _present(labels)
+    present = _present(labels)
     hits: list[tuple[np.ndarray, np.ndarray]] = []
     for code, t in zip(codes, thr, strict=True):
         if code not in present:
@@ -198,7 +200,7 @@ def class_count_histogram(
     lc = _lattice(col0, labels.shape[1], size, stride)
     if lr.size == 0 or lc.size == 0:
         return hist
-    present = _present(labels) if labels.dtype == np.uint8 else set(np.unique(labels).tolist())
+    present = _present(labels)
     for i, code in enumerate(codes):
         if code in present:
             count = _box_sums(labels == code, lr, lc, size, stride).ravel()
@@ -244,19 +246,20 @@ class PatchIndex:
     def n_positions(self) -> int:
         return int(self.rows.size)
 
-    def members_of(self, code: int) -> np.ndarray:
-        """Indices (into rows/cols) of the positions holding enough pixels of ``code`` (empty if none)."""
+    def _of(self, csr: np.ndarray, code: int) -> np.ndarray:
+        """``code``'s slice of a per-member CSR array (empty, same dtype, if the class has none)."""
         i = np.flatnonzero(self.class_codes == code)
         if i.size == 0:
-            return np.empty(0, np.int64)
-        return self.class_members[self.class_offsets[i[0]] : self.class_offsets[i[0] + 1]]
+            return csr[:0]
+        return csr[self.class_offsets[i[0]] : self.class_offsets[i[0] + 1]]
+
+    def members_of(self, code: int) -> np.ndarray:
+        """Indices (into rows/cols) of the positions holding enough pixels of ``code`` (empty if none)."""
+        return self._of(self.class_members, code)
 
     def pixels_of(self, code: int) -> np.ndarray:
         """Pixels of ``code`` in each of :meth:`members_of`'s positions."""
-        i = np.flatnonzero(self.class_codes == code)
-        if i.size == 0:
-            return np.empty(0, np.int32)
-        return self.class_pixels[self.class_offsets[i[0]] : self.class_offsets[i[0] + 1]]
+        return self._of(self.class_pixels, code)
 
     def positions_of(self, code: int) -> tuple[np.ndarray, np.ndarray]:
         m = self.members_of(code)
