@@ -34,12 +34,13 @@ import torch.multiprocessing as mp
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine  # noqa: E402
 
-from pipeline.distributed import BatchSource, World, process_group  # noqa: E402
 from pipeline.io.tilestore import add_array, create_store  # noqa: E402
 from pipeline.models.features import Normalisation  # noqa: E402
-from pipeline.models.nets import NetSpec, build  # noqa: E402
-from pipeline.nettrain import PatchData, weighted_sparse_ce  # noqa: E402
-from pipeline.patches import ClassFirstSampler, index_tile, patch_inputs  # noqa: E402
+from pipeline.nets.arch import NetSpec, build  # noqa: E402
+from pipeline.nets.data import PatchData  # noqa: E402
+from pipeline.nets.distributed import BatchSource, World, process_group  # noqa: E402
+from pipeline.nets.loss import weighted_sparse_ce  # noqa: E402
+from pipeline.nets.patches import ClassFirstSampler, index_tile, patch_inputs  # noqa: E402
 from pipeline.transfer import lower_bound  # noqa: E402
 
 BANDS = ["B2", "B3", "B4", "B5", "B6", "B7", "B8", "B8A", "B11", "B12"]

@@ -4,7 +4,7 @@
 random-init FG-UNET (paper filters, G groups x Cg channels, K 17), in fp32 and in bf16 autocast,
 with the private oneDNN primitives in every combination:
 
-- ``conv``: fused conv+ReLU where :func:`pipeline.models.capability.fused_conv_relu` passes (the
+- ``conv``: fused conv+ReLU where :func:`pipeline.nets.capability.fused_conv_relu` passes (the
   pipeline as it is);
 - ``linear``: only oneDNN's fused matmul+ReLU (``torch.ops.mkldnn._linear_pointwise``) in the
   chunked 1x1 path. The pipeline dropped it after this benchmark (it added < 3 %, and lost 5 % with
@@ -106,8 +106,8 @@ _PLAIN_CHUNKED: Any = None
 
 
 def _select(variant: str, conv_probe: Any) -> None:
-    from pipeline.models import capability
-    from pipeline.models.nets import PixelPath
+    from pipeline.nets import capability
+    from pipeline.nets.arch import PixelPath
 
     os.environ[capability.FAST_PATHS_ENV] = "0" if variant in ("none", "linear") else "1"
     capability.fused_conv_relu = conv_probe
@@ -129,9 +129,10 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
-    from pipeline.models import capability, get
+    from pipeline.models import get
     from pipeline.models.features import Normalisation
-    from pipeline.models.nets import NetSpec, PixelPath, build
+    from pipeline.nets import capability
+    from pipeline.nets.arch import NetSpec, PixelPath, build
 
     global _PLAIN_CHUNKED
     _PLAIN_CHUNKED = PixelPath._chunked

@@ -112,13 +112,13 @@ def _err(exc: BaseException) -> str:
 
 
 def paper_spec():
-    from pipeline.models.nets import NetSpec
+    from pipeline.nets.arch import NetSpec
 
     return NetSpec(arch="fgunet", in_channels=CG, groups=GROUPS, n_classes=N_CLASSES)
 
 
 def paper_net(seed: int = 0) -> nn.Module:
-    from pipeline.models.nets import build
+    from pipeline.nets.arch import build
 
     torch.manual_seed(seed)
     return build(paper_spec()).eval()
@@ -507,7 +507,7 @@ def make_empty_store(path: Path, side: int, fill: int = 1500) -> None:
 
 
 def make_model_dir(path: Path, cfg: Any) -> None:
-    """A random-init paper-size FG-UNET with a minimal valid ``model.json`` (as nettrain._meta writes)."""
+    """A random-init paper-size FG-UNET with a minimal valid ``model.json`` (as nets.train._meta writes)."""
     from pipeline.models import get
     from pipeline.models.features import Normalisation
     from pipeline.train import base_meta
@@ -517,7 +517,7 @@ def make_model_dir(path: Path, cfg: Any) -> None:
     model.save(path)
     n = N_DATES * len(BANDS)
     norm = Normalisation(tuple(BANDS), tuple(dates()), np.full(n, 200.0), np.full(n, 4500.0), 3.0, 97.0)
-    meta = base_meta(cfg, "fgunet", model, norm, [], path / "percentiles.json")
+    meta = base_meta(cfg, "fgunet", model.classes_, norm, [], path / "percentiles.json")
     meta["features"] |= {
         "indices": [],
         "network_channels": norm.channels,
@@ -574,8 +574,8 @@ def child_predict(job: dict[str, Any]) -> None:
     """In a fresh process: predict_tile with the variant put on the loaded net; one JSON line out."""
     import pipeline.infer as infer
     import pipeline.io.cog as cog
-    import pipeline.patches as patches
-    from pipeline.models.net import NetClassifier
+    import pipeline.nets.classifier as netmod
+    from pipeline.nets.classifier import NetClassifier
 
     timer = _Timer()
     calls: dict[tuple[int, ...], list[float]] = defaultdict(list)  # window shape -> forward seconds
@@ -600,8 +600,8 @@ def child_predict(job: dict[str, Any]) -> None:
     NetClassifier.load = classmethod(load)  # type: ignore[method-assign]
     orig_open = infer.open_store
     infer.open_store = lambda *a, **k: _GroupProxy(orig_open(*a, **k), timer)
-    infer.classify_window = timer.wrap("classify", infer.classify_window)
-    patches.patch_inputs = timer.wrap("normalise", patches.patch_inputs)
+    NetClassifier.classify_window = timer.wrap("classify", NetClassifier.classify_window)
+    netmod.patch_inputs = timer.wrap("normalise", netmod.patch_inputs)
     cog.RasterSink.write = timer.wrap("write", cog.RasterSink.write)
     out = Path(job["out"])
     t = time.perf_counter()
@@ -683,7 +683,7 @@ def e2e_record(r: dict, side: int, variant: str, flop: float, peaks: dict) -> di
 def bench_train(
     variant: str, batch: int, side: int, warmup: int, steps: int, flop: float, peaks: dict
 ) -> dict:
-    from pipeline.nettrain import weighted_sparse_ce
+    from pipeline.nets.loss import weighted_sparse_ce
 
     torch.manual_seed(0)
     net = paper_net().train()

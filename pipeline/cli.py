@@ -91,14 +91,13 @@ def _rasterise(cfg: Config, args: argparse.Namespace) -> None:
 
 
 def _patches(cfg: Config, args: argparse.Namespace) -> None:
-    from pipeline.nettrain import index_patches
+    from pipeline.nets.patches import index_patches
 
     lay = Layout(cfg.workdir)
     index_patches(cfg, args.tile, args.labels or lay.labels(args.tile), args.out or lay.patches(args.tile))
 
 
 def _train(cfg: Config, args: argparse.Namespace) -> None:
-    from pipeline.models import get
     from pipeline.train import train
 
     lay = Layout(cfg.workdir)
@@ -114,21 +113,8 @@ def _train(cfg: Config, args: argparse.Namespace) -> None:
         "percentiles": lay.percentiles(),
         "out_dir": out,
     }
-    if get(model).pixelwise:
-        train(cfg, model, **common, fold=args.fold)
-        return
-    # networks: one process, or several under torchrun / srun (each learns its rank from the env)
-    from pipeline.distributed import process_group, world_from_env
-
-    with process_group(world_from_env()) as world:
-        train(
-            cfg,
-            model,
-            **common,
-            patches={t: lay.patches(t) for t in cfg.tiles},
-            checkpoints=args.checkpoints or out.with_name(f"{out.name}.checkpoints"),
-            world=world,
-        )
+    # each family refuses what does not apply to it (--fold: pixel models; --checkpoints: networks)
+    train(cfg, model, **common, fold=args.fold, checkpoints=args.checkpoints)
 
 
 def _model_seed(cfg: Config, args: argparse.Namespace) -> tuple[str, int]:

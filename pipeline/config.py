@@ -86,18 +86,9 @@ def _check_semantics(data: dict[str, Any], source: str) -> None:
         raise PipelineError(
             source, "invalid config at 'normalisation': low_percentile must be < high_percentile"
         )
-    nets = data.get("nets", {})
-    if set(data["classifiers"]) - {"rf"}:
-        start, end = (dt.date.fromisoformat(grid[k]) for k in ("start", "end"))
-        n_dates = (end - start).days // grid["step_days"] + 1
-        if n_dates % nets["groups"]:
-            raise PipelineError(
-                source,
-                f"invalid config at 'nets/groups': the date grid's {n_dates} dates do not split into"
-                f" {nets['groups']} equal temporal groups",
-            )
-        if nets["patch_stride"] > nets["patch_size"]:
-            raise PipelineError(source, "invalid config at 'nets/patch_stride': larger than patch_size")
+    from pipeline.nets.settings import check_config  # torch-free
+
+    check_config(data, source)
 
 
 def load_config(path: str | os.PathLike[str]) -> Config:
@@ -188,6 +179,14 @@ class Config:
         start = np.datetime64(g["start"], "D")
         end = np.datetime64(g["end"], "D")
         return np.arange(start, end + np.timedelta64(1, "D"), np.timedelta64(int(g["step_days"]), "D"))
+
+    def named(self, codes: Any) -> str:
+        """Class codes with their names for messages: ``53 GPS, 211 ...``; a mapping code -> value
+        gives ``53 GPS (12), ...``."""
+        names = {c.code: c.name for c in self.classes}
+        if isinstance(codes, dict):
+            return ", ".join(f"{int(c)} {names.get(int(c), '?')} ({v})" for c, v in codes.items())
+        return ", ".join(f"{int(c)} {names.get(int(c), '?')}" for c in codes)
 
     def threads(self) -> int:
         """Threads for this job: config value, else the scheduler's allocation, else usable cores."""

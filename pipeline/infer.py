@@ -26,10 +26,10 @@ from tqdm import tqdm
 
 from pipeline.config import Config
 from pipeline.errors import PipelineError
-from pipeline.io.cog import CONFIDENCE_NODATA, class_map_writer, confidence_writer
+from pipeline.io.cog import class_map_writer, confidence_writer
 from pipeline.io.tilestore import Window, iter_windows, open_store, padded, store_grid, win_slices
 from pipeline.models import Classifier, get
-from pipeline.models.features import Normalisation, nodata_mask, schema_mismatch
+from pipeline.models.features import Normalisation, schema_mismatch
 from pipeline.parallel import read_ahead
 from pipeline.regularise import majority
 from pipeline.train import load_meta
@@ -62,30 +62,16 @@ def predict_tile(
     if unknown := sorted(set(codes) - set(cfg.class_codes.tolist())):
         raise PipelineError(model_dir, f"model classes {unknown} are not in the config's nomenclature")
     model = get(meta["name"], model_dir).load(model_dir)
-    precision = "fp32"
-    if not model.pixelwise:
-        check_network(model, meta, model_dir)
-        precision = model.set_precision(cfg["inference"]["precision"])  # type: ignore[attr-defined]
     threads = cfg.threads()
-    if hasattr(model, "set_threads"):
-        model.set_threads(threads)
-
-    inf = cfg["inference"]
-    size = int(inf["window"])
-    if model.pixelwise:
-        radius, margin = int(inf["regularisation_radius"]), int(inf["regularisation_radius"])
-    else:
-        pool = model.pool_factor  # type: ignore[attr-defined]
-        radius, margin = 0, -(-int(inf["overlap"]) // pool) * pool
-        if size % pool:
-            raise PipelineError(
-                None, f"inference.window {size} is not a multiple of the pooling factor {pool}"
-            )
+    model.set_threads(threads)
+    how = model.map_settings(cfg, meta, model_dir)  # checks the model against model.json first
+    size = int(cfg["inference"]["window"])
     grid = store_grid(group)
     tile = str(group.attrs.get("tile", gapfilled.stem))
     tags = {"MODEL": str(meta["name"]), "MODEL_DIR": str(model_dir), "TILE": tile}
-    tags |= {"CONFIG_DIGEST": cfg.digest, "REGULARISATION_RADIUS": str(radius), "WINDOW_MARGIN": str(margin)}
-    tags["PRECISION"] = precision
+    tags |= {"CONFIG_DIGEST": cfg.digest, "REGULARISATION_RADIUS": str(how.radius)}
+    tags |= {"WINDOW_MARGIN": str(how.margin), "PRECISION": how.precision}
+    margin = how.margin
     t0 = time.perf_counter()
     wins = list(iter_windows(grid.height, grid.width, size))
     with ExitStack() as stack:
@@ -106,9 +92,9 @@ def predict_tile(
             windows, total=len(wins), desc=f"predict {tile}", unit="win", leave=False, disable=None
         ):
             _, inner = padded(win, margin, grid.height, grid.width)
-            codes, conf = classify_window(model, norm, cube)
-            if radius:
-                codes = majority(codes, radius, nodata=0, threads=threads)
+            codes, conf = model.classify_window(cube, norm)
+            if how.radius:
+                codes = majority(codes, how.radius, nodata=0, threads=threads)
             sink.write(win, codes[inner])
             if conf_sink is not None:
                 conf_sink.write(win, conf[inner])
@@ -117,46 +103,6 @@ def predict_tile(
     )
 
 
-def classify_window(
-    model: Classifier, norm: Normalisation, cube: np.ndarray
-) -> tuple[np.ndarray, np.ndarray]:
-    """(T, C, H, W) raw cube -> (H, W) class codes (0 = no data) and confidence in % (255 = no data)."""
-    if not model.pixelwise:
-        return model.classify_window(cube, norm)  # type: ignore[attr-defined]
-    t, c, h, w = cube.shape
-    codes = np.zeros(h * w, np.uint8)
-    conf = np.full(h * w, CONFIDENCE_NODATA, np.uint8)
-    idx = np.flatnonzero(~nodata_mask(cube))
-    if idx.size:
-        # gather only pixels with data, t-major channels (same layout as pixel_features)
-        x = norm.apply(np.ascontiguousarray(cube.reshape(t * c, h * w)[:, idx].T))
-        proba = model.predict_proba(x)
-        best = proba.argmax(1)
-        codes[idx] = model.classes_[best]
-        conf[idx] = np.rint(proba[np.arange(best.size), best] * 100)
-    return codes.reshape(h, w), conf.reshape(h, w)
-
-
 def classify(model: Classifier, norm: Normalisation, cube: np.ndarray) -> np.ndarray:
     """(T, C, H, W) raw cube -> (H, W) uint8 class codes; no-data pixels are 0 and never predicted."""
-    return classify_window(model, norm, cube)[0]
-
-
-def check_network(model: Classifier, meta: dict, model_dir: Path) -> None:
-    """The weights must agree with ``model.json`` on classes and input channels (before any compute)."""
-    feats = meta["features"]
-    codes = [int(c) for c in meta["classes"]["codes"]]
-    if [int(c) for c in model.classes_] != codes:
-        raise PipelineError(
-            model_dir, f"weights' classes {list(model.classes_)} differ from model.json's {codes}"
-        )
-    spec = model.spec  # type: ignore[attr-defined]
-    n_channels = len(feats.get("network_channels", feats["channels"]))
-    if spec.in_channels * spec.groups != n_channels:
-        raise PipelineError(
-            model_dir,
-            f"weights expect {spec.in_channels * spec.groups} input channels,"
-            f" model.json describes {n_channels}",
-        )
-    if list(model.indices) != list(feats.get("indices", [])):  # type: ignore[attr-defined]
-        raise PipelineError(model_dir, "weights' spectral indices differ from model.json's")
+    return model.classify_window(cube, norm)[0]

@@ -1,4 +1,4 @@
-"""The capability probes (pipeline.models.capability) and what precision the networks then run in.
+"""The capability probes (pipeline.nets.capability) and what precision the networks then run in.
 
 A private primitive is taken only if its probe ran and agreed with the public path; bf16 is picked by
 ``auto`` only where it is native, and an explicit ``bf16`` that cannot run maps in fp32 with a warning
@@ -14,9 +14,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.models import capability, get
-from pipeline.models import net as netmod
-from pipeline.models.nets import NetSpec, build
+from pipeline.models import get
+from pipeline.nets import capability
+from pipeline.nets.arch import NetSpec, build
 
 PROBES = [capability._fused_conv_relu_probe, capability._bf16_autocast_probe]
 
@@ -121,12 +121,12 @@ def test_bf16_that_cannot_run_maps_in_fp32_with_a_warning(monkeypatch, caplog):
     monkeypatch.setattr(capability, "bf16_autocast", lambda kind="cpu": False)
     monkeypatch.setitem(capability._FAILURES, "bf16 autocast on cpu", "RuntimeError: no bf16 here")
     model = _model()
-    with caplog.at_level("WARNING", logger="pipeline.models.net"):
+    with caplog.at_level("WARNING", logger="pipeline.nets.classifier"):
         assert model.set_precision("bf16") == "fp32"
     assert model.precision == "fp32"
     (rec,) = [r for r in caplog.records if r.levelname == "WARNING"]
     assert "fp32 instead" in rec.getMessage() and "no bf16 here" in rec.getMessage()
-    assert not netmod.native_bf16("cpu")
+    assert not capability.native_bf16("cpu")
     caplog.clear()
     assert model.set_precision("auto") == "fp32"
     assert model.set_precision("fp32") == "fp32"
@@ -135,13 +135,13 @@ def test_bf16_that_cannot_run_maps_in_fp32_with_a_warning(monkeypatch, caplog):
 
 def test_emulated_bf16_is_kept_when_asked_for_and_auto_takes_fp32(monkeypatch, caplog):
     monkeypatch.setattr(capability, "bf16_autocast", lambda kind="cpu": True)
-    monkeypatch.setattr(netmod, "native_bf16", lambda device="cpu": False)
+    monkeypatch.setattr(capability, "native_bf16", lambda device="cpu": False)
     model = _model()
-    with caplog.at_level("WARNING", logger="pipeline.models.net"):
+    with caplog.at_level("WARNING", logger="pipeline.nets.classifier"):
         assert model.set_precision("bf16") == "bf16"
     assert any("emulated" in r.getMessage() for r in caplog.records)
     assert model.set_precision("auto") == "fp32"
-    monkeypatch.setattr(netmod, "native_bf16", lambda device="cpu": True)
+    monkeypatch.setattr(capability, "native_bf16", lambda device="cpu": True)
     assert model.set_precision("auto") == "bf16"
     with pytest.raises(ValueError, match="unknown precision"):
         model.set_precision("fp16")
@@ -152,8 +152,8 @@ def test_native_bf16_needs_flags_and_a_working_probe(monkeypatch):
         pytest.skip("no /proc/cpuinfo: native_bf16 says False on such a CPU")
     monkeypatch.setattr(capability, "onednn_native_bf16", lambda: True)
     monkeypatch.setattr(capability, "bf16_autocast", lambda kind="cpu": False)
-    assert not netmod.native_bf16("cpu")  # whatever the flags say
+    assert not capability.native_bf16("cpu")  # whatever the flags say
     monkeypatch.setattr(capability, "bf16_autocast", lambda kind="cpu": True)
     with open("/proc/cpuinfo") as f:
         flags = next((ln for ln in f if ln.startswith("flags")), "").split()
-    assert netmod.native_bf16("cpu") == ("avx512_bf16" in flags or "amx_bf16" in flags)
+    assert capability.native_bf16("cpu") == ("avx512_bf16" in flags or "amx_bf16" in flags)

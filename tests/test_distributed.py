@@ -17,12 +17,13 @@ import torch.multiprocessing as mp
 import yaml
 
 from pipeline.config import Config, load_config, validate
-from pipeline.distributed import BatchSource, World, owners, process_group, tile_holders, world_from_env
 from pipeline.layout import Layout
 from pipeline.models.features import Normalisation
-from pipeline.models.net import WEIGHTS, load_weights
-from pipeline.nettrain import PatchData, index_patches, train_network
-from pipeline.patches import ClassFirstSampler, augment_batch
+from pipeline.nets.data import PatchData
+from pipeline.nets.distributed import BatchSource, World, owners, process_group, tile_holders, world_from_env
+from pipeline.nets.patches import ClassFirstSampler, augment_batch, index_patches
+from pipeline.nets.train import train_network
+from pipeline.nets.weights import WEIGHTS, load_weights
 from tests.test_nettrain import net_config
 from tests.test_rf import make_scene
 

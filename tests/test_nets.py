@@ -1,4 +1,4 @@
-"""The network family of pipeline.models.nets: Table 2 parameter counts, the two forward paths agreeing,
+"""The network family of pipeline.nets.arch: Table 2 parameter counts, the two forward paths agreeing,
 group weight sharing, and the receptive radius that sizes the inference margin, checked empirically.
 
 Everything but the parameter-count tests (which only build) runs on tiny-filter nets, so the file
@@ -12,7 +12,7 @@ import json
 import pytest
 import torch
 
-from pipeline.models.nets import ARCHS, Net, NetSpec, build, count_parameters, unet_receptive_radius
+from pipeline.nets.arch import ARCHS, Net, NetSpec, build, count_parameters, unet_receptive_radius
 
 SMALL = {"unet_filters": (4, 8, 16), "mlp_filters": (8, 6), "lstm_hidden": 7}
 PAPER = {"in_channels": 30, "groups": 11, "n_classes": 17}
@@ -293,7 +293,7 @@ def _take_path(monkeypatch, path: str, probe: str, dtype: torch.dtype) -> None:
     """``fast``: the private primitive where its probe says it works here (else skip: that machine
     only ever runs the fallback, tested by the other parameter); ``fallback``: forced off by the
     environment variable, as a user would."""
-    from pipeline.models import capability
+    from pipeline.nets import capability
 
     if dtype == torch.bfloat16 and not capability.bf16_autocast("cpu"):
         pytest.skip("bf16 autocast does not run on this CPU (precision falls back to fp32)")
@@ -325,8 +325,8 @@ DTYPES = [torch.float32, torch.bfloat16]
 def test_inference_pixel_path_is_the_layer_path(monkeypatch, dtype, channels_last: bool) -> None:
     """Without autograd the 1x1 path runs as a chunked per-pixel MLP (public addmm + ReLU, no private
     primitive, so the same on every CPU): same values, fp32 and bf16."""
-    import pipeline.models.nets as nets
-    from pipeline.models import capability
+    import pipeline.nets.arch as nets
+    from pipeline.nets import capability
 
     if dtype == torch.bfloat16 and not capability.bf16_autocast("cpu"):
         pytest.skip("bf16 autocast does not run on this CPU (precision falls back to fp32)")
@@ -357,7 +357,7 @@ def test_inference_pixel_path_is_the_layer_path(monkeypatch, dtype, channels_las
 def test_fused_conv_relu_is_conv_then_relu(monkeypatch, path, dtype, channels_last: bool) -> None:
     """Inference runs conv+ReLU as one oneDNN primitive where it works: the same values as the
     two modules (the fallback, which is those modules)."""
-    import pipeline.models.nets as nets
+    import pipeline.nets.arch as nets
 
     _take_path(monkeypatch, path, "fused_conv_relu", dtype)
     calls = _spy(monkeypatch, "_convolution_pointwise")
@@ -382,7 +382,7 @@ def test_fused_conv_relu_is_conv_then_relu(monkeypatch, path, dtype, channels_la
 @pytest.mark.parametrize("arch", ["fgunet", "tsfgunet"])
 def test_fast_paths_and_fallback_give_the_same_fp32_net(monkeypatch, arch: str) -> None:
     """A whole inference forward, private primitives on vs forced off: the same logits to 1e-6."""
-    from pipeline.models import capability
+    from pipeline.nets import capability
 
     if not capability.fused_conv_relu(torch.float32):
         pytest.skip("no fp32 private primitive works here: every run is the fallback")

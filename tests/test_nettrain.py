@@ -6,10 +6,12 @@ classes in stripes) with a tiny FG-UNET, so a whole training takes a few seconds
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import pickle
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,21 +20,19 @@ import torch
 import yaml
 import zarr
 
-import pipeline.nettrain as nettrain
+import pipeline.nets.train as nettrain
 from pipeline.config import Config, validate
 from pipeline.errors import PipelineError
 from pipeline.infer import predict_tile
 from pipeline.models import NETWORKS, get
-from pipeline.models.net import WEIGHTS, load_weights
-from pipeline.models.nets import ARCHS
-from pipeline.nettrain import (
-    class_weights,
-    index_patches,
-    latest_checkpoint,
-    train_network,
-    warmup_lr,
-    weighted_sparse_ce,
-)
+from pipeline.nets.arch import ARCHS
+from pipeline.nets.checkpoints import latest_checkpoint
+from pipeline.nets.classifier import NetClassifier
+from pipeline.nets.loss import class_weights, weighted_sparse_ce
+from pipeline.nets.patches import index_patches
+from pipeline.nets.settings import warmup_lr
+from pipeline.nets.train import train_network
+from pipeline.nets.weights import WEIGHTS, load_weights
 from pipeline.train import load_meta
 from tests.test_rf import make_config, make_scene
 
@@ -184,6 +184,100 @@ def test_model_folder(uninterrupted):
     assert latest_checkpoint(out.with_name("fgunet.checkpoints")).name == "epoch_0002.pt"
 
 
+# --- nets.init_from (fine-tuning, seed §6) ----------------------------------------------------------
+
+
+def test_fine_tune_starts_exactly_from_the_given_model(run, uninterrupted):
+    """With a learning rate of 1e-12 a training run cannot move the weights measurably: the model
+    folder then holds the starting model's weights, whereas a training from scratch starts far away.
+    Provenance names the starting model and its file's digest (hashlib here, independently)."""
+    tmp, scene, patches = run
+    _, start = uninterrupted
+    cfg = net_config(tmp / "ft", epochs=1, learning_rate=1e-12, init_from=str(start))
+    out = tmp / "ft" / "models" / "fgunet"
+    _train(cfg, scene, patches, out)
+    got, want = _weights(out), _weights(start)
+    assert got.keys() == want.keys()
+    assert max((got[k].float() - want[k].float()).abs().max().item() for k in got) < 1e-8
+    scratch = tmp / "ft0" / "models" / "fgunet"
+    _train(net_config(tmp / "ft0", epochs=1, learning_rate=1e-12), scene, patches, scratch)
+    assert max((_weights(scratch)[k].float() - want[k].float()).abs().max().item() for k in want) > 1e-3
+    prov = load_meta(out)["training"]["init_from"]
+    assert prov["model"] == str(start.resolve()) and prov["name"] == "fgunet"
+    assert prov["weights_sha256"] == hashlib.sha256((start / WEIGHTS).read_bytes()).hexdigest()[:16]
+    assert load_meta(scratch)["training"]["init_from"] is None
+
+
+def _damaged(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    data = (dst / WEIGHTS).read_bytes()
+    (dst / WEIGHTS).write_bytes(data[: len(data) // 2])
+    return dst
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"name": "mlp3"}, "it is a fgunet, this run trains a mlp3"),
+        ({"nets": {"groups": 1}}, "temporal groups differ"),
+        (
+            {"nets": {"unet_filters": [4, 8, 32]}},
+            r"nets.unet_filters: \[4, 8, 16\] in the model vs \[4, 8, 32\]",
+        ),
+        ({"nets": {"indices": ["ndvi"]}}, "spectral indices differ"),
+        ({"drop_class": 53}, r"classes differ \(not in this run: 53 GPS\)"),
+        ({"folder": "missing"}, "no model folder here"),
+        ({"folder": "damaged"}, "not a loadable weights file"),
+    ],
+)
+def test_fine_tune_refuses_an_incompatible_model_before_anything(
+    run, uninterrupted, tmp_path, change, message
+):
+    """One line naming the file and the difference; no checkpoint, no model folder written."""
+    _, scene, patches = run
+    _, start = uninterrupted
+    folder = start
+    if change.get("folder") == "missing":
+        folder = tmp_path / "nowhere"
+    elif change.get("folder") == "damaged":
+        folder = _damaged(start, tmp_path / "damaged")
+    cfg = net_config(tmp_path, **({"init_from": str(folder)} | change.get("nets", {})))
+    if code := change.get("drop_class"):
+        raw = cfg.data
+        raw["nomenclature"] = [c for c in raw["nomenclature"] if c["code"] != code]
+        cfg = Config(validate(json.loads(json.dumps(raw))))
+    out = tmp_path / "models" / change.get("name", "fgunet")
+    with pytest.raises(PipelineError, match=message) as err:
+        _train(cfg, scene, patches, out, name=change.get("name", "fgunet"))
+    assert str(folder) in str(err.value) and "\n" not in str(err.value)
+    assert not out.exists() and not out.with_name(f"{out.name}.checkpoints").exists()
+
+
+def test_fine_tune_does_not_resume_a_checkpoint_from_scratch(run, uninterrupted, tmp_path):
+    """A checkpoint written by a training from scratch is not the start of a fine-tune."""
+    tmp, scene, patches = run
+    out = tmp_path / "models" / "fgunet"
+    _train(net_config(tmp_path, epochs=1), scene, patches, out)
+    shutil.rmtree(out)
+    with pytest.raises(PipelineError, match="starting weights"):
+        _train(
+            net_config(tmp_path, epochs=2, init_from=str(tmp / "a" / "models" / "fgunet")),
+            scene,
+            patches,
+            out,
+        )
+
+
+def test_init_from_mapping_names_networks_of_the_run(tmp_path):
+    with pytest.raises(PipelineError, match="nets/init_from.*unet3 not among"):
+        net_config(tmp_path, init_from={"unet3": "x"})
+    cfg = net_config(tmp_path, classifiers=("fgunet", "mlp3"), init_from={"mlp3": "last/mlp3"})
+    from pipeline.nets.settings import NetSettings
+
+    s = NetSettings.from_config(cfg)
+    assert s.init_folder("mlp3") == Path("last/mlp3") and s.init_folder("fgunet") is None
+
+
 def test_resume_after_kill_between_epochs_is_exact(run, uninterrupted, monkeypatch):
     tmp, scene, patches = run
     cfg = net_config(tmp / "b")
@@ -298,7 +392,7 @@ def test_weights_with_code_are_refused(tmp_path):
 def test_registry_names_every_network():
     assert set(ARCHS) == set(NETWORKS)
     for name in NETWORKS:
-        assert not get(name).pixelwise
+        assert issubclass(get(name), NetClassifier) and get(name).arch == name
 
 
 def test_config_rejects_groups_that_do_not_divide_the_dates(tmp_path):
@@ -307,6 +401,26 @@ def test_config_rejects_groups_that_do_not_divide_the_dates(tmp_path):
     raw = yaml.safe_load(yaml.safe_dump(make_config(tmp_path).data))
     raw["nets"] = TINY | {"groups": 2}
     validate(raw)  # RF alone does not care about temporal groups
+
+
+@pytest.mark.parametrize(
+    ("nets", "classifiers", "where"),
+    [
+        ({"patch_size": 30}, ["fgunet"], "nets/patch_size"),  # 3 U-Net levels pool by 4
+        ({"patch_size": 36, "unet_filters": [4, 8, 16, 32]}, ["unet3"], "nets/patch_size"),  # by 8
+        ({"patch_size": 48, "unet_filters": [2, 2, 2, 2, 2, 2]}, ["tsfgunet"], "nets/patch_size"),  # by 32
+    ],
+)
+def test_config_rejects_patches_the_unet_cannot_pool(tmp_path, nets, classifiers, where):
+    """Checked when the config is validated, not after the patches stage ran on every tile; a
+    network without a U-Net (mlp3) pools nothing, so any size is fine for it."""
+    raw = yaml.safe_load(yaml.safe_dump(make_config(tmp_path).data))
+    raw["nets"] = TINY | nets
+    raw["classifiers"] = ["rf", *classifiers]
+    with pytest.raises(PipelineError, match=f"{where}.*pooling factor"):
+        validate(raw)
+    raw["classifiers"] = ["rf", "mlp3"]
+    validate(raw)
 
 
 def test_tile_without_patch_positions_warns_and_is_still_mapped(tmp_path, caplog):
@@ -419,7 +533,7 @@ def test_a_sparse_class_is_drawn_and_learnt_and_an_undrawable_one_stops(tmp_path
     for tile, lab in scene.labels.items():
         index_patches(cfg, tile, lab, patches[tile])
     out = tmp_path / "relaxed" / "mlp3"
-    with caplog.at_level("INFO", logger="pipeline.nettrain"):
+    with caplog.at_level("INFO", logger="pipeline.nets.train"):
         train_network(cfg, "mlp3", scene.gapfilled, scene.labels, scene.percentiles, out, patches=patches)
     meta = load_meta(out)["training"]
     thr = int(meta["draw_thresholds_px"]["53"])

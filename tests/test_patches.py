@@ -11,11 +11,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline import patches
 from pipeline.errors import PipelineError
 from pipeline.io.tilestore import add_array, create_store
 from pipeline.models.features import NODATA, Normalisation
-from pipeline.patches import (
+from pipeline.nets import patches
+from pipeline.nets.patches import (
     ClassFirstSampler,
     PatchIndex,
     PatchRef,
@@ -238,7 +238,7 @@ def test_index_tile_without_positions_warns_and_saves_empty(tmp_path, caplog):
     lab[10, 10] = 1  # one labelled pixel: below 10 % of any 8x8 patch
     store = write_labels(tmp_path / "T31TDJ.zarr", lab)
     out = tmp_path / "T31TDJ.npz"
-    with caplog.at_level(logging.WARNING, logger="pipeline.patches"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.nets.patches"):
         index = index_tile(store, "T31TDJ", out, 8, 2, 0.1, CODES)
     assert [r.levelname for r in caplog.records] == ["WARNING"]
     assert "T31TDJ" in caplog.records[0].getMessage() and "still mapped" in caplog.records[0].getMessage()
@@ -330,7 +330,7 @@ def test_sampler_determinism_and_class_restriction(caplog):
     assert s.draw(50, np.random.default_rng(3)) == s.draw(50, np.random.default_rng(3))
     assert s.draw(50, np.random.default_rng(3)) != s.draw(50, np.random.default_rng(4))
     assert s.draw(0, np.random.default_rng(3)) == []
-    with caplog.at_level(logging.WARNING, logger="pipeline.patches"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.nets.patches"):
         only = ClassFirstSampler([a, b], codes=[2, 3, 99])
     assert only.classes.tolist() == [2, 3] and "99" in caplog.text
     assert {r.code for r in only.draw(200, np.random.default_rng(0))} == {2, 3}

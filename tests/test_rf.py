@@ -23,6 +23,7 @@ from pipeline.errors import PipelineError
 from pipeline.io.tilestore import add_array, create_store
 from pipeline.models import REGISTRY, Classifier, get
 from pipeline.models.features import NODATA, Normalisation
+from pipeline.models.pixel import PixelClassifier
 from pipeline.sampling import balanced_sample
 from pipeline.train import load_meta, train
 from tests.conftest import REPO, make_grid
@@ -283,7 +284,7 @@ def test_labels_with_unknown_code(scene, tmp_path):
 
 def test_registry_protocol():
     rf = get("rf")
-    assert REGISTRY["rf"] is rf and rf.name == "rf" and rf.pixelwise
+    assert REGISTRY["rf"] is rf and rf.name == "rf" and issubclass(rf, PixelClassifier)
     fitted = rf(n_estimators=2).fit(np.eye(4, dtype=np.float32), np.array([1, 1, 2, 2]))
     assert isinstance(fitted, Classifier)  # runtime protocol check: every member present
     np.testing.assert_array_equal(fitted.classes_, [1, 2])

@@ -27,7 +27,7 @@ from pipeline.config import load_config
 from pipeline.gapfill import gapfill_tile
 from pipeline.io.tilestore import open_store
 from pipeline.layout import Layout
-from pipeline.models.net import WEIGHTS, load_weights
+from pipeline.nets.weights import WEIGHTS, load_weights
 from tests.conftest import REPO, tiny_demo_config
 from tests.slurm_cluster import SlurmCluster, missing_binaries
 from tests.test_distributed import ADAM_ATOL

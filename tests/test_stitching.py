@@ -14,11 +14,12 @@ import rasterio
 import torch
 
 from pipeline.config import Config, validate
-from pipeline.infer import classify_window, predict_tile
-from pipeline.models import capability, get
+from pipeline.infer import predict_tile
+from pipeline.models import get
 from pipeline.models.features import Normalisation
-from pipeline.nettrain import index_patches, train_network
-from pipeline.patches import patch_inputs
+from pipeline.nets import capability
+from pipeline.nets.patches import index_patches, patch_inputs
+from pipeline.nets.train import train_network
 from pipeline.train import load_meta
 from tests.test_nettrain import net_config
 from tests.test_rf import BANDS, DATES, make_scene
@@ -56,7 +57,7 @@ def _whole_image(model_dir, cube):
     meta = load_meta(model_dir)
     model = get(meta["name"]).load(model_dir)
     norm = Normalisation.from_json(meta["normalisation"], BANDS, DATES)
-    return classify_window(model, norm, cube)
+    return model.classify_window(cube, norm)
 
 
 def test_stitched_equals_whole_image(trained, tmp_path):

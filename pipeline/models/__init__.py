@@ -1,20 +1,21 @@
 """Classifier registry: ``name -> model class``, so stages dispatch on the config's ``classifiers``.
 
-A model is anything following :class:`Classifier`. Adding one is a module with a class decorated
-``@register("name")`` and one line in :data:`_MODULES` (imported lazily, so the RF stages never
-import torch). The network family registers one subclass of
-:class:`pipeline.models.net.NetClassifier` per architecture of :mod:`pipeline.models.nets`.
+A model is anything following :class:`Classifier`: the ``train`` stage calls its ``train_stage``,
+the ``predict`` stage its ``load``, ``map_settings`` and ``classify_window``; neither knows the
+model's family. Adding one is a module with a class decorated ``@register("name")`` and one line in
+:data:`_MODULES` (imported lazily, so the RF stages never import torch).
 
-Pixel-wise models (``pixelwise = True``) are trained by :func:`pipeline.train.train` on a
-class-balanced pixel sample and predicted on (N, F) features; patch models implement their own
-``train_stage(cfg, gapfilled, labels, percentiles, out_dir, **kw)`` classmethod, which
-:func:`pipeline.train.train` hands over to, and ``classify_window(cube, norm)`` for prediction.
+Two families implement it: pixel-wise models (:class:`pipeline.models.pixel.PixelClassifier`: RF),
+trained on a class-balanced pixel sample and predicted on (N, F) features, and the patch-trained
+networks of :mod:`pipeline.nets` (one registered subclass of
+:class:`pipeline.nets.classifier.NetClassifier` per architecture).
 """
 
 from __future__ import annotations
 
 import importlib
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
@@ -26,39 +27,48 @@ from pipeline.errors import PipelineError
 NETWORKS = ("fgunet", "unet3", "mlp3", "lstm3", "tsfgunet")  # the seed's network family (§3.2, §4.2)
 _MODULES: dict[str, str] = {
     "rf": "pipeline.models.rf",
-    **{arch: "pipeline.models.net" for arch in NETWORKS},
+    **{arch: "pipeline.nets.classifier" for arch in NETWORKS},
 }
 
 REGISTRY: dict[str, type[Classifier]] = {}
 
 
+@dataclass(frozen=True)
+class MapSettings:
+    """How the predict stage runs a model over a tile's windows (decided once, before any compute)."""
+
+    margin: int  # px read around each window and cut off after classification
+    radius: int = 0  # majority-vote regularisation radius applied to each window's classes (0: none)
+    precision: str = "fp32"  # arithmetic really used, for the map's PRECISION tag
+
+
 @runtime_checkable
 class Classifier(Protocol):
-    """What the train/predict stages need from a model.
+    """What the train/predict stages need from a model, whatever its family.
 
-    ``classes_`` are the class codes of the columns of :meth:`predict_proba`; ``save``/``load``
-    persist the fitted state only (``model.json`` is written by the training stage).
+    ``classes_`` are the class codes the model maps to. ``train_stage`` writes the whole model
+    folder (fitted state plus ``model.json``) atomically; ``map_settings`` checks the loaded model
+    against its ``model.json`` and the config; ``classify_window`` maps one raw (T, C, H, W) window.
     """
 
     name: ClassVar[str]
-    pixelwise: ClassVar[bool]
     classes_: np.ndarray
 
     @classmethod
-    def from_config(cls, cfg: Any) -> Classifier: ...
-
-    def fit(self, features: np.ndarray, labels: np.ndarray) -> Classifier: ...
-
-    def predict_proba(self, features: np.ndarray) -> np.ndarray: ...
-
-    def predict(self, features: np.ndarray) -> np.ndarray: ...
-
-    def params(self) -> dict[str, Any]: ...
-
-    def save(self, directory: Path) -> None: ...
+    def train_stage(
+        cls, cfg: Any, gapfilled: Any, labels: Any, percentiles: Path, out_dir: Path, **kw: Any
+    ) -> None: ...
 
     @classmethod
     def load(cls, directory: Path) -> Classifier: ...
+
+    def map_settings(self, cfg: Any, meta: dict[str, Any], model_dir: Path) -> MapSettings: ...
+
+    def classify_window(self, cube: np.ndarray, norm: Any) -> tuple[np.ndarray, np.ndarray]: ...
+
+    def set_threads(self, n: int) -> None: ...
+
+    def params(self) -> dict[str, Any]: ...
 
 
 def register(name: str) -> Callable[[type], type]:
@@ -82,6 +92,11 @@ def derive_seed(seed: int, purpose: str) -> int:
 def is_network(name: str) -> bool:
     """True for patch-trained networks (they need patch positions); answered without importing torch."""
     return name in NETWORKS
+
+
+def module_of(name: str) -> str:
+    """The module that registers ``name`` (for provenance), without importing it."""
+    return _MODULES.get(name, REGISTRY[name].__module__ if name in REGISTRY else "?")
 
 
 def known() -> list[str]:

@@ -24,16 +24,16 @@ from tqdm import tqdm
 from pipeline.errors import PipelineError
 from pipeline.models import derive_seed, register
 from pipeline.models.forest import Forest, grow_forest
+from pipeline.models.pixel import PixelClassifier
 
 MODEL_FILE = "forest.npz"
 
 
 @register("rf")
-class RandomForest:
+class RandomForest(PixelClassifier):
     """The seed's RF behind the :class:`~pipeline.models.Classifier` protocol."""
 
     name: ClassVar[str] = "rf"
-    pixelwise: ClassVar[bool] = True
 
     def __init__(
         self,

@@ -2,14 +2,18 @@
 
 
 def train_inputs(wildcards):
-    """Networks also need every tile's precomputed patch positions."""
+    """Networks also need every tile's precomputed patch positions, and their starting model."""
     inputs = {
         "gapfilled": expand(str(LAYOUT.gapfilled("{tile}")), tile=TILES),
         "labels": expand(str(LAYOUT.labels("{tile}")), tile=TILES),
         "percentiles": str(LAYOUT.percentiles()),
     }
-    if is_network(classifier_of(wildcards.model)):
+    classifier = classifier_of(wildcards.model)
+    if is_network(classifier):
         inputs["patches"] = expand(str(LAYOUT.patches("{tile}")), tile=TILES)
+        # nets.init_from: a new starting model retrains (its folder is checked by the train job)
+        if start := init_folder(RUN_CONFIG["nets"].get("init_from"), classifier):
+            inputs["init_from"] = str(start / "weights.pt")
     return inputs
 
 

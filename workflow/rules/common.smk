@@ -11,6 +11,7 @@ from pipeline.config import validate as _validate_config
 from pipeline.errors import PipelineError
 from pipeline.layout import Layout
 from pipeline.models import is_network
+from pipeline.nets.settings import init_folder
 
 try:
     RUN_CONFIG = _validate_config(config, "config")
@@ -68,7 +69,7 @@ def _network_training(entry):
     The plugin's `mpi` resource makes it ask SLURM for every task and run the rule's command once,
     in the batch step, instead of inside a one-task `srun`; `launch` is then the `srun` that starts
     one `landcover train` per task (the processes find each other from the allocation,
-    pipeline/distributed.py). Locally, and for one task in all, `launch` is empty: one process.
+    pipeline/nets/distributed.py). Locally, and for one task in all, `launch` is empty: one process.
     """
     res = _sbatch(entry) | {"nodes": entry["nodes"], "launch": ""}
     nodes, per_node = entry["nodes"], entry["tasks_per_node"]

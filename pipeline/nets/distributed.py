@@ -30,12 +30,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from pipeline.patches import PatchRef, augment_batch
+from pipeline.nets.patches import PatchRef, augment_batch
 from pipeline.transfer import TransferPlan, plan_transfers
 
 if TYPE_CHECKING:
-    from pipeline.nettrain import PatchData
-    from pipeline.patches import ClassFirstSampler
+    from pipeline.nets.data import PatchData
+    from pipeline.nets.patches import ClassFirstSampler
 
 log = logging.getLogger(__name__)
 

@@ -149,3 +149,22 @@ def onednn_native_bf16() -> bool:
         return False
     cap = (os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or "").strip().upper()
     return not cap or any(m in cap for m in _BF16_ISA_MARKERS)
+
+
+def native_bf16(device: str = "cpu") -> bool:
+    """Whether bf16 runs natively here (else autocast emulates it, slower than fp32): the hardware
+    has it (CPU flags avx512_bf16/amx_bf16 that oneDNN may use, or a bf16 GPU) AND the bf16 probe
+    ran and agreed, since flags alone do not say the primitives exist in this build."""
+    import torch
+
+    if str(device).startswith("cuda"):
+        gpu = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        return bool(gpu) and bf16_autocast("cuda")
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((ln for ln in f if ln.startswith("flags")), "").split()
+    except OSError:
+        return False
+    if not ("avx512_bf16" in flags or "amx_bf16" in flags):
+        return False
+    return onednn_native_bf16() and bf16_autocast("cpu")

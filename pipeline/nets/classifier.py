@@ -1,27 +1,35 @@
 """The network models (FG-UNET and the seed's baselines) as registry entries, like the Random Forest.
 
-One wrapper class serves every architecture of :mod:`pipeline.models.nets`; the registry holds one
-subclass per name (``fgunet``, ``unet3``, ``mlp3``, ``lstm3``, ``tsfgunet``) so the config picks a
-model by name and every stage dispatches on it. Training lives in :mod:`pipeline.nettrain`; here is
-what prediction needs: loading the weights safely (``torch.load(weights_only=True)``: a weights file
-holds tensors and plain values, never pickled code) and classifying one window of the raw cube.
+One class serves every architecture of :mod:`pipeline.nets.arch`; the registry holds one subclass
+per name (``fgunet``, ``unet3``, ``mlp3``, ``lstm3``, ``tsfgunet``), so the config picks a model by
+name and the stages call the same :class:`~pipeline.models.Classifier` methods as for RF:
+``train_stage`` (one process, or several under torchrun/srun: :mod:`pipeline.nets.train`),
+``load`` (weights read with ``torch.load(weights_only=True)``), ``map_settings`` and
+``classify_window``.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
+import torch
 
 from pipeline.errors import PipelineError
-from pipeline.models import capability, register
+from pipeline.models import MapSettings, register
 from pipeline.models.features import Normalisation, nodata_mask
+from pipeline.nets import capability
+from pipeline.nets.arch import ARCHS, NetSpec, build
+from pipeline.nets.distributed import process_group, world_from_env
+from pipeline.nets.patches import patch_inputs
+from pipeline.nets.train import train_network
+from pipeline.nets.weights import WEIGHTS, load_weights, save_weights, weights_blob
 
 log = logging.getLogger(__name__)
 
-WEIGHTS = "weights.pt"
 CONFIDENCE_NODATA = 255
 
 
@@ -30,11 +38,8 @@ class NetClassifier:
 
     name: ClassVar[str]
     arch: ClassVar[str]
-    pixelwise: ClassVar[bool] = False
 
     def __init__(self, net: Any, codes: np.ndarray, indices: tuple[str, ...], device: str = "cpu") -> None:
-        import torch
-
         # channels-last weights: oneDNN's convs use that layout natively (2x on CPU, same results;
         # docs/benchmarks/fgunet.md)
         self.net = net.to(device).eval().to(memory_format=torch.channels_last)
@@ -56,7 +61,7 @@ class NetClassifier:
             raise ValueError(f"unknown precision {precision!r}")
         kind = "cuda" if str(self.device).startswith("cuda") else "cpu"
         if precision == "auto":
-            precision = "bf16" if native_bf16(self.device) else "fp32"
+            precision = "bf16" if capability.native_bf16(self.device) else "fp32"
         elif precision == "bf16" and not capability.bf16_autocast(kind):
             log.warning(
                 "inference.precision bf16 asked for, but bf16 autocast does not work on this %s (%s): "
@@ -65,7 +70,7 @@ class NetClassifier:
                 capability.failure(f"bf16 autocast on {kind}"),
             )
             precision = "fp32"
-        elif precision == "bf16" and not native_bf16(self.device):
+        elif precision == "bf16" and not capability.native_bf16(self.device):
             log.warning(
                 "inference.precision bf16 on a %s without native bf16 (no AVX512-BF16/AMX that oneDNN "
                 "may use, or a GPU without bf16): bf16 runs emulated, several to tens of times slower "
@@ -92,18 +97,61 @@ class NetClassifier:
         return int(self.net.receptive_radius())
 
     @classmethod
-    def from_config(cls, cfg: Any) -> NetClassifier:
-        raise NotImplementedError(f"{cls.name} is trained by train_stage (patch sampling), not from_config")
+    def train_stage(
+        cls,
+        cfg: Any,
+        gapfilled: Mapping[str, Path],
+        labels: Mapping[str, Path],
+        percentiles: Path,
+        out_dir: Path,
+        *,
+        fold: int | None = None,
+        patches: Mapping[str, Path] | None = None,
+        checkpoints: Path | None = None,
+    ) -> None:
+        """Train on patches of every tile; one process, or this rank of several (torchrun/srun env)."""
+        if fold is not None:
+            raise PipelineError(None, f"--fold trains a pixel-wise reference model, not {cls.name}")
+        with process_group(world_from_env()) as world:
+            train_network(
+                cfg, cls.name, gapfilled, labels, percentiles, out_dir,
+                patches=patches, checkpoints=checkpoints, world=world,
+            )  # fmt: skip
 
-    @classmethod
-    def train_stage(cls, cfg: Any, gapfilled: Any, labels: Any, percentiles: Path, out_dir: Path, **kw: Any):
-        from pipeline.nettrain import train_network
+    def map_settings(self, cfg: Any, meta: dict[str, Any], model_dir: Path) -> MapSettings:
+        """Check the weights against ``model.json``, pick the arithmetic, and read each window with
+        ``inference.overlap`` around it, rounded up to the pooling factor (window origins stay on
+        the pooling grid, so aligned windows stitch to the whole-image result)."""
+        self.check_meta(meta, model_dir)
+        inf = cfg["inference"]
+        pool = self.pool_factor
+        if int(inf["window"]) % pool:
+            raise PipelineError(
+                model_dir, f"inference.window {inf['window']} is not a multiple of the pooling factor {pool}"
+            )
+        precision = self.set_precision(inf["precision"])
+        return MapSettings(margin=-(-int(inf["overlap"]) // pool) * pool, precision=precision)
 
-        train_network(cfg, cls.name, gapfilled, labels, percentiles, out_dir, **kw)
+    def check_meta(self, meta: dict[str, Any], model_dir: Path) -> None:
+        """The weights must agree with ``model.json`` on classes and input channels (before any compute)."""
+        feats = meta["features"]
+        codes = [int(c) for c in meta["classes"]["codes"]]
+        if [int(c) for c in self.classes_] != codes:
+            raise PipelineError(
+                model_dir, f"weights' classes {list(self.classes_)} differ from model.json's {codes}"
+            )
+        spec = self.spec
+        n_channels = len(feats.get("network_channels", feats["channels"]))
+        if spec.in_channels * spec.groups != n_channels:
+            raise PipelineError(
+                model_dir,
+                f"weights expect {spec.in_channels * spec.groups} input channels,"
+                f" model.json describes {n_channels}",
+            )
+        if list(self.indices) != list(feats.get("indices", [])):
+            raise PipelineError(model_dir, "weights' spectral indices differ from model.json's")
 
     def set_threads(self, n: int) -> None:
-        import torch
-
         torch.set_num_threads(max(1, int(n)))
 
     def params(self) -> dict[str, Any]:
@@ -111,19 +159,10 @@ class NetClassifier:
 
     def weights(self) -> dict[str, Any]:
         """What ``weights.pt`` holds: tensors and plain values only (safe to load)."""
-        return {
-            "format": 1,
-            "arch": self.arch,
-            "spec": self.spec.to_json(),
-            "codes": [int(c) for c in self.codes],
-            "indices": list(self.indices),
-            "state_dict": {k: v.detach().cpu() for k, v in self.net.state_dict().items()},
-        }
+        return weights_blob(self.spec, self.codes, self.indices, self.net.state_dict())
 
     def save(self, directory: Path) -> None:
-        import torch
-
-        torch.save(self.weights(), Path(directory) / WEIGHTS)
+        save_weights(directory, self.weights())
 
     @classmethod
     def load(cls, directory: Path, device: str = "cpu") -> NetClassifier:
@@ -135,8 +174,6 @@ class NetClassifier:
 
     @classmethod
     def from_weights(cls, blob: dict[str, Any], source: Path | None = None, device: str = "cpu"):
-        from pipeline.models.nets import NetSpec, build
-
         try:
             spec = NetSpec.from_json(blob["spec"])
             net = build(spec)
@@ -152,10 +189,6 @@ class NetClassifier:
         would be, so aligned windows stitch to the whole-image result. No-data pixels get code 0 and
         confidence 255.
         """
-        import torch
-
-        from pipeline.patches import patch_inputs
-
         _, _, h, w = cube.shape
         x = patch_inputs(cube, norm, self.indices)
         p = self.pool_factor
@@ -176,46 +209,7 @@ class NetClassifier:
         return codes, conf
 
 
-def native_bf16(device: str = "cpu") -> bool:
-    """Whether bf16 runs natively here (else autocast emulates it, slower than fp32): the hardware
-    has it (CPU flags avx512_bf16/amx_bf16 that oneDNN may use, or a bf16 GPU) AND the bf16 probe
-    ran and agreed, since flags alone do not say the primitives exist in this build."""
-    import torch
-
-    if str(device).startswith("cuda"):
-        gpu = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-        return bool(gpu) and capability.bf16_autocast("cuda")
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((ln for ln in f if ln.startswith("flags")), "").split()
-    except OSError:
-        return False
-    if not ("avx512_bf16" in flags or "amx_bf16" in flags):
-        return False
-    return capability.onednn_native_bf16() and capability.bf16_autocast("cpu")
-
-
-def load_weights(path: Path) -> dict[str, Any]:
-    """Read a weights/checkpoint file with ``weights_only=True``; anything else is a one-line error."""
-    import pickle
-
-    import torch
-
-    try:
-        blob = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise PipelineError(path, "weights file not found") from None
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as exc:
-        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise PipelineError(path, f"not a loadable weights file ({msg})") from exc
-    if not isinstance(blob, dict):
-        raise PipelineError(path, "not a weights file of this pipeline (no dict inside)")
-    return blob
-
-
 def _register_all() -> None:
-    from pipeline.models.nets import ARCHS
-
     for arch in ARCHS:
         register(arch)(type(f"Net_{arch}", (NetClassifier,), {"arch": arch, "__module__": __name__}))
 

@@ -21,7 +21,8 @@ touches 1-4 inner chunks, never a tile), normalised by eq. 2 plus optional spect
 :func:`augment`).
 
 The array functions are pure and independent of zarr, so they are tested against brute-force
-oracles; only :func:`index_tile` and :func:`read_patches` touch stores.
+oracles; only :func:`index_tile` and :func:`read_patches` touch stores. :func:`index_patches` is
+the ``patches`` stage (``landcover patches``): one tile's train and model-selection positions.
 """
 
 from __future__ import annotations
@@ -39,9 +40,11 @@ import zarr
 from pipeline.errors import PipelineError
 from pipeline.io.atomic import atomic_path
 from pipeline.io.tilestore import SHARD, open_store
+from pipeline.nets.settings import NetSettings
 from pipeline.stats import NODATA
 
 if TYPE_CHECKING:
+    from pipeline.config import Config
     from pipeline.models.features import Normalisation
 
 log = logging.getLogger(__name__)
@@ -673,3 +676,48 @@ def augment_batch(x: np.ndarray, y: np.ndarray, ks: Sequence[int]) -> tuple[np.n
     for i, k in enumerate(np.asarray(ks).tolist()):
         xo[i], yo[i] = augment(x[i], y[i], k)
     return xo, yo
+
+
+# ---------------------------------------------------------------------------------------------------
+# the ``patches`` stage
+
+
+def selection_index_path(train_index: Path) -> Path:
+    """The selection index beside a train index (``T.train.npz`` -> ``T.selection.npz``)."""
+    from pipeline.reference import SELECTION  # geopandas: only when a stage needs it
+
+    name = Path(train_index).name
+    stem = name[: -len(".train.npz")] if name.endswith(".train.npz") else Path(name).stem
+    return Path(train_index).with_name(f"{stem}.{SELECTION}.npz")
+
+
+def index_patches(cfg: Config, tile: str, labels: Path, out: Path) -> None:
+    """``landcover patches``: a tile's train positions (class-first lists) and model-selection patches."""
+    from pipeline.reference import SELECTION
+
+    s = NetSettings.from_config(cfg)
+    codes = [int(c) for c in cfg.class_codes]
+    index_tile(
+        labels,
+        tile,
+        out,
+        s.patch_size,
+        s.patch_stride,
+        s.min_labelled,
+        codes,
+        split="train",
+        min_positions=s.min_class_positions,
+        held_out=SELECTION,
+    )
+    # model selection: non-overlapping patches holding at least one selection pixel
+    one_px = 0.5 / (s.patch_size * s.patch_size)
+    index_tile(
+        labels,
+        tile,
+        selection_index_path(out),
+        s.patch_size,
+        s.patch_size,
+        one_px,
+        codes,
+        split=SELECTION,
+    )

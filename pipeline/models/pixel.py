@@ -1,0 +1,133 @@
+"""The pixel-wise family (RF): trained on a class-balanced pixel sample, mapped pixel by pixel.
+
+:class:`PixelClassifier` is the stage side every pixel model shares: ``train_stage`` draws the
+sample (:func:`pipeline.sampling.balanced_sample`), fits and writes the model folder;
+``classify_window`` gathers the pixels with data into (N, F) features in the training layout and
+maps them. A subclass brings only the estimator: ``from_config``, ``fit``, ``predict_proba``,
+``save``/``load``, ``params``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+
+from pipeline.errors import PipelineError
+from pipeline.io.atomic import atomic_path
+from pipeline.models import MapSettings, derive_seed
+from pipeline.models.features import Normalisation, nodata_mask
+
+log = logging.getLogger(__name__)
+
+CONFIDENCE_NODATA = 255
+
+
+class PixelClassifier:
+    """Stage methods of a pixel-wise estimator (see the module docstring)."""
+
+    name: ClassVar[str]
+    classes_: np.ndarray
+
+    # ---- the estimator, per subclass
+    @classmethod
+    def from_config(cls, cfg: Any) -> PixelClassifier:
+        raise NotImplementedError
+
+    def fit(self, features: np.ndarray, labels: np.ndarray) -> PixelClassifier:
+        raise NotImplementedError
+
+    def predict_proba(self, features: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def save(self, directory: Path) -> None:
+        raise NotImplementedError
+
+    def params(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def set_threads(self, n: int) -> None:
+        """Threads for predict (the node mapping a tile may differ from the one that trained)."""
+
+    # ---- the stages
+    @classmethod
+    def train_stage(
+        cls,
+        cfg: Any,
+        gapfilled: Mapping[str, Path],
+        labels: Mapping[str, Path],
+        percentiles: Path,
+        out_dir: Path,
+        *,
+        fold: int | None = None,
+        **unused: Any,
+    ) -> None:
+        """Sample the training labels of every tile (all but ``fold``, for the geometric QA's
+        reference models), fit, and write the model folder at once."""
+        from pipeline.sampling import balanced_sample
+        from pipeline.train import META, model_meta
+
+        if given := sorted(k for k, v in unused.items() if v is not None):
+            raise PipelineError(
+                None, f"{cls.name} is trained on a pixel sample; {', '.join(given)} do not apply"
+            )
+        norm = Normalisation.from_percentiles(percentiles)
+        t0 = time.perf_counter()
+        per_class = int(cfg["rf"]["samples_per_class"])
+        seed = derive_seed(cfg.seed, "sampling" if fold is None else f"sampling/fold{fold}")
+        sample = balanced_sample(labels, gapfilled, cfg.class_codes, per_class, seed, norm, exclude_fold=fold)
+        empty = [c for c in cfg.class_codes.tolist() if sample.counts.get(c, 0) == 0]
+        if empty:
+            log.warning("classes without training pixels (left out of the model): %s", cfg.named(empty))
+        short = {c: n for c, n in sample.counts.items() if 0 < n < per_class}
+        if short:
+            log.info("classes with fewer than %d training pixels: %s", per_class, cfg.named(short))
+        present = sorted(c for c, n in sample.counts.items() if n > 0)
+        if len(present) < 2:
+            raise PipelineError(
+                next(iter(labels.values()), None),
+                f"need training pixels of at least 2 classes, found {present}",
+            )
+        t_sample = time.perf_counter() - t0
+        log.info("sampled %d pixels of %d classes in %.1f s", sample.labels.size, len(present), t_sample)
+
+        model = cls.from_config(cfg)
+        t1 = time.perf_counter()
+        model.fit(norm.apply(sample.features), sample.labels)
+        t_fit = time.perf_counter() - t1
+        log.info("fitted %s in %.1f s", cls.name, t_fit)
+
+        meta = model_meta(cfg, cls.name, model, norm, sample, per_class, empty, percentiles)
+        meta["timing_s"] = {"sampling": round(t_sample, 3), "fit": round(t_fit, 3)}
+        meta["samples"]["seed"] = seed
+        if fold is not None:
+            meta["samples"]["excluded_fold"] = fold
+        with atomic_path(out_dir) as tmp:
+            tmp.mkdir()
+            model.save(tmp)
+            (tmp / META).write_text(json.dumps(meta, indent=2) + "\n")
+
+    def map_settings(self, cfg: Any, meta: dict[str, Any], model_dir: Path) -> MapSettings:
+        """Each window is read with the regularisation radius around it (the vote looks that far)."""
+        radius = int(cfg["inference"]["regularisation_radius"])
+        return MapSettings(margin=radius, radius=radius)
+
+    def classify_window(self, cube: np.ndarray, norm: Normalisation) -> tuple[np.ndarray, np.ndarray]:
+        """(T, C, H, W) raw cube -> (H, W) class codes (0 = no data) and confidence in % (255 = no data)."""
+        t, c, h, w = cube.shape
+        codes = np.zeros(h * w, np.uint8)
+        conf = np.full(h * w, CONFIDENCE_NODATA, np.uint8)
+        idx = np.flatnonzero(~nodata_mask(cube))
+        if idx.size:
+            # gather only pixels with data, t-major channels (same layout as pixel_features)
+            x = norm.apply(np.ascontiguousarray(cube.reshape(t * c, h * w)[:, idx].T))
+            proba = self.predict_proba(x)
+            best = proba.argmax(1)
+            codes[idx] = self.classes_[best]
+            conf[idx] = np.rint(proba[np.arange(best.size), best] * 100)
+        return codes.reshape(h, w), conf.reshape(h, w)

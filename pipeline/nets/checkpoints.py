@@ -1,0 +1,99 @@
+"""Per-epoch checkpoints: written atomically, refused when they belong to another run.
+
+A checkpoint holds tensors and plain values only (read with ``torch.load(weights_only=True)``),
+plus the run's identity (classes, channels, normalisation, network, training settings, labels), so
+a resumed run that would mix two trainings stops before any compute and names what differs.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pipeline.errors import PipelineError
+from pipeline.io.atomic import atomic_path
+from pipeline.nets.history import HISTORY, PLOT, history_csv, plot_history
+from pipeline.nets.settings import NetSettings
+
+
+def training_identity(s: NetSettings, seed: int, nodes: int) -> dict[str, Any]:
+    """Settings a resumed run must share with the checkpoint (``epochs`` may grow, others may not)."""
+    d = asdict(s)
+    for k in ("epochs", "device", "keep_checkpoints", "selection_patches", "init_from"):
+        d.pop(k)
+    return json.loads(json.dumps(d | {"seed": seed, "nodes": nodes}))
+
+
+def latest_checkpoint(ckdir: Path) -> Path | None:
+    found = sorted(Path(ckdir).glob("epoch_*.pt")) if Path(ckdir).is_dir() else []
+    return found[-1] if found else None
+
+
+def save_checkpoint(
+    ckdir: Path,
+    epoch: int,
+    net: torch.nn.Module,
+    opt: torch.optim.Optimizer,
+    history: list[dict[str, Any]],
+    identity: dict[str, Any],
+    keep: int,
+    best: dict[str, Any] | None = None,
+) -> Path:
+    """Write ``epoch_NNN.pt`` atomically, then drop all but the ``keep`` newest (never the new one).
+
+    ``best`` (epoch, selection kappa, weights of the epoch to keep) travels in every checkpoint, so
+    a resumed run keeps the same epoch as an uninterrupted one."""
+    ckdir.mkdir(parents=True, exist_ok=True)
+    path = ckdir / f"epoch_{epoch:04d}.pt"
+    blob = {
+        "format": 1,
+        "epoch": epoch,
+        "state_dict": {k: v.detach().cpu() for k, v in net.state_dict().items()},
+        "optimizer": opt.state_dict(),
+        "history": history,
+        "identity": identity,
+    }
+    if best is not None:
+        blob["best"] = best
+    with atomic_path(path) as tmp:
+        torch.save(blob, tmp)
+    (ckdir / HISTORY).write_text(history_csv(history))
+    plot_history(history, ckdir / PLOT, title=identity["arch"])
+    for old in sorted(ckdir.glob("epoch_*.pt"))[:-keep]:
+        old.unlink()
+    return path
+
+
+def check_resumable(blob: dict[str, Any], identity: dict[str, Any], path: Path, ckdir: Path) -> None:
+    """Refuse a checkpoint that belongs to a different run, naming what differs."""
+    got = blob.get("identity", {})
+    what = {
+        "arch": "network",
+        "codes": "class list",
+        "channels": "input channels",
+        "normalisation": "normalisation (percentiles)",
+        "spec": "network shape",
+        "training": "training settings",
+        "data": "training labels (pixels per class or patch positions)",
+        "init": "starting weights (nets.init_from)",
+    }
+    for key, label in what.items():
+        if got.get(key) != identity.get(key):
+            detail = diff(got.get(key), identity[key])
+            raise PipelineError(
+                path,
+                f"checkpoint does not match this run: {label} differ{detail}; delete {ckdir} to start afresh",
+            )
+
+
+def diff(a: Any, b: Any) -> str:
+    if isinstance(a, dict) and isinstance(b, dict):
+        keys = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+        return f" ({', '.join(f'{k}: {a.get(k)!r} vs {b.get(k)!r}' for k in keys[:3])})" if keys else ""
+    if isinstance(a, list) and isinstance(b, list):
+        return f" ({len(a)} in the checkpoint vs {len(b)} in the run)" if len(a) != len(b) else " (values)"
+    return f" ({a!r} vs {b!r})"

@@ -1,0 +1,351 @@
+"""``landcover train`` for the network models: sparse-label patch training (seed §3.2.4, §3.3).
+
+Each step draws ``b`` patches class-first from the precomputed patch positions of every tile
+(:mod:`pipeline.nets.patches`), augments them, normalises them with the run's percentiles (eq. 2) and
+minimises the weighted cross-entropy of eq. 1 with class weights of eq. 4, unlabelled pixels
+contributing exactly zero. Adam runs at the eq.-3 warm-up rate for the first ``w`` epochs.
+
+Every epoch ends with a model-selection pass on a fixed set of patches of the selection polygons
+(training polygons held out of training, :func:`pipeline.reference.training_labels`; loss, OA,
+kappa, mean F-score; logged, written to ``history.csv`` and plotted) and a checkpoint. The model
+kept is the epoch with the best selection kappa, not the last one; the validation polygons behind
+the final metrics are never looked at during training. All randomness of epoch
+``e`` (patch draws, augmentation, dropout) is seeded from ``(run seed, model, e)``, so a training
+killed at any point and started again with the same command resumes from its last checkpoint and
+ends with bit-identical weights. Checkpoints hold tensors and plain values only and are read with
+``torch.load(weights_only=True)``; one that does not match the run (classes, channels,
+normalisation, network, training settings) stops the run before any compute.
+
+The per-process batch ``b`` and the number of processes (``nodes`` in eq. 3) are parameters: the
+multi-node training (:mod:`pipeline.nets.distributed`) runs this same loop with its batch source.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from pipeline.config import Config
+from pipeline.errors import PipelineError
+from pipeline.io.atomic import atomic_path
+from pipeline.layout import Layout
+from pipeline.metrics import confusion, scores
+from pipeline.models import derive_seed
+from pipeline.models.features import Normalisation
+from pipeline.nets.arch import NetSpec, build, count_parameters
+from pipeline.nets.checkpoints import check_resumable, latest_checkpoint, save_checkpoint, training_identity
+from pipeline.nets.data import PatchData, check_drawable, code_lut, sampled_pixels
+from pipeline.nets.distributed import BatchSource, World
+from pipeline.nets.finetune import Start, starting_point
+from pipeline.nets.history import HISTORY, PLOT, history_csv, plot_history
+from pipeline.nets.loss import class_weights, weighted_sparse_ce
+from pipeline.nets.patches import ClassFirstSampler, PatchRef, channels_per_date, min_pixels, patch_inputs
+from pipeline.nets.settings import NetSettings, warmup_lr
+from pipeline.nets.weights import load_weights, save_weights, weights_blob
+from pipeline.reference import SELECTION
+from pipeline.train import META, base_meta
+
+log = logging.getLogger(__name__)
+
+
+def train_network(
+    cfg: Config,
+    name: str,
+    gapfilled: Mapping[str, Path],
+    labels: Mapping[str, Path],
+    percentiles: Path,
+    out_dir: Path,
+    *,
+    patches: Mapping[str, Path] | None = None,
+    checkpoints: Path | None = None,
+    world: World | None = None,
+) -> None:
+    """Train network ``name`` on every tile's training labels into the model folder ``out_dir``.
+
+    ``world``: this process's rank among the training processes (default: a single process);
+    with several, each reads its own tiles' patches, process 0 plans batches, validates and writes.
+    """
+    world = world or World()
+    nodes = world.size
+    s = NetSettings.from_config(cfg)
+    out_dir = Path(out_dir)
+    lay = Layout(cfg.workdir)
+    patches = patches or {t: lay.patches(t) for t in gapfilled}
+    ckdir = Path(checkpoints) if checkpoints else out_dir.with_name(f"{out_dir.name}.checkpoints")
+    device = s.torch_device()
+    if device == "cuda":  # one GPU per process on a multi-GPU node
+        device = f"cuda:{world.local_rank % torch.cuda.device_count()}"
+        torch.cuda.set_device(device)
+    torch.set_num_threads(cfg.threads())
+
+    norm = Normalisation.from_percentiles(percentiles)
+    codes = cfg.class_codes
+    n_dates = len(norm.dates)
+    if n_dates % s.groups:
+        raise PipelineError(percentiles, f"{n_dates} dates do not split into {s.groups} temporal groups")
+    per_date = channels_per_date(norm.bands, s.indices)
+    spec = NetSpec(
+        arch=name,
+        in_channels=n_dates // s.groups * per_date,
+        groups=s.groups,
+        n_classes=len(codes),
+        unet_filters=s.unet_filters,
+        mlp_filters=s.mlp_filters,
+        dropout=s.dropout,
+        lstm_hidden=s.lstm_hidden,
+    )
+    init: Start | None = None
+    if folder := s.init_folder(name):  # checked before any data is read or anything written
+        init = starting_point(folder, spec, codes.tolist(), list(norm.bands), s.indices, cfg.named)
+        log.info("%s starts from %s (nets.init_from)", name, folder)
+    data = PatchData(gapfilled, labels, patches, norm, s.patch_size)
+    counts = data.class_counts(codes, world)
+    need = min_pixels(s.patch_size, s.min_labelled)
+    sampler = ClassFirstSampler(
+        list(data.train_index.values()),
+        [int(c) for c in codes],
+        need=need,
+        min_positions=s.min_class_positions,
+    )
+    check_drawable(cfg, sampler, counts, s, next(iter(patches.values()), None))
+    relaxed = {c: t for c, t in sampler.thresholds.items() if t < need}
+    if relaxed:
+        log.info(
+            "classes without %d positions at >= %d px of a %d-px patch, drawn from their best-stocked"
+            " positions instead (threshold in px): %s",
+            s.min_class_positions, need, s.patch_size, cfg.named(relaxed),
+        )  # fmt: skip
+    empty = [int(c) for c, n in zip(codes, counts, strict=True) if n == 0]
+    if s.class_weights == "sampled":
+        seen = sampled_pixels(data, sampler, codes, derive_seed(cfg.seed, f"{name}/weights"))
+        weight_counts = np.where(counts > 0, np.maximum(seen, 1), 0)  # drawable: > 0 anyway
+    else:
+        weight_counts = counts if s.class_weights == "paper" else (counts > 0).astype(np.int64)
+    class_w = class_weights(weight_counts, s.max_class_weight)
+
+    torch.manual_seed(derive_seed(cfg.seed, f"{name}/init"))  # same initial weights on every process
+    net = build(spec)
+    if init is not None:
+        net.load_state_dict(init.state_dict)
+    net = net.to(device).to(memory_format=torch.channels_last)  # oneDNN's native conv layout
+    if s.patch_size % net.pool_factor:
+        raise PipelineError(None, f"nets.patch_size {s.patch_size} is not a multiple of {net.pool_factor}")
+    opt = torch.optim.Adam(net.parameters(), lr=s.learning_rate)
+    weights = torch.from_numpy(class_w).to(device)
+    lut = code_lut(codes)
+    channels = [f"{d}/{b}" for d in norm.dates for b in (*norm.bands, *s.indices)]
+    identity = {
+        "arch": name,
+        "codes": [int(c) for c in codes],
+        "channels": channels,
+        "normalisation": {"low": norm.low.tolist(), "high": norm.high.tolist()},
+        "spec": spec.to_json(),
+        "training": training_identity(s, cfg.seed, nodes),
+        # the labels behind the checkpoint: resuming after the references changed would be wrong
+        "data": {"pixels_per_class": [int(n) for n in counts], "patches": data.digest()},
+        "init": init.provenance["weights_sha256"] if init else None,
+    }
+
+    history: list[dict[str, Any]] = []
+    start = 0
+    best: dict[str, Any] | None = None  # the epoch kept: best selection kappa so far, and its weights
+    if latest := latest_checkpoint(ckdir):
+        blob = load_weights(latest)
+        check_resumable(blob, identity, latest, ckdir)
+        net.load_state_dict(blob["state_dict"])
+        opt.load_state_dict(blob["optimizer"])
+        history = list(blob["history"])
+        start = int(blob["epoch"])
+        best = blob.get("best")
+        log.info("resuming %s from %s (epoch %d of %d)", name, latest.name, start, s.epochs)
+
+    sel_refs: list[PatchRef] = []
+    if world.is_main:
+        sel_refs = data.selection_refs(s.selection_patches, derive_seed(cfg.seed, f"{name}/selection"))
+        if sel_refs:
+            sel_x, sel_y = data.read(sel_refs, split=SELECTION)
+        else:
+            log.warning("no model-selection patches (reference.selection_ratio): the last epoch is kept")
+    batches = BatchSource(data, sampler, world, s.batch_size, s.augment)
+    model_fwd: torch.nn.Module = net
+    if world.size > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        model_fwd = DistributedDataParallel(
+            net, device_ids=None if device == "cpu" else [torch.device(device)]
+        )
+    t_start = time.perf_counter()
+    for epoch in range(start, s.epochs):
+        t0 = time.perf_counter()
+        lr = warmup_lr(s.learning_rate, nodes, s.warmup_epochs, epoch)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        rng = np.random.default_rng(derive_seed(cfg.seed, f"{name}/epoch/{epoch}"))  # used by process 0
+        torch.manual_seed(derive_seed(cfg.seed, f"{name}/dropout/{epoch}/{world.rank}"))
+        net.train()
+        total = 0.0
+        bar = tqdm(
+            range(s.steps_per_epoch),
+            desc=f"{name} epoch {epoch + 1}/{s.epochs}",
+            unit="batch",
+            disable=None if world.is_main else True,
+        )
+        for step in bar:
+            x, y = batches(rng)
+            xt = torch.from_numpy(patch_inputs(x, norm, s.indices)).to(device)
+            yt = torch.from_numpy(lut[y]).to(device)
+            loss = weighted_sparse_ce(model_fwd(xt), yt, weights)
+            seen = loss.detach().clone()
+            if world.size > 1:  # every process must see a NaN anywhere, or the others would hang
+                dist.all_reduce(seen)
+                seen /= world.size
+            if not torch.isfinite(seen):
+                kept = latest_checkpoint(ckdir)
+                raise PipelineError(
+                    ckdir,
+                    f"loss is {seen.item()} at epoch {epoch + 1}, batch {step + 1}; training stopped, "
+                    + (f"last good checkpoint {kept.name} kept" if kept else "no checkpoint written yet"),
+                )
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += seen.item()
+            bar.set_postfix(loss=f"{total / (step + 1):.4f}")
+        bar.close()
+        row = {"epoch": epoch + 1, "lr": lr, "train_loss": total / s.steps_per_epoch}
+        if sel_refs:
+            row |= evaluate(net, sel_x, sel_y, norm, s.indices, codes, lut, weights, s.batch_size, device)
+        row["seconds"] = round(time.perf_counter() - t0, 3)
+        history.append(row)
+        if not world.is_main:
+            continue  # process 0 logs, validates and checkpoints; the weights are the same everywhere
+        if best is None or _better(row.get("sel_kappa"), best["sel_kappa"]):
+            state = {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}
+            best = {"epoch": epoch + 1, "sel_kappa": row.get("sel_kappa"), "state_dict": state}
+        log.info(
+            "%s epoch %d/%d: lr %.2e, loss %.4f, selection loss %s, OA %s, kappa %s, mean F1 %s",
+            name, epoch + 1, s.epochs, lr, row["train_loss"],
+            _fmt(row.get("sel_loss")), _fmt(row.get("sel_oa")), _fmt(row.get("sel_kappa")),
+            _fmt(row.get("sel_mean_f1")),
+        )  # fmt: skip
+        save_checkpoint(ckdir, epoch + 1, net, opt, history, identity, s.keep_checkpoints, best)
+
+    if world.size > 1:
+        dist.barrier()
+    if not world.is_main:
+        return
+    if best is not None:  # the model kept: the epoch that scored best on the selection polygons
+        net.load_state_dict(best["state_dict"])
+        log.info(
+            "%s: keeping epoch %d of %d (selection kappa %s)", name, best["epoch"], s.epochs,
+            _fmt(best["sel_kappa"]),
+        )  # fmt: skip
+    net = net.cpu()
+    meta = _meta(
+        cfg, name, net, norm, empty, percentiles, s, spec, channels, counts, data, nodes, history,
+        class_w, sampler,
+    )  # fmt: skip
+    meta["training"]["kept_epoch"] = best["epoch"] if best is not None else s.epochs
+    meta["training"]["init_from"] = init.provenance if init else None
+    meta["timing_s"] = {"training": round(time.perf_counter() - t_start, 3)}
+    with atomic_path(out_dir) as tmp:
+        tmp.mkdir()
+        save_weights(tmp, weights_blob(spec, codes, s.indices, net.state_dict()))
+        (tmp / META).write_text(json.dumps(meta, indent=2) + "\n")
+        (tmp / HISTORY).write_text(history_csv(history))
+        plot_history(history, tmp / PLOT, title=name)
+    log.info("trained %s: %d epochs -> %s", name, s.epochs, out_dir)
+
+
+def _better(score: float | None, best: float | None) -> bool:
+    """Whether this epoch replaces the kept one: a strictly higher selection score; an unscored
+    epoch never replaces a scored one, and without any score (no selection patches) the latest wins."""
+    if score is None:
+        return best is None
+    return best is None or score > best
+
+
+def _fmt(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:.4f}"
+
+
+@torch.no_grad()
+def evaluate(
+    net: torch.nn.Module,
+    raw: np.ndarray,
+    labels: np.ndarray,
+    norm: Normalisation,
+    indices: tuple[str, ...],
+    codes: np.ndarray,
+    lut: np.ndarray,
+    weights: torch.Tensor,
+    batch: int,
+    device: str,
+) -> dict[str, float | None]:
+    """Loss (eq. 1), OA, kappa and mean F-score on the fixed selection patches (labelled pixels only)."""
+    net.eval()
+    loss_sum, n_px = 0.0, 0
+    cm = np.zeros((len(codes), len(codes)), np.int64)
+    for i in range(0, len(raw), batch):
+        x = torch.from_numpy(patch_inputs(raw[i : i + batch], norm, indices)).to(device)
+        y = lut[labels[i : i + batch]]
+        logits = net(x)
+        yt = torch.from_numpy(y).to(device)
+        loss_sum += weighted_sparse_ce(logits, yt, weights).item() * yt.numel()
+        n_px += yt.numel()
+        pred = np.asarray(codes)[logits.argmax(1).cpu().numpy()]
+        cm += confusion(labels[i : i + batch], pred.astype(np.uint8), np.asarray(codes))
+    sc = scores(cm)
+    f1 = [f for f in sc["f1"] if f is not None]
+    return {
+        "sel_loss": loss_sum / max(n_px, 1),
+        "sel_oa": sc["oa"],
+        "sel_kappa": sc["kappa"],
+        "sel_mean_f1": float(np.mean(f1)) if f1 else None,
+    }
+
+
+def _meta(
+    cfg: Config,
+    name: str,
+    net: torch.nn.Module,
+    norm: Normalisation,
+    empty: list[int],
+    percentiles: Path,
+    s: NetSettings,
+    spec: NetSpec,
+    channels: list[str],
+    counts: np.ndarray,
+    data: PatchData,
+    nodes: int,
+    history: list[dict[str, Any]],
+    class_w: np.ndarray,
+    sampler: ClassFirstSampler,
+) -> dict[str, Any]:
+    meta = base_meta(cfg, name, cfg.class_codes, norm, empty, percentiles)
+    meta["features"] |= {
+        "indices": list(s.indices),
+        "network_channels": channels,
+        "groups": s.groups,
+        "channels_per_group": spec.in_channels,
+    }
+    meta["params"] = spec.to_json() | {"parameters": count_parameters(net)}
+    meta["training"] = training_identity(s, cfg.seed, nodes) | {
+        "epochs": s.epochs,
+        "pixels_per_class": {str(int(c)): int(n) for c, n in zip(cfg.class_codes, counts, strict=True)},
+        "class_weights": [float(w) for w in class_w],
+        "class_weighting": s.class_weights,
+        "draw_thresholds_px": {str(c): int(t) for c, t in sampler.thresholds.items()},
+        "patch_positions": {t: int(i.rows.size) for t, i in data.train_index.items()},
+        "history": history,
+    }
+    return meta
