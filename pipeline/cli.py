@@ -113,8 +113,9 @@ def _train(cfg: Config, args: argparse.Namespace) -> None:
         "percentiles": lay.percentiles(),
         "out_dir": out,
     }
-    # each family refuses what does not apply to it (--fold: pixel models; --checkpoints: networks)
-    train(cfg, model, **common, fold=args.fold, checkpoints=args.checkpoints)
+    # each family refuses what does not apply to it (--fold: pixel models; --checkpoints: networks;
+    # --network: hybrids)
+    train(cfg, model, **common, fold=args.fold, checkpoints=args.checkpoints, network=args.network)
 
 
 def _model_seed(cfg: Config, args: argparse.Namespace) -> tuple[str, int]:
@@ -260,6 +261,9 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, Stage]]:
     ).add_argument("--labels", type=Path, help="the tile's label store")
     p = add("train", _train, "train a classifier on all tiles", model=True)
     p.add_argument("--checkpoints", type=Path, help="network checkpoint folder (default: <out>.checkpoints)")
+    p.add_argument(
+        "--network", type=Path, help="a hybrid's trained network folder (default: models/<network> by --out)"
+    )
     p.add_argument(
         "--fold", type=int, help="leave out this fold of training polygons (geometric-QA reference RFs)"
     )

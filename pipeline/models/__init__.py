@@ -25,9 +25,12 @@ from pipeline.errors import PipelineError
 
 # name -> module that registers it; imported on first lookup so heavy deps load only when used
 NETWORKS = ("fgunet", "unet3", "mlp3", "lstm3", "tsfgunet")  # the seed's network family (§3.2, §4.2)
+# a network's frozen penultimate features + the RF (seed §6): name -> the network it reads
+HYBRIDS = {"fgunet_rf": "fgunet"}
 _MODULES: dict[str, str] = {
     "rf": "pipeline.models.rf",
     **{arch: "pipeline.nets.classifier" for arch in NETWORKS},
+    **{name: "pipeline.nets.hybrid" for name in HYBRIDS},
 }
 
 REGISTRY: dict[str, type[Classifier]] = {}
@@ -87,6 +90,13 @@ def register(name: str) -> Callable[[type], type]:
 def derive_seed(seed: int, purpose: str) -> int:
     """A per-purpose seed from the run's root seed, so sampling and model init draw independent streams."""
     return int(np.random.SeedSequence([seed, *purpose.encode()]).generate_state(1)[0])
+
+
+def refuse_options(name: str, options: dict[str, Any]) -> None:
+    """A ``train_stage`` option that does not apply to this model, given anyway, is an error (a
+    silently ignored ``--fold`` or ``--checkpoints`` would train something else than asked)."""
+    if given := sorted(k for k, v in options.items() if v is not None):
+        raise PipelineError(None, f"{', '.join(given)} do not apply to training {name}")
 
 
 def is_network(name: str) -> bool:

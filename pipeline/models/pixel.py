@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -20,7 +20,7 @@ import numpy as np
 
 from pipeline.errors import PipelineError
 from pipeline.io.atomic import atomic_path
-from pipeline.models import MapSettings, derive_seed
+from pipeline.models import MapSettings, derive_seed, refuse_options
 from pipeline.models.features import Normalisation, nodata_mask
 
 log = logging.getLogger(__name__)
@@ -65,17 +65,14 @@ class PixelClassifier:
         out_dir: Path,
         *,
         fold: int | None = None,
-        **unused: Any,
+        **kw: Any,
     ) -> None:
         """Sample the training labels of every tile (all but ``fold``, for the geometric QA's
         reference models), fit, and write the model folder at once."""
         from pipeline.sampling import balanced_sample
         from pipeline.train import META, model_meta
 
-        if given := sorted(k for k, v in unused.items() if v is not None):
-            raise PipelineError(
-                None, f"{cls.name} is trained on a pixel sample; {', '.join(given)} do not apply"
-            )
+        refuse_options(cls.name, kw)
         norm = Normalisation.from_percentiles(percentiles)
         t0 = time.perf_counter()
         per_class = int(cfg["rf"]["samples_per_class"])
@@ -120,14 +117,30 @@ class PixelClassifier:
     def classify_window(self, cube: np.ndarray, norm: Normalisation) -> tuple[np.ndarray, np.ndarray]:
         """(T, C, H, W) raw cube -> (H, W) class codes (0 = no data) and confidence in % (255 = no data)."""
         t, c, h, w = cube.shape
-        codes = np.zeros(h * w, np.uint8)
-        conf = np.full(h * w, CONFIDENCE_NODATA, np.uint8)
-        idx = np.flatnonzero(~nodata_mask(cube))
-        if idx.size:
-            # gather only pixels with data, t-major channels (same layout as pixel_features)
-            x = norm.apply(np.ascontiguousarray(cube.reshape(t * c, h * w)[:, idx].T))
-            proba = self.predict_proba(x)
-            best = proba.argmax(1)
-            codes[idx] = self.classes_[best]
-            conf[idx] = np.rint(proba[np.arange(best.size), best] * 100)
-        return codes.reshape(h, w), conf.reshape(h, w)
+        flat = cube.reshape(t * c, h * w)  # t-major channels: the layout of the training sample
+        return map_pixels(
+            lambda idx: self.predict_proba(norm.apply(np.ascontiguousarray(flat[:, idx].T))),
+            self.classes_,
+            ~nodata_mask(cube),
+        )
+
+
+def map_pixels(
+    proba_of: Callable[[np.ndarray], np.ndarray], classes: np.ndarray, valid: np.ndarray, chunk: int = 1 << 16
+) -> tuple[np.ndarray, np.ndarray]:
+    """Class codes and confidence (%) of the ``valid`` pixels of an (H, W) window, from
+    ``proba_of(flat pixel indices) -> (n, K)`` probabilities; elsewhere 0 and 255 (no data).
+
+    Pixels go in chunks, so the (n, F) features a model reads never exceed ``chunk`` rows.
+    """
+    h, w = valid.shape
+    codes = np.zeros(h * w, np.uint8)
+    conf = np.full(h * w, CONFIDENCE_NODATA, np.uint8)
+    idx = np.flatnonzero(valid)
+    for a in range(0, idx.size, chunk):
+        part = idx[a : a + chunk]
+        proba = proba_of(part)
+        best = proba.argmax(1)
+        codes[part] = classes[best]
+        conf[part] = np.rint(proba[np.arange(best.size), best] * 100)
+    return codes.reshape(h, w), conf.reshape(h, w)

@@ -395,6 +395,30 @@ class Net(nn.Module):
                 state = self.head.step(state, self.features.parts(x[:, g * cg : (g + 1) * cg]), g)
         return self.head.finish(state)
 
+    @property
+    def has_penultimate(self) -> bool:
+        """Whether the last layer is a linear map of a per-pixel feature map (the concat head)."""
+        return isinstance(self.head, _ConcatHead)
+
+    def penultimate(self, x: Tensor) -> Tensor:
+        """The activations the last layer reads: the G group features side by side, (B, G*Fo, H, W).
+
+        For the concat head (fgunet, unet3, mlp3) the logits are ``head.classifier`` (a 1x1 conv) of
+        this map. Computed one group at a time into one preallocated map (no second copy). The
+        recurrent heads (lstm3, tsfgunet) have no such map and raise ``ValueError``.
+        """
+        if not self.has_penultimate:
+            raise ValueError(f"{self.spec.arch} has a recurrent head: no per-pixel penultimate feature map")
+        b, h, w = self._check(x)
+        cg, fo = self.spec.in_channels, self.features.out_channels
+        out = x.new_empty((b, self.spec.groups * fo, h, w))
+        for g in range(self.spec.groups):
+            start = g * fo
+            for part in self.features.parts(x[:, g * cg : (g + 1) * cg]):
+                out[:, start : start + part.shape[1]] = part
+                start += part.shape[1]
+        return out
+
     @contextlib.contextmanager
     def _streaming(self) -> Iterator[None]:
         cells = [m for m in self.modules() if isinstance(m, ConvLSTM2d)]

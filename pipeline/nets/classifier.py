@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from pipeline.errors import PipelineError
-from pipeline.models import MapSettings, register
+from pipeline.models import MapSettings, refuse_options, register
 from pipeline.models.features import Normalisation, nodata_mask
 from pipeline.nets import capability
 from pipeline.nets.arch import ARCHS, NetSpec, build
@@ -105,13 +105,12 @@ class NetClassifier:
         percentiles: Path,
         out_dir: Path,
         *,
-        fold: int | None = None,
         patches: Mapping[str, Path] | None = None,
         checkpoints: Path | None = None,
+        **kw: Any,
     ) -> None:
         """Train on patches of every tile; one process, or this rank of several (torchrun/srun env)."""
-        if fold is not None:
-            raise PipelineError(None, f"--fold trains a pixel-wise reference model, not {cls.name}")
+        refuse_options(cls.name, kw)
         with process_group(world_from_env()) as world:
             train_network(
                 cfg, cls.name, gapfilled, labels, percentiles, out_dir,
@@ -134,12 +133,16 @@ class NetClassifier:
 
     def check_meta(self, meta: dict[str, Any], model_dir: Path) -> None:
         """The weights must agree with ``model.json`` on classes and input channels (before any compute)."""
-        feats = meta["features"]
         codes = [int(c) for c in meta["classes"]["codes"]]
         if [int(c) for c in self.classes_] != codes:
             raise PipelineError(
                 model_dir, f"weights' classes {list(self.classes_)} differ from model.json's {codes}"
             )
+        self.check_inputs(meta, model_dir)
+
+    def check_inputs(self, meta: dict[str, Any], model_dir: Path) -> None:
+        """The weights must read the input channels ``model.json`` describes."""
+        feats = meta["features"]
         spec = self.spec
         n_channels = len(feats.get("network_channels", feats["channels"]))
         if spec.in_channels * spec.groups != n_channels:
@@ -190,15 +193,11 @@ class NetClassifier:
         confidence 255.
         """
         _, _, h, w = cube.shape
-        x = patch_inputs(cube, norm, self.indices)
-        p = self.pool_factor
-        ph, pw = -h % p, -w % p
-        if ph or pw:
-            x = np.pad(x, ((0, 0), (0, ph), (0, pw)))
+        x = self._inputs(cube, norm)
         kind = "cuda" if str(self.device).startswith("cuda") else "cpu"
         bf16 = self.precision == "bf16"
         with torch.inference_mode(), torch.autocast(kind, dtype=torch.bfloat16, enabled=bf16):
-            logits = self.net.forward_lowmem(torch.from_numpy(x)[None].to(self.device))[0, :, :h, :w]
+            logits = self.net.forward_lowmem(x)[0, :, :h, :w]
         with torch.inference_mode():
             prob, idx = torch.softmax(logits.float(), 0).max(0)
         codes = self.codes[idx.cpu().numpy()]
@@ -207,6 +206,25 @@ class NetClassifier:
         codes[empty] = 0
         conf[empty] = CONFIDENCE_NODATA
         return codes, conf
+
+    def _inputs(self, cube: np.ndarray, norm: Normalisation) -> torch.Tensor:
+        """(T, C, H, W) raw cube -> (1, G*Cg, H', W') network input, zero-padded bottom/right to the
+        pooling factor exactly as a whole-image pass would be."""
+        _, _, h, w = cube.shape
+        x = patch_inputs(cube, norm, self.indices)
+        p = self.pool_factor
+        ph, pw = -h % p, -w % p
+        if ph or pw:
+            x = np.pad(x, ((0, 0), (0, ph), (0, pw)))
+        return torch.from_numpy(x)[None].to(self.device)
+
+    def penultimate_window(self, cube: np.ndarray, norm: Normalisation) -> np.ndarray:
+        """(T, C, H, W) raw cube -> (F, H, W) float32 features the last layer reads (fp32 always:
+        a Random Forest on them splits on exact thresholds learnt in fp32)."""
+        _, _, h, w = cube.shape
+        with torch.inference_mode():
+            f = self.net.penultimate(self._inputs(cube, norm))[0, :, :h, :w]
+        return f.float().cpu().numpy()
 
 
 def _register_all() -> None:

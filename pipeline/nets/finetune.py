@@ -10,7 +10,6 @@ Anything else is refused before any data is read, with one line naming the file 
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +17,7 @@ from typing import Any
 
 from pipeline.errors import PipelineError
 from pipeline.nets.arch import NetSpec, build
-from pipeline.nets.weights import WEIGHTS, load_weights
+from pipeline.nets.weights import WEIGHTS, load_weights, weights_digest
 
 SHAPE_FIELDS = ("unet_filters", "mlp_filters", "lstm_hidden")  # dropout changes no weight
 
@@ -71,7 +70,7 @@ def starting_point(
             "created": meta.get("created"),
             "config_digest": meta.get("config_digest"),
             "dates": [dates[0], dates[-1]] if dates else [],
-            "weights_sha256": _sha256(path),
+            "weights_sha256": weights_digest(path),
         },
     )
 
@@ -123,11 +122,3 @@ def _difference(
         if a != b:
             return f"network shape differs (nets.{field}: {a} in the model vs {b})"
     return None
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()[:16]

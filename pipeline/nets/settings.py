@@ -115,11 +115,18 @@ def init_folder(init_from: Any, name: str) -> Path | None:
 
 def check_config(data: dict[str, Any], source: str) -> None:
     """The ``nets`` settings against the date grid and each network of ``classifiers``."""
-    from pipeline.models import is_network
+    from pipeline.models import HYBRIDS, is_network
     from pipeline.nets.spec import NetSpec
 
     nets = data.get("nets", {})
     networks = [c for c in data["classifiers"] if is_network(c)]
+    for hybrid in data["classifiers"]:
+        if hybrid in HYBRIDS and HYBRIDS[hybrid] not in networks:
+            raise PipelineError(
+                source,
+                f"invalid config at 'classifiers': {hybrid} reads the trained {HYBRIDS[hybrid]}'s"
+                f" features; add {HYBRIDS[hybrid]} to classifiers",
+            )
     if not networks:
         return
     grid = data["date_grid"]

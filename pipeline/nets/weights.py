@@ -6,6 +6,7 @@ one-line error naming the file. Written by training (and by fine-tuning's starti
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -56,3 +57,12 @@ def load_weights(path: Path) -> dict[str, Any]:
     if not isinstance(blob, dict):
         raise PipelineError(path, "not a weights file of this pipeline (no dict inside)")
     return blob
+
+
+def weights_digest(path: Path) -> str:
+    """Short SHA-256 of a weights file, for provenance (which weights a model started from or used)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:16]

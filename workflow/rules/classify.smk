@@ -14,6 +14,10 @@ def train_inputs(wildcards):
         # nets.init_from: a new starting model retrains (its folder is checked by the train job)
         if start := init_folder(RUN_CONFIG["nets"].get("init_from"), classifier):
             inputs["init_from"] = str(start / "weights.pt")
+    if classifier in HYBRIDS:  # fgunet_rf(-s7) reads the trained fgunet(-s7) beside it
+        _, seed = Layout.split_seed_model(wildcards.model)
+        network = HYBRIDS[classifier] if seed is None else Layout.seed_model(HYBRIDS[classifier], seed)
+        inputs["network"] = str(LAYOUT.model_dir(network))
     return inputs
 
 

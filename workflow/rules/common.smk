@@ -10,7 +10,7 @@ from pipeline.config import Config
 from pipeline.config import validate as _validate_config
 from pipeline.errors import PipelineError
 from pipeline.layout import Layout
-from pipeline.models import is_network
+from pipeline.models import HYBRIDS, is_network
 from pipeline.nets.settings import init_folder
 
 try:
