@@ -185,7 +185,7 @@ def train_network(
         )
     t_start = time.perf_counter()
     for epoch in range(start, s.epochs):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         lr = warmup_lr(s.learning_rate, nodes, s.warmup_epochs, epoch)
         for group in opt.param_groups:
             group["lr"] = lr
@@ -225,6 +225,7 @@ def train_network(
         if sel_refs:
             row |= evaluate(net, sel_x, sel_y, norm, s.indices, codes, lut, weights, s.batch_size, device)
         row["seconds"] = round(time.perf_counter() - t0, 3)
+        row["cpu_seconds"] = round(time.process_time() - c0, 3)  # this process, all its threads
         history.append(row)
         if not world.is_main:
             continue  # process 0 logs, validates and checkpoints; the weights are the same everywhere
