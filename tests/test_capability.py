@@ -121,7 +121,7 @@ def test_bf16_that_cannot_run_maps_in_fp32_with_a_warning(monkeypatch, caplog):
     monkeypatch.setattr(capability, "bf16_autocast", lambda kind="cpu": False)
     monkeypatch.setitem(capability._FAILURES, "bf16 autocast on cpu", "RuntimeError: no bf16 here")
     model = _model()
-    with caplog.at_level("WARNING", logger="pipeline.nets.classifier"):
+    with caplog.at_level("WARNING", logger="pipeline.nets.capability"):
         assert model.set_precision("bf16") == "fp32"
     assert model.precision == "fp32"
     (rec,) = [r for r in caplog.records if r.levelname == "WARNING"]
@@ -137,7 +137,7 @@ def test_emulated_bf16_is_kept_when_asked_for_and_auto_takes_fp32(monkeypatch, c
     monkeypatch.setattr(capability, "bf16_autocast", lambda kind="cpu": True)
     monkeypatch.setattr(capability, "native_bf16", lambda device="cpu": False)
     model = _model()
-    with caplog.at_level("WARNING", logger="pipeline.nets.classifier"):
+    with caplog.at_level("WARNING", logger="pipeline.nets.capability"):
         assert model.set_precision("bf16") == "bf16"
     assert any("emulated" in r.getMessage() for r in caplog.records)
     assert model.set_precision("auto") == "fp32"

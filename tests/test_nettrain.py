@@ -49,6 +49,7 @@ TINY = {
     "warmup_epochs": 1,
     "selection_patches": 4,
     "device": "cpu",
+    "precision": "fp32",  # the same arithmetic on every CI CPU; bf16 training has its own tests
 }
 
 
@@ -182,6 +183,58 @@ def test_model_folder(uninterrupted):
     model = get("fgunet").load(out)
     assert model.classes_.tolist() == meta["classes"]["codes"]
     assert latest_checkpoint(out.with_name("fgunet.checkpoints")).name == "epoch_0002.pt"
+
+
+# --- nets.precision (bf16 training) ----------------------------------------------------------------
+
+
+def _logit_dtypes(monkeypatch) -> list:
+    seen = []
+    real = nettrain.weighted_sparse_ce
+
+    def spy(logits, *a, **k):
+        seen.append(logits.dtype)
+        return real(logits, *a, **k)
+
+    monkeypatch.setattr(nettrain, "weighted_sparse_ce", spy)
+    return seen
+
+
+def test_bf16_training_that_cannot_run_trains_in_fp32_and_says_so(run, tmp_path, monkeypatch, caplog):
+    """The documented path on hardware without bf16: a warning, fp32 maths, and the record says fp32."""
+    from pipeline.nets import capability
+
+    _, scene, patches = run
+    monkeypatch.setattr(capability, "bf16_autocast", lambda kind="cpu": False)
+    dtypes = _logit_dtypes(monkeypatch)
+    out = tmp_path / "models" / "fgunet"
+    with caplog.at_level("WARNING", logger="pipeline.nets.capability"):
+        _train(net_config(tmp_path, epochs=1, precision="bf16"), scene, patches, out)
+    assert any(
+        "nets.precision bf16" in r.getMessage() and "training in fp32" in r.getMessage()
+        for r in caplog.records
+    )
+    meta = load_meta(out)["training"]
+    assert meta["precision_used"] == "fp32" and meta["history"][0]["precision"] == "fp32"
+    assert set(dtypes) == {torch.float32}
+    monkeypatch.setattr(capability, "native_bf16", lambda device="cpu": False)
+    assert capability.choose_precision("auto", "cpu", "nets.precision", "training") == "fp32"
+
+
+def test_bf16_training_runs_bf16_maths_on_fp32_weights(run, tmp_path, monkeypatch):
+    from pipeline.nets import capability
+
+    if not capability.bf16_autocast("cpu"):
+        pytest.skip(f"bf16 autocast does not run on this CPU ({capability.failure('bf16 autocast on cpu')})")
+    _, scene, patches = run
+    dtypes = _logit_dtypes(monkeypatch)
+    out = tmp_path / "models" / "fgunet"
+    _train(net_config(tmp_path, epochs=1, precision="bf16"), scene, patches, out)
+    meta = load_meta(out)["training"]
+    assert meta["precision_used"] == "bf16" and meta["precision"] == "bf16"
+    assert dtypes[:3] == [torch.bfloat16] * 3  # the 3 training steps; selection scoring is fp32
+    assert all(v.dtype == torch.float32 for v in _weights(out).values())  # master weights stay fp32
+    assert np.isfinite(meta["history"][0]["train_loss"])
 
 
 # --- nets.init_from (fine-tuning, seed §6) ----------------------------------------------------------

@@ -168,3 +168,34 @@ def native_bf16(device: str = "cpu") -> bool:
     if not ("avx512_bf16" in flags or "amx_bf16" in flags):
         return False
     return onednn_native_bf16() and bf16_autocast("cpu")
+
+
+def choose_precision(asked: str, device: str, setting: str, doing: str) -> str:
+    """The arithmetic that will really run for ``asked`` (``auto``, ``fp32`` or ``bf16``), shared by
+    training (``nets.precision``) and mapping (``inference.precision``).
+
+    ``auto`` is bf16 where the hardware computes it natively (:func:`native_bf16`), else fp32. An
+    explicit ``bf16`` is honoured where bf16 autocast works (warned when it is emulated, so slower
+    than fp32); where it does not (:func:`bf16_autocast` failed), fp32 runs with a warning rather
+    than the job crashing on a missing primitive. ``setting`` and ``doing`` word the warnings.
+    """
+    if asked not in ("auto", "fp32", "bf16"):
+        raise ValueError(f"unknown precision {asked!r}")
+    kind = "cuda" if str(device).startswith("cuda") else "cpu"
+    where = "CPU" if kind == "cpu" else "GPU"
+    if asked == "auto":
+        return "bf16" if native_bf16(device) else "fp32"
+    if asked == "bf16" and not bf16_autocast(kind):
+        log.warning(
+            "%s bf16 asked for, but bf16 autocast does not work on this %s (%s): %s in fp32 instead",
+            setting, where, failure(f"bf16 autocast on {kind}"), doing,
+        )  # fmt: skip
+        return "fp32"
+    if asked == "bf16" and not native_bf16(device):
+        log.warning(
+            "%s bf16 on a %s without native bf16 (no AVX512-BF16/AMX that oneDNN may use, or a GPU"
+            " without bf16): bf16 runs emulated, several to tens of times slower than fp32"
+            " (docs/benchmarks/fgunet.md); precision auto would pick fp32 here",
+            setting, where,
+        )  # fmt: skip
+    return asked

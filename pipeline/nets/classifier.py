@@ -57,26 +57,7 @@ class NetClassifier:
         slower than fp32); where it does not (:func:`capability.bf16_autocast` failed), fp32 runs
         with a warning rather than the map job crashing on a missing primitive.
         """
-        if precision not in ("auto", "fp32", "bf16"):
-            raise ValueError(f"unknown precision {precision!r}")
-        kind = "cuda" if str(self.device).startswith("cuda") else "cpu"
-        if precision == "auto":
-            precision = "bf16" if capability.native_bf16(self.device) else "fp32"
-        elif precision == "bf16" and not capability.bf16_autocast(kind):
-            log.warning(
-                "inference.precision bf16 asked for, but bf16 autocast does not work on this %s (%s): "
-                "mapping in fp32 instead",
-                "CPU" if kind == "cpu" else "GPU",
-                capability.failure(f"bf16 autocast on {kind}"),
-            )
-            precision = "fp32"
-        elif precision == "bf16" and not capability.native_bf16(self.device):
-            log.warning(
-                "inference.precision bf16 on a %s without native bf16 (no AVX512-BF16/AMX that oneDNN "
-                "may use, or a GPU without bf16): bf16 runs emulated, several to tens of times slower "
-                "than fp32 (docs/benchmarks/fgunet.md); precision auto would pick fp32 here",
-                "CPU" if kind == "cpu" else "GPU",
-            )
+        precision = capability.choose_precision(precision, self.device, "inference.precision", "mapping")
         self.precision = precision
         return precision
 

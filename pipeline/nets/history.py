@@ -14,7 +14,17 @@ PLOT = "training.png"
 
 
 def history_csv(history: list[dict[str, Any]]) -> str:
-    keys = ["epoch", "lr", "train_loss", "sel_loss", "sel_oa", "sel_kappa", "sel_mean_f1", "seconds", "cpu_seconds"]
+    keys = [
+        "epoch",
+        "lr",
+        "train_loss",
+        "sel_loss",
+        "sel_oa",
+        "sel_kappa",
+        "sel_mean_f1",
+        "seconds",
+        "cpu_seconds",
+    ]
     buf = io.StringIO()
     w = csv.DictWriter(buf, keys, extrasaction="ignore")
     w.writeheader()

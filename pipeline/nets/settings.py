@@ -43,6 +43,7 @@ class NetSettings:
     augment: bool
     selection_patches: int
     device: str
+    precision: str
     keep_checkpoints: int
     init_from: Any  # None, one model folder, or {classifier: folder}: see init_folder
 
@@ -71,6 +72,7 @@ class NetSettings:
             augment=bool(n["augment"]),
             selection_patches=int(n["selection_patches"]),
             device=str(n["device"]),
+            precision=str(n["precision"]),
             keep_checkpoints=int(n["keep_checkpoints"]),
             init_from=n.get("init_from"),
         )

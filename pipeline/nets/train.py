@@ -41,6 +41,7 @@ from pipeline.layout import Layout
 from pipeline.metrics import confusion, scores
 from pipeline.models import derive_seed
 from pipeline.models.features import Normalisation
+from pipeline.nets import capability
 from pipeline.nets.arch import NetSpec, build, count_parameters
 from pipeline.nets.checkpoints import check_resumable, latest_checkpoint, save_checkpoint, training_identity
 from pipeline.nets.data import PatchData, check_drawable, code_lut, sampled_pixels
@@ -86,6 +87,9 @@ def train_network(
         device = f"cuda:{world.local_rank % torch.cuda.device_count()}"
         torch.cuda.set_device(device)
     torch.set_num_threads(cfg.threads())
+    precision = capability.choose_precision(s.precision, device, "nets.precision", "training")
+    kind = "cuda" if device.startswith("cuda") else "cpu"
+    bf16 = precision == "bf16"
 
     norm = Normalisation.from_percentiles(percentiles)
     codes = cfg.class_codes
@@ -203,7 +207,9 @@ def train_network(
             x, y = batches(rng)
             xt = torch.from_numpy(patch_inputs(x, norm, s.indices)).to(device)
             yt = torch.from_numpy(lut[y]).to(device)
-            loss = weighted_sparse_ce(model_fwd(xt), yt, weights)
+            with torch.autocast(kind, dtype=torch.bfloat16, enabled=bf16):  # fp32 weights, bf16 maths
+                logits = model_fwd(xt)
+            loss = weighted_sparse_ce(logits, yt, weights)  # in fp32 (log-softmax of float logits)
             seen = loss.detach().clone()
             if world.size > 1:  # every process must see a NaN anywhere, or the others would hang
                 dist.all_reduce(seen)
@@ -221,7 +227,7 @@ def train_network(
             total += seen.item()
             bar.set_postfix(loss=f"{total / (step + 1):.4f}")
         bar.close()
-        row = {"epoch": epoch + 1, "lr": lr, "train_loss": total / s.steps_per_epoch}
+        row = {"epoch": epoch + 1, "lr": lr, "train_loss": total / s.steps_per_epoch, "precision": precision}
         if sel_refs:
             row |= evaluate(net, sel_x, sel_y, norm, s.indices, codes, lut, weights, s.batch_size, device)
         row["seconds"] = round(time.perf_counter() - t0, 3)
@@ -256,6 +262,7 @@ def train_network(
         class_w, sampler,
     )  # fmt: skip
     meta["training"]["kept_epoch"] = best["epoch"] if best is not None else s.epochs
+    meta["training"]["precision_used"] = precision
     meta["training"]["init_from"] = init.provenance if init else None
     meta["timing_s"] = {"training": round(time.perf_counter() - t_start, 3)}
     with atomic_path(out_dir) as tmp:
