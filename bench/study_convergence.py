@@ -248,6 +248,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--no-reference", action="store_true", help="skip RF and fgunet_rf")
     ap.add_argument("--finetune-from", type=Path, help="a first-year model folder: fine-tune it on --workdir")
     ap.add_argument("--label", default="", help="suffix of the model names in the CSV (e.g. ' y2')")
+    ap.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="fp32", help="nets.precision")
     args = ap.parse_args(argv)
 
     cfg = load_config(args.workdir / "run-config.yaml")
@@ -257,12 +258,14 @@ def main(argv: list[str] | None = None) -> None:
     for seed in args.seeds:
         for name in args.models:
             print(f"{name} seed {seed}", flush=True)
-            rows += [r | {"model": r["model"] + args.label} for r in run_network(
-                cfg, name, seed, args.out, score, args.epochs, args.steps)]  # fmt: skip
+            curve = run_network(
+                cfg, name, seed, args.out, score, args.epochs, args.steps, precision=args.precision
+            )
+            rows += [r | {"model": r["model"] + args.label} for r in curve]
             if args.finetune_from:
                 ft = run_network(
                     cfg, name, seed, args.out / "finetune", score, args.epochs, args.steps,
-                    init_from=str(args.finetune_from.resolve()),
+                    init_from=str(args.finetune_from.resolve()), precision=args.precision,
                 )  # fmt: skip
                 rows += [r | {"model": f"{name} fine-tuned{args.label}"} for r in ft]
         if not args.no_reference:

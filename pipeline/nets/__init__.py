@@ -11,11 +11,13 @@ registry can ask about a network (pooling factor, settings) without loading torc
 - :mod:`~pipeline.nets.loss` eq. 1 and the eq.-4 class weights.
 - :mod:`~pipeline.nets.distributed` several training processes (tile ownership, the batch plan).
 - :mod:`~pipeline.nets.checkpoints`, :mod:`~pipeline.nets.history` what a run leaves behind.
-- :mod:`~pipeline.nets.train` the training loop (the ``train`` stage of a network).
+- :mod:`~pipeline.nets.train` the training loop (the ``train`` stage of a network);
+  :mod:`~pipeline.nets.finetune` checks a starting model (``nets.init_from``).
 - :mod:`~pipeline.nets.weights` the ``weights.pt`` file; :mod:`~pipeline.nets.capability`
   hardware probes (fast paths, bf16).
-- :mod:`~pipeline.nets.classifier` the registry entries: the same interface as RF.
+- :mod:`~pipeline.nets.classifier` the registry entries: the same interface as RF;
+  :mod:`~pipeline.nets.hybrid` ``fgunet_rf``, the network's penultimate features under the RF.
 
-Import order (no cycles): spec -> arch -> weights/loss/settings/patches -> distributed -> data ->
-checkpoints/history -> train -> classifier.
+Import order (no cycles, tests/test_packaging.py): spec -> arch -> weights/loss/settings/patches ->
+distributed -> data -> checkpoints/history/finetune -> train -> classifier -> hybrid.
 """
