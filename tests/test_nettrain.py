@@ -6,6 +6,7 @@ classes in stripes) with a tiny FG-UNET, so a whole training takes a few seconds
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
 import math
@@ -216,6 +217,8 @@ def test_bf16_training_that_cannot_run_trains_in_fp32_and_says_so(run, tmp_path,
     )
     meta = load_meta(out)["training"]
     assert meta["precision_used"] == "fp32" and meta["history"][0]["precision"] == "fp32"
+    rows = list(csv.DictReader((out / "history.csv").read_text().splitlines()))
+    assert rows[0]["precision"] == "fp32" and float(rows[0]["cpu_seconds"]) > 0
     assert set(dtypes) == {torch.float32}
     monkeypatch.setattr(capability, "native_bf16", lambda device="cpu": False)
     assert capability.choose_precision("auto", "cpu", "nets.precision", "training") == "fp32"

@@ -22,6 +22,7 @@ def history_csv(history: list[dict[str, Any]]) -> str:
         "sel_oa",
         "sel_kappa",
         "sel_mean_f1",
+        "precision",
         "seconds",
         "cpu_seconds",
     ]
