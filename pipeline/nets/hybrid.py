@@ -184,17 +184,15 @@ def network_features(
     Only windows holding sampled pixels are computed, each read with ``margin`` px around it (the
     window grid of mapping, so a pixel's features are those its map would use).
     """
-    n_feat = None
     out: np.ndarray | None = None
     for ti, tile in enumerate(sample.tiles):
         at = np.flatnonzero(sample.tile == ti)
         if not at.size:
             continue
-        refl = open_store(gapfilled[tile], "gapfilled", ("reflectance",))["reflectance"]
-        grid = store_grid(open_store(gapfilled[tile], "gapfilled", ("reflectance",)))
-        rows, cols = sample.row[at], sample.col[at]
-        wins = [w for w in iter_windows(grid.height, grid.width, window)]
-        key = (rows // window) * len(range(0, grid.width, window)) + cols // window
+        group = open_store(gapfilled[tile], "gapfilled", ("reflectance",))
+        refl, grid = group["reflectance"], store_grid(group)
+        wins = list(iter_windows(grid.height, grid.width, window))  # row-major, as the key below
+        key = (sample.row[at] // window) * -(-grid.width // window) + sample.col[at] // window
         for k in tqdm(np.unique(key), desc=f"features {tile}", unit="win", leave=False, disable=None):
             win = wins[int(k)]
             big, inner = padded(win, margin, grid.height, grid.width)
@@ -202,8 +200,7 @@ def network_features(
             f = net.penultimate_window(cube, norm)[:, inner[0], inner[1]]
             m = at[key == k]
             if out is None:
-                n_feat = f.shape[0]
-                out = np.empty((sample.row.size, n_feat), np.float32)
+                out = np.empty((sample.row.size, f.shape[0]), np.float32)
             out[m] = f[:, sample.row[m] - win.row_off, sample.col[m] - win.col_off].T
     if out is None:
         raise PipelineError(None, "no sampled pixel to compute network features for")
