@@ -249,12 +249,17 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--finetune-from", type=Path, help="a first-year model folder: fine-tune it on --workdir")
     ap.add_argument("--label", default="", help="suffix of the model names in the CSV (e.g. ' y2')")
     ap.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="fp32", help="nets.precision")
+    ap.add_argument("--append", action="store_true", help="keep other models' rows of an earlier curves.csv")
     args = ap.parse_args(argv)
 
     cfg = load_config(args.workdir / "run-config.yaml")
     args.out.mkdir(parents=True, exist_ok=True)
     score = Scorer(cfg)
     rows: list[dict[str, Any]] = []
+    kept_rows: list[dict[str, Any]] = []
+    if args.append and (args.out / "curves.csv").exists():
+        with open(args.out / "curves.csv") as f:
+            kept_rows = [_typed(r) for r in csv.DictReader(f)]
     for seed in args.seeds:
         for name in args.models:
             print(f"{name} seed {seed}", flush=True)
@@ -274,12 +279,26 @@ def main(argv: list[str] | None = None) -> None:
                 net = args.out / f"fgunet-s{seed}"
                 rows.append(run_pixel(cfg, "fgunet_rf", seed, args.out, score, network=net)
                             | {"model": "fgunet_rf" + args.label})  # fmt: skip
+        done = {(r["model"], int(r["seed"])) for r in rows}
+        rows_all = [r for r in kept_rows if (r["model"], int(r["seed"])) not in done] + rows
         with open(args.out / "curves.csv", "w", newline="") as f:  # after each seed: partial results
             w = csv.DictWriter(f, FIELDS, extrasaction="ignore")
             w.writeheader()
-            w.writerows(rows)
-    plot(rows, args.out / "convergence.png", f"{cfg.workdir} — {len(args.seeds)} seeds, mean ± std")
-    print(summarise(rows))
+            w.writerows(rows_all)
+    plot(rows_all, args.out / "convergence.png", f"{cfg.workdir}: mean ± std over seeds")
+    print(summarise(rows_all))
+
+
+def _typed(r: dict[str, str]) -> dict[str, Any]:
+    """A curves.csv row read back: numbers as numbers, empty scores as None."""
+    out: dict[str, Any] = dict(r)
+    out["seed"] = int(r["seed"])
+    out["kept"] = r["kept"] == "True"
+    out["epoch"] = int(r["epoch"]) if r["epoch"] else ""
+    out["steps"] = int(r["steps"]) if r["steps"] else ""
+    for k in ("cpu_s", "wall_s", "kappa", "oa", "mean_f1", "f1_CUF", "f1_DUF", "f1_ICU"):
+        out[k] = float(r[k]) if r.get(k) not in (None, "") else None
+    return out
 
 
 if __name__ == "__main__":
