@@ -353,9 +353,12 @@ def test_resume_after_kill_between_epochs_is_exact(run, uninterrupted, monkeypat
     monkeypatch.setattr(nettrain, "save_checkpoint", real_save)
     _train(cfg, scene, patches, out)
     assert _same_weights(_weights(out), _weights(uninterrupted[1]))
-    strip = [{k: v for k, v in h.items() if k != "seconds"} for h in load_meta(out)["training"]["history"]]
+    strip = [
+        {k: v for k, v in h.items() if k not in ("seconds", "cpu_seconds")}
+        for h in load_meta(out)["training"]["history"]
+    ]
     ref = [
-        {k: v for k, v in h.items() if k != "seconds"}
+        {k: v for k, v in h.items() if k not in ("seconds", "cpu_seconds")}
         for h in load_meta(uninterrupted[1])["training"]["history"]
     ]
     assert strip == ref
@@ -431,6 +434,37 @@ def test_checkpoint_of_another_run_is_refused(run, uninterrupted):
             net_config(tmp / "e"), "fgunet", scene.gapfilled, scene.labels, pct, out,
             patches=patches, checkpoints=ckdir,
         )  # fmt: skip
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (lambda b: b.pop("state_dict"), "damaged checkpoint .missing 'state_dict'"),
+        (
+            lambda b: b["state_dict"].update({k: v[:1] for k, v in list(b["state_dict"].items())[:1]}),
+            "size mismatch",
+        ),
+        (lambda b: b.pop("optimizer"), "damaged checkpoint .missing 'optimizer'"),
+    ],
+)
+def test_damaged_checkpoint_is_one_line_naming_it(run, uninterrupted, tmp_path, damage, message):
+    """A checkpoint of this very run, damaged: one line naming the file, no traceback, nothing written."""
+    tmp, scene, patches = run
+    cfg, ref_out = uninterrupted
+    ckdir = tmp_path / "ck"
+    shutil.copytree(ref_out.with_name("fgunet.checkpoints"), ckdir)
+    latest = latest_checkpoint(ckdir)
+    blob = torch.load(latest, weights_only=True)
+    damage(blob)
+    torch.save(blob, latest)
+    out = tmp_path / "models" / "fgunet"
+    with pytest.raises(PipelineError, match=message) as err:
+        train_network(
+            net_config(tmp / "a", epochs=3), "fgunet", scene.gapfilled, scene.labels, scene.percentiles, out,
+            patches=patches, checkpoints=ckdir,
+        )  # fmt: skip
+    assert str(latest) in str(err.value) and "\n" not in str(err.value)
     assert not out.exists()
 
 

@@ -61,11 +61,32 @@ def save_checkpoint(
         blob["best"] = best
     with atomic_path(path) as tmp:
         torch.save(blob, tmp)
-    (ckdir / HISTORY).write_text(history_csv(history))
+    with atomic_path(ckdir / HISTORY) as tmp:
+        tmp.write_text(history_csv(history))
     plot_history(history, ckdir / PLOT, title=identity["arch"])
     for old in sorted(ckdir.glob("epoch_*.pt"))[:-keep]:
         old.unlink()
     return path
+
+
+def restore(
+    blob: dict[str, Any], net: torch.nn.Module, opt: torch.optim.Optimizer, path: Path, ckdir: Path
+) -> tuple[list[dict[str, Any]], int, dict[str, Any] | None]:
+    """Load a checkpoint that :func:`check_resumable` accepted into ``net`` and ``opt``; returns its
+    history, epoch and kept epoch. A damaged one (keys missing, tensors of the wrong shape) is one
+    line naming the file, never a traceback."""
+    try:
+        net.load_state_dict(blob["state_dict"])
+        opt.load_state_dict(blob["optimizer"])
+        history, epoch = list(blob["history"]), int(blob["epoch"])
+        best = blob.get("best")
+        if best is not None:
+            net.load_state_dict(best["state_dict"])  # loadable too (it becomes the model)...
+            net.load_state_dict(blob["state_dict"])  # ...and the training goes on from the latest
+    except (KeyError, RuntimeError, ValueError, TypeError) as exc:
+        what = f"missing {exc}" if isinstance(exc, KeyError) else " ".join(str(exc).split())[:300]
+        raise PipelineError(path, f"damaged checkpoint ({what}); delete {ckdir} to start afresh") from exc
+    return history, epoch, best
 
 
 def check_resumable(blob: dict[str, Any], identity: dict[str, Any], path: Path, ckdir: Path) -> None:

@@ -43,7 +43,13 @@ from pipeline.models import derive_seed
 from pipeline.models.features import Normalisation
 from pipeline.nets import capability
 from pipeline.nets.arch import NetSpec, build, count_parameters
-from pipeline.nets.checkpoints import check_resumable, latest_checkpoint, save_checkpoint, training_identity
+from pipeline.nets.checkpoints import (
+    check_resumable,
+    latest_checkpoint,
+    restore,
+    save_checkpoint,
+    training_identity,
+)
 from pipeline.nets.data import PatchData, check_drawable, code_lut, sampled_pixels
 from pipeline.nets.distributed import BatchSource, World
 from pipeline.nets.finetune import Start, starting_point
@@ -165,11 +171,7 @@ def train_network(
     if latest := latest_checkpoint(ckdir):
         blob = load_weights(latest)
         check_resumable(blob, identity, latest, ckdir)
-        net.load_state_dict(blob["state_dict"])
-        opt.load_state_dict(blob["optimizer"])
-        history = list(blob["history"])
-        start = int(blob["epoch"])
-        best = blob.get("best")
+        history, start, best = restore(blob, net, opt, latest, ckdir)
         log.info("resuming %s from %s (epoch %d of %d)", name, latest.name, start, s.epochs)
 
     sel_refs: list[PatchRef] = []
