@@ -235,6 +235,30 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
     plt.close(fig)
 
 
+def time_mapping(cfg: Config, out: Path, models: list[str], seed: int, repeats: int = 3) -> str:
+    """Wall and CPU seconds per megapixel of the predict stage (``predict_tile``: read, classify,
+    regularise, write the COGs) with each model of ``out`` for ``seed``, best of ``repeats``, tile 0."""
+    import tempfile
+
+    from pipeline.infer import predict_tile
+
+    lay = Layout(cfg.workdir)
+    tile = cfg.tiles[0]
+    shape = open_store(lay.gapfilled(tile), "gapfilled")["reflectance"].shape
+    mpx = shape[-2] * shape[-1] / 1e6
+    lines = [f"| model | s/Mpx wall | CPU-s/Mpx | (tile {tile}, {mpx:.3f} Mpx, {cfg.threads()} threads) |"]
+    lines.append("|---|---|---|---|")
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in models:
+            best = (float("inf"), float("inf"))
+            for _ in range(repeats):
+                t0, c0 = time.perf_counter(), time.process_time()
+                predict_tile(cfg, out / f"{name}-s{seed}", lay.gapfilled(tile), Path(tmp) / f"{name}.tif")
+                best = min(best, (time.perf_counter() - t0, time.process_time() - c0))
+            lines.append(f"| {name} | {best[0] / mpx:.1f} | {best[1] / mpx:.1f} | |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument(
@@ -250,7 +274,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--label", default="", help="suffix of the model names in the CSV (e.g. ' y2')")
     ap.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="fp32", help="nets.precision")
     ap.add_argument("--append", action="store_true", help="keep other models' rows of an earlier curves.csv")
+    ap.add_argument("--time-mapping", action="store_true", help="only time the predict stage per model")
     args = ap.parse_args(argv)
+    if args.time_mapping:
+        cfg = load_config(args.workdir / "run-config.yaml")
+        print(time_mapping(cfg, args.out, args.models, args.seeds[0]))
+        return
 
     cfg = load_config(args.workdir / "run-config.yaml")
     args.out.mkdir(parents=True, exist_ok=True)

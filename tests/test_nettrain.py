@@ -372,8 +372,8 @@ def test_resume_after_kill_mid_epoch_is_exact(run, uninterrupted, monkeypatch):
     calls = {"n": 0}
 
     def dies_in_epoch_two(*a, **k):
-        calls["n"] += 1
-        if calls["n"] == 6:  # epoch 1: 3 steps + 1 validation batch; this is epoch 2, batch 2
+        calls["n"] += torch.is_grad_enabled()  # training steps only (selection scoring is no_grad)
+        if calls["n"] == 5:  # epoch 1 has 3 steps: this is epoch 2, batch 2
             raise KeyboardInterrupt
         return real_loss(*a, **k)
 
@@ -394,10 +394,10 @@ def test_nan_loss_stops_naming_epoch_and_batch(run, monkeypatch):
     calls = {"n": 0}
 
     def nan_in_epoch_two(*a, **k):
-        calls["n"] += 1
+        calls["n"] += torch.is_grad_enabled()  # training steps only (selection scoring is no_grad)
         loss = real_loss(*a, **k)
-        # epoch 1: 3 training + 1 validation call; epoch 2 batch 2 is call 6
-        return loss * float("nan") if calls["n"] == 6 else loss
+        # epoch 1 has 3 steps: epoch 2 batch 2 is training call 5
+        return loss * float("nan") if calls["n"] == 5 and torch.is_grad_enabled() else loss
 
     monkeypatch.setattr(nettrain, "weighted_sparse_ce", nan_in_epoch_two)
     with pytest.raises(PipelineError, match=r"loss is nan at epoch 2, batch 2.*epoch_0001\.pt kept"):
@@ -678,7 +678,15 @@ def test_the_epoch_kept_is_the_best_on_the_selection_polygons(run, monkeypatch):
         read_splits.append(split)
         return real_read(self, refs, split)
 
+    real_context = nettrain.PatchData.read_in_context
+
+    def spy_context(self, ref, split, margin):
+        read_splits.append(split)
+        assert margin == 24  # the 3-level U-Net's receptive radius (23 px), on the pooling grid
+        return real_context(self, ref, split, margin)
+
     monkeypatch.setattr(nettrain.PatchData, "read", spy)
+    monkeypatch.setattr(nettrain.PatchData, "read_in_context", spy_context)
     cfg = net_config(tmp / "best", epochs=3, keep_checkpoints=1)
     out = tmp / "best" / "models" / "fgunet"
     _train(cfg, scene, patches, out)
@@ -690,6 +698,36 @@ def test_the_epoch_kept_is_the_best_on_the_selection_polygons(run, monkeypatch):
     epoch1 = load_weights(ckdir / "epoch_0003.pt")["best"]
     assert epoch1["epoch"] == 1 and _same_weights(_weights(out), epoch1["state_dict"])
     assert not _same_weights(_weights(out), load_weights(ckdir / "epoch_0003.pt")["state_dict"])
+
+
+def test_selection_scores_are_the_maps_scores_on_those_pixels(run, uninterrupted):
+    """Each selection patch is scored with its context: the same confusion matrix as the whole-tile
+    map (one forward pass) on the patches' selection pixels (an independent path: classify_window)."""
+    from pipeline.metrics import confusion, scores
+    from pipeline.models.features import Normalisation
+    from pipeline.nets.data import PatchData, code_lut
+
+    _, scene, patches = run
+    cfg, out = uninterrupted
+    model = get("fgunet").load(out)
+    norm = Normalisation.from_percentiles(scene.percentiles)
+    data = PatchData(scene.gapfilled, scene.labels, patches, norm, 32)
+    refs = data.selection_refs(8, seed=0)
+    assert refs
+    w = torch.ones(len(cfg.class_codes))
+    got = nettrain.evaluate(
+        model.net, (data.read_in_context(r, "selection", 24) for r in refs), norm, (), cfg.class_codes,
+        code_lut(cfg.class_codes), w, "cpu",
+    )  # fmt: skip
+    cm = np.zeros((len(cfg.class_codes),) * 2, np.int64)
+    maps = {t: model.classify_window(scene.cubes[t], norm)[0] for t in scene.labels}
+    for r in refs:
+        sel = zarr.open_group(str(scene.labels[r.tile]), mode="r")["selection"][
+            r.row : r.row + 32, r.col : r.col + 32
+        ]
+        cm += confusion(sel, maps[r.tile][r.row : r.row + 32, r.col : r.col + 32], cfg.class_codes)
+    assert got["sel_kappa"] == pytest.approx(scores(cm)["kappa"], abs=1e-12)
+    assert got["sel_oa"] == pytest.approx(scores(cm)["oa"], abs=1e-12)
 
 
 def test_kept_epoch_rule_without_selection_scores_is_the_last():

@@ -103,6 +103,27 @@ class PatchData:
             y[empty] = 0
         return x, y
 
+    def read_in_context(
+        self, ref: PatchRef, split: str, margin: int
+    ) -> tuple[np.ndarray, np.ndarray, tuple[int, int]]:
+        """One patch with ``margin`` px of its tile around it (clipped at the tile's edges): the raw
+        (T, C, h, w) window, the patch's (N, N) labels, and the patch's offset in the window.
+
+        A network then sees the patch as the mapping stage does (with its context, not zero padding
+        where the patch is cut out), so scores on it agree with the map's.
+        """
+        refl = self.refl[ref.tile]
+        h, w = refl.shape[-2:]
+        r0, c0 = max(0, ref.row - margin), max(0, ref.col - margin)
+        r1, c1 = min(h, ref.row + self.size + margin), min(w, ref.col + self.size + margin)
+        x = np.asarray(refl[:, :, r0:r1, c0:c1])
+        rows, cols = slice(ref.row, ref.row + self.size), slice(ref.col, ref.col + self.size)
+        y = np.array(self.labels[ref.tile][split][rows, cols], dtype=np.uint8)
+        off = (ref.row - r0, ref.col - c0)
+        inner = x[:, :, off[0] : off[0] + self.size, off[1] : off[1] + self.size]
+        y[np.all(inner == NODATA, axis=(0, 1))] = 0  # no observation: nothing to score (as in read)
+        return x, y, off
+
     def read_labels(self, refs: Sequence[PatchRef], split: str = "train") -> np.ndarray:
         """(n, N, N) label codes of ``refs`` without their reflectance (for pixel statistics)."""
         y = np.empty((len(refs), self.size, self.size), np.uint8)

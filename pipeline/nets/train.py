@@ -25,7 +25,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -150,6 +150,7 @@ def train_network(
     if s.patch_size % net.pool_factor:
         raise PipelineError(None, f"nets.patch_size {s.patch_size} is not a multiple of {net.pool_factor}")
     opt = torch.optim.Adam(net.parameters(), lr=s.learning_rate)
+    sel_margin = -(-spec.receptive_radius // net.pool_factor) * net.pool_factor
     weights = torch.from_numpy(class_w).to(device)
     lut = code_lut(codes)
     channels = [f"{d}/{b}" for d in norm.dates for b in (*norm.bands, *s.indices)]
@@ -177,9 +178,7 @@ def train_network(
     sel_refs: list[PatchRef] = []
     if world.is_main:
         sel_refs = data.selection_refs(s.selection_patches, derive_seed(cfg.seed, f"{name}/selection"))
-        if sel_refs:
-            sel_x, sel_y = data.read(sel_refs, split=SELECTION)
-        else:
+        if not sel_refs:
             log.warning("no model-selection patches (reference.selection_ratio): the last epoch is kept")
     batches = BatchSource(data, sampler, world, s.batch_size, s.augment)
     model_fwd: torch.nn.Module = net
@@ -231,7 +230,9 @@ def train_network(
         bar.close()
         row = {"epoch": epoch + 1, "lr": lr, "train_loss": total / s.steps_per_epoch, "precision": precision}
         if sel_refs:
-            row |= evaluate(net, sel_x, sel_y, norm, s.indices, codes, lut, weights, s.batch_size, device)
+            # each patch read with the context the map has around it (re-read per epoch: no copy held)
+            windows = (data.read_in_context(r, SELECTION, sel_margin) for r in sel_refs)
+            row |= evaluate(net, windows, norm, s.indices, codes, lut, weights, device)
         row["seconds"] = round(time.perf_counter() - t0, 3)
         row["cpu_seconds"] = round(time.process_time() - c0, 3)  # this process, all its threads
         history.append(row)
@@ -290,30 +291,37 @@ def _fmt(v: float | None) -> str:
 
 @torch.no_grad()
 def evaluate(
-    net: torch.nn.Module,
-    raw: np.ndarray,
-    labels: np.ndarray,
+    net: Any,
+    windows: Iterable[tuple[np.ndarray, np.ndarray, tuple[int, int]]],
     norm: Normalisation,
     indices: tuple[str, ...],
     codes: np.ndarray,
     lut: np.ndarray,
     weights: torch.Tensor,
-    batch: int,
     device: str,
 ) -> dict[str, float | None]:
-    """Loss (eq. 1), OA, kappa and mean F-score on the fixed selection patches (labelled pixels only)."""
+    """Loss (eq. 1), OA, kappa and mean F-score on the fixed selection patches (labelled pixels only).
+
+    Each patch comes with its context (:meth:`PatchData.read_in_context`, margin >= the receptive
+    radius) and is scored on its own N x N pixels only: the same predictions as the map's there.
+    Scored without context, a U-Net's 64-px patch is mostly border, and on the demo the epoch kept
+    then disagreed with the map's validation scores (docs/networks.md).
+    """
     net.eval()
     loss_sum, n_px = 0.0, 0
     cm = np.zeros((len(codes), len(codes)), np.int64)
-    for i in range(0, len(raw), batch):
-        x = torch.from_numpy(patch_inputs(raw[i : i + batch], norm, indices)).to(device)
-        y = lut[labels[i : i + batch]]
-        logits = net(x)
-        yt = torch.from_numpy(y).to(device)
+    pool = net.pool_factor
+    for raw, labels, (r, c) in windows:
+        _, _, h, w = raw.shape
+        x = patch_inputs(raw, norm, indices)
+        x = np.pad(x, ((0, 0), (0, -h % pool), (0, -w % pool)))  # as a whole-image pass pads
+        n = labels.shape[0]
+        logits = net(torch.from_numpy(x)[None].to(device))[:, :, r : r + n, c : c + n]
+        yt = torch.from_numpy(lut[labels][None]).to(device)
         loss_sum += weighted_sparse_ce(logits, yt, weights).item() * yt.numel()
         n_px += yt.numel()
-        pred = np.asarray(codes)[logits.argmax(1).cpu().numpy()]
-        cm += confusion(labels[i : i + batch], pred.astype(np.uint8), np.asarray(codes))
+        pred = np.asarray(codes)[logits[0].argmax(0).cpu().numpy()]
+        cm += confusion(labels, pred.astype(np.uint8), np.asarray(codes))
     sc = scores(cm)
     f1 = [f for f in sc["f1"] if f is not None]
     return {
