@@ -142,7 +142,11 @@ def test_emulated_bf16_is_kept_when_asked_for_and_auto_takes_fp32(monkeypatch, c
     assert any("emulated" in r.getMessage() for r in caplog.records)
     assert model.set_precision("auto") == "fp32"
     monkeypatch.setattr(capability, "native_bf16", lambda device="cpu": True)
+    monkeypatch.setattr(capability, "bf16_speedup", lambda kind="cpu", training=False: 2.2)
     assert model.set_precision("auto") == "bf16"
+    # native, but no faster than fp32 (an AVX512-BF16 Xeon without AMX measured 0.7-1.0x): fp32
+    monkeypatch.setattr(capability, "bf16_speedup", lambda kind="cpu", training=False: 1.05)
+    assert model.set_precision("auto") == "fp32"
     with pytest.raises(ValueError, match="unknown precision"):
         model.set_precision("fp16")
 
@@ -157,3 +161,22 @@ def test_native_bf16_needs_flags_and_a_working_probe(monkeypatch):
     with open("/proc/cpuinfo") as f:
         flags = next((ln for ln in f if ln.startswith("flags")), "").split()
     assert capability.native_bf16("cpu") == ("avx512_bf16" in flags or "amx_bf16" in flags)
+
+
+def test_bf16_speedup_is_a_timing_and_zero_when_bf16_cannot_run(monkeypatch):
+    capability.bf16_speedup.cache_clear()
+    try:
+        if capability.bf16_autocast("cpu"):
+            assert capability.bf16_speedup("cpu", training=True) > 0
+        real = capability.F.conv2d
+
+        def no_bf16(x, *a, **k):
+            if torch.is_autocast_enabled("cpu"):
+                raise RuntimeError("could not create a primitive descriptor")
+            return real(x, *a, **k)
+
+        capability.bf16_speedup.cache_clear()
+        monkeypatch.setattr(capability.F, "conv2d", no_bf16)
+        assert capability.bf16_speedup("cpu") == 0.0
+    finally:
+        capability.bf16_speedup.cache_clear()

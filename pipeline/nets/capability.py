@@ -170,11 +170,57 @@ def native_bf16(device: str = "cpu") -> bool:
     return onednn_native_bf16() and bf16_autocast("cpu")
 
 
+AUTO_BF16_SPEEDUP = 1.2  # auto takes bf16 only this much faster: well clear of timing noise
+
+
+@functools.cache
+def bf16_speedup(kind: str = "cpu", training: bool = False) -> float:
+    """fp32 time / bf16 autocast time of a U-Net-like block (two 3x3 conv+ReLU, 30 -> 32 -> 32
+    channels, 8 x 64 x 64 px; forward and, for ``training``, backward), best of 5, once a process.
+
+    Why a timing and not the flags: with the same AVX512-BF16 flags, bf16 ran 2.1-2.4x fp32 on a
+    Zen 5 machine and 0.7-1.0x on an Intel Xeon VM without AMX (docs/benchmarks/fgunet.md), so
+    ``auto`` would have made that Xeon slower. Takes ~0.1-0.5 s; 0.0 when the timing fails.
+    """
+    import time
+
+    def block(dtype_on: bool) -> float:
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(8, 30, 64, 64, generator=g).to(kind).contiguous(memory_format=torch.channels_last)
+        w1 = torch.randn(32, 30, 3, 3, generator=g).to(kind).requires_grad_(training)
+        w2 = torch.randn(32, 32, 3, 3, generator=g).to(kind).requires_grad_(training)
+
+        def run() -> None:
+            with torch.autocast(kind, dtype=torch.bfloat16, enabled=dtype_on):
+                y = F.conv2d(F.conv2d(x, w1, padding=1).relu(), w2, padding=1).relu()
+            if training:
+                y.float().sum().backward()
+            if kind == "cuda":
+                torch.cuda.synchronize()
+
+        with torch.set_grad_enabled(training):
+            for _ in range(2):
+                run()
+            best = float("inf")
+            for _ in range(5):
+                t0 = time.perf_counter()
+                run()
+                best = min(best, time.perf_counter() - t0)
+        return best
+
+    try:
+        return block(False) / block(True)
+    except (RuntimeError, ValueError) as exc:  # a primitive missing after all: never bf16 by auto
+        log.info("bf16 timing failed (%s): auto takes fp32", exc)
+        return 0.0
+
+
 def choose_precision(asked: str, device: str, setting: str, doing: str) -> str:
     """The arithmetic that will really run for ``asked`` (``auto``, ``fp32`` or ``bf16``), shared by
     training (``nets.precision``) and mapping (``inference.precision``).
 
-    ``auto`` is bf16 where the hardware computes it natively (:func:`native_bf16`), else fp32. An
+    ``auto`` is bf16 where the hardware computes it natively (:func:`native_bf16`) and it is
+    measurably faster there (:func:`bf16_speedup` >= :data:`AUTO_BF16_SPEEDUP`), else fp32. An
     explicit ``bf16`` is honoured where bf16 autocast works (warned when it is emulated, so slower
     than fp32); where it does not (:func:`bf16_autocast` failed), fp32 runs with a warning rather
     than the job crashing on a missing primitive. ``setting`` and ``doing`` word the warnings.
@@ -184,7 +230,11 @@ def choose_precision(asked: str, device: str, setting: str, doing: str) -> str:
     kind = "cuda" if str(device).startswith("cuda") else "cpu"
     where = "CPU" if kind == "cpu" else "GPU"
     if asked == "auto":
-        return "bf16" if native_bf16(device) else "fp32"
+        if not native_bf16(device):
+            return "fp32"
+        ratio = bf16_speedup(kind, training=setting.startswith("nets"))
+        log.info("%s auto: bf16 runs %.2fx the fp32 speed on this %s", setting, ratio, where)
+        return "bf16" if ratio >= AUTO_BF16_SPEEDUP else "fp32"
     if asked == "bf16" and not bf16_autocast(kind):
         log.warning(
             "%s bf16 asked for, but bf16 autocast does not work on this %s (%s): %s in fp32 instead",
