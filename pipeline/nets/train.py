@@ -94,6 +94,10 @@ def train_network(
         torch.cuda.set_device(device)
     torch.set_num_threads(cfg.threads())
     precision = capability.choose_precision(s.precision, device, "nets.precision", "training")
+    if world.size > 1:  # one arithmetic for every process: process 0's (auto times the hardware)
+        flag = torch.tensor([precision == "bf16"], dtype=torch.int32, device=device)
+        dist.broadcast(flag, 0)
+        precision = "bf16" if flag.item() else "fp32"
     kind = "cuda" if device.startswith("cuda") else "cpu"
     bf16 = precision == "bf16"
 
