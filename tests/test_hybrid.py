@@ -134,7 +134,7 @@ def test_hybrid_needs_its_network(tmp_path, trained):
             tmp_path / "models" / "fgunet_rf",
         )
     assert not (tmp_path / "models" / "fgunet_rf").exists()
-    with pytest.raises(PipelineError, match="checkpoints do not apply to training fgunet_rf"):
+    with pytest.raises(PipelineError, match="checkpoints does not apply to training fgunet_rf"):
         train(cfg, "fgunet_rf", scene.gapfilled, scene.labels, scene.percentiles, tmp_path / "m",
               checkpoints=tmp_path / "c")  # fmt: skip
     assert network_beside(models / "fgunet_rf-s7", "fgunet") == models / "fgunet-s7"

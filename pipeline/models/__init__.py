@@ -96,7 +96,8 @@ def refuse_options(name: str, options: dict[str, Any]) -> None:
     """A ``train_stage`` option that does not apply to this model, given anyway, is an error (a
     silently ignored ``--fold`` or ``--checkpoints`` would train something else than asked)."""
     if given := sorted(k for k, v in options.items() if v is not None):
-        raise PipelineError(None, f"{', '.join(given)} do not apply to training {name}")
+        verb = "does" if len(given) == 1 else "do"
+        raise PipelineError(None, f"{', '.join(given)} {verb} not apply to training {name}")
 
 
 def is_network(name: str) -> bool:
