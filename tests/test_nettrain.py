@@ -221,7 +221,7 @@ def test_bf16_training_that_cannot_run_trains_in_fp32_and_says_so(run, tmp_path,
     assert rows[0]["precision"] == "fp32" and float(rows[0]["cpu_seconds"]) > 0
     assert set(dtypes) == {torch.float32}
     monkeypatch.setattr(capability, "native_bf16", lambda device="cpu": False)
-    assert capability.choose_precision("auto", "cpu", "nets.precision", "training") == "fp32"
+    assert capability.choose_precision("auto", "cpu", training=True) == "fp32"
 
 
 def test_bf16_training_runs_bf16_maths_on_fp32_weights(run, tmp_path, monkeypatch):

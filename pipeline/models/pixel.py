@@ -69,29 +69,13 @@ class PixelClassifier:
     ) -> None:
         """Sample the training labels of every tile (all but ``fold``, for the geometric QA's
         reference models), fit, and write the model folder at once."""
-        from pipeline.sampling import balanced_sample
         from pipeline.train import META, model_meta
 
         refuse_options(cls.name, kw)
         norm = Normalisation.from_percentiles(percentiles)
         t0 = time.perf_counter()
-        per_class = int(cfg["rf"]["samples_per_class"])
-        seed = derive_seed(cfg.seed, "sampling" if fold is None else f"sampling/fold{fold}")
-        sample = balanced_sample(labels, gapfilled, cfg.class_codes, per_class, seed, norm, exclude_fold=fold)
-        empty = [c for c in cfg.class_codes.tolist() if sample.counts.get(c, 0) == 0]
-        if empty:
-            log.warning("classes without training pixels (left out of the model): %s", cfg.named(empty))
-        short = {c: n for c, n in sample.counts.items() if 0 < n < per_class}
-        if short:
-            log.info("classes with fewer than %d training pixels: %s", per_class, cfg.named(short))
-        present = sorted(c for c, n in sample.counts.items() if n > 0)
-        if len(present) < 2:
-            raise PipelineError(
-                next(iter(labels.values()), None),
-                f"need training pixels of at least 2 classes, found {present}",
-            )
+        sample, seed, per_class, empty = training_sample(cfg, labels, gapfilled, norm, fold)
         t_sample = time.perf_counter() - t0
-        log.info("sampled %d pixels of %d classes in %.1f s", sample.labels.size, len(present), t_sample)
 
         model = cls.from_config(cfg)
         t1 = time.perf_counter()
@@ -123,6 +107,39 @@ class PixelClassifier:
             self.classes_,
             ~nodata_mask(cube),
         )
+
+
+def training_sample(
+    cfg: Any,
+    labels: Mapping[str, Path],
+    gapfilled: Mapping[str, Path],
+    norm: Normalisation,
+    fold: int | None = None,
+) -> tuple[Any, int, int, list[int]]:
+    """The class-balanced pixel sample every pixel classifier trains on (RF, and ``fgunet_rf`` on
+    the same pixels): ``(sample, seed, samples per class, codes without any training pixel)``.
+
+    ``fold``: leave that fold of training polygons out (the geometric QA's reference models). Fewer
+    than 2 classes with pixels is an error naming the labels.
+    """
+    from pipeline.sampling import balanced_sample
+
+    per_class = int(cfg["rf"]["samples_per_class"])
+    seed = derive_seed(cfg.seed, "sampling" if fold is None else f"sampling/fold{fold}")
+    sample = balanced_sample(labels, gapfilled, cfg.class_codes, per_class, seed, norm, exclude_fold=fold)
+    empty = [c for c in cfg.class_codes.tolist() if sample.counts.get(c, 0) == 0]
+    if empty:
+        log.warning("classes without training pixels (left out of the model): %s", cfg.named(empty))
+    short = {c: n for c, n in sample.counts.items() if 0 < n < per_class}
+    if short:
+        log.info("classes with fewer than %d training pixels: %s", per_class, cfg.named(short))
+    present = sorted(c for c, n in sample.counts.items() if n > 0)
+    if len(present) < 2:
+        raise PipelineError(
+            next(iter(labels.values()), None), f"need training pixels of at least 2 classes, found {present}"
+        )
+    log.info("sampled %d pixels of %d classes", sample.labels.size, len(present))
+    return sample, seed, per_class, empty
 
 
 def map_pixels(

@@ -215,7 +215,7 @@ def bf16_speedup(kind: str = "cpu", training: bool = False) -> float:
         return 0.0
 
 
-def choose_precision(asked: str, device: str, setting: str, doing: str) -> str:
+def choose_precision(asked: str, device: str, *, training: bool) -> str:
     """The arithmetic that will really run for ``asked`` (``auto``, ``fp32`` or ``bf16``), shared by
     training (``nets.precision``) and mapping (``inference.precision``).
 
@@ -223,8 +223,10 @@ def choose_precision(asked: str, device: str, setting: str, doing: str) -> str:
     measurably faster there (:func:`bf16_speedup` >= :data:`AUTO_BF16_SPEEDUP`), else fp32. An
     explicit ``bf16`` is honoured where bf16 autocast works (warned when it is emulated, so slower
     than fp32); where it does not (:func:`bf16_autocast` failed), fp32 runs with a warning rather
-    than the job crashing on a missing primitive. ``setting`` and ``doing`` word the warnings.
+    than the job crashing on a missing primitive. ``training``: ``nets.precision`` (the timing
+    then includes the backward pass), else ``inference.precision``.
     """
+    setting, doing = ("nets.precision", "training") if training else ("inference.precision", "mapping")
     if asked not in ("auto", "fp32", "bf16"):
         raise ValueError(f"unknown precision {asked!r}")
     kind = "cuda" if str(device).startswith("cuda") else "cpu"
@@ -232,7 +234,7 @@ def choose_precision(asked: str, device: str, setting: str, doing: str) -> str:
     if asked == "auto":
         if not native_bf16(device):
             return "fp32"
-        ratio = bf16_speedup(kind, training=setting.startswith("nets"))
+        ratio = bf16_speedup(kind, training=training)
         log.info("%s auto: bf16 runs %.2fx the fp32 speed on this %s", setting, ratio, where)
         return "bf16" if ratio >= AUTO_BF16_SPEEDUP else "fp32"
     if asked == "bf16" and not bf16_autocast(kind):

@@ -57,7 +57,7 @@ class NetClassifier:
         slower than fp32); where it does not (:func:`capability.bf16_autocast` failed), fp32 runs
         with a warning rather than the map job crashing on a missing primitive.
         """
-        precision = capability.choose_precision(precision, self.device, "inference.precision", "mapping")
+        precision = capability.choose_precision(precision, self.device, training=False)
         self.precision = precision
         return precision
 
@@ -103,14 +103,18 @@ class NetClassifier:
         ``inference.overlap`` around it, rounded up to the pooling factor (window origins stay on
         the pooling grid, so aligned windows stitch to the whole-image result)."""
         self.check_meta(meta, model_dir)
-        inf = cfg["inference"]
-        pool = self.pool_factor
+        margin = self.window_margin(cfg, model_dir)
+        return MapSettings(margin=margin, precision=self.set_precision(cfg["inference"]["precision"]))
+
+    def window_margin(self, cfg: Any, model_dir: Path, at_least: int = 0) -> int:
+        """The px read around each ``inference.window`` window: ``inference.overlap`` (or
+        ``at_least``, if more) on the pooling grid; a window size off that grid is refused."""
+        inf, pool = cfg["inference"], self.pool_factor
         if int(inf["window"]) % pool:
             raise PipelineError(
                 model_dir, f"inference.window {inf['window']} is not a multiple of the pooling factor {pool}"
             )
-        precision = self.set_precision(inf["precision"])
-        return MapSettings(margin=-(-int(inf["overlap"]) // pool) * pool, precision=precision)
+        return self.spec.pool_aligned(max(int(inf["overlap"]), at_least))
 
     def check_meta(self, meta: dict[str, Any], model_dir: Path) -> None:
         """The weights must agree with ``model.json`` on classes and input channels (before any compute)."""

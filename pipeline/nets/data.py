@@ -19,7 +19,7 @@ import torch.distributed as dist
 from pipeline.config import Config
 from pipeline.errors import PipelineError
 from pipeline.io.tilestore import iter_windows, open_store, store_grid, win_slices
-from pipeline.models.features import NODATA, Normalisation, schema_mismatch
+from pipeline.models.features import NODATA, Normalisation, nodata_mask, schema_mismatch
 from pipeline.nets.distributed import World, tile_holders
 from pipeline.nets.patches import ClassFirstSampler, PatchIndex, PatchRef, read_patches, selection_index_path
 from pipeline.nets.settings import NetSettings
@@ -121,7 +121,7 @@ class PatchData:
         y = np.array(self.labels[ref.tile][split][rows, cols], dtype=np.uint8)
         off = (ref.row - r0, ref.col - c0)
         inner = x[:, :, off[0] : off[0] + self.size, off[1] : off[1] + self.size]
-        y[np.all(inner == NODATA, axis=(0, 1))] = 0  # no observation: nothing to score (as in read)
+        y[nodata_mask(inner)] = 0  # no observation: nothing to score (as in read)
         return x, y, off
 
     def read_labels(self, refs: Sequence[PatchRef], split: str = "train") -> np.ndarray:

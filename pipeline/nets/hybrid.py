@@ -31,9 +31,9 @@ from pipeline.errors import PipelineError
 from pipeline.io.atomic import atomic_path
 from pipeline.io.tilestore import iter_windows, open_store, padded, store_grid, win_slices
 from pipeline.layout import Layout
-from pipeline.models import HYBRIDS, MapSettings, derive_seed, get, refuse_options, register
+from pipeline.models import HYBRIDS, MapSettings, get, refuse_options, register
 from pipeline.models.features import Normalisation, nodata_mask
-from pipeline.models.pixel import map_pixels
+from pipeline.models.pixel import map_pixels, training_sample
 from pipeline.models.rf import RandomForest
 from pipeline.nets.classifier import NetClassifier
 from pipeline.nets.weights import WEIGHTS, weights_digest
@@ -54,10 +54,9 @@ class NetForest:
     def classes_(self) -> np.ndarray:
         return self.forest.classes_
 
-    def margin(self, overlap: int = 0) -> int:
-        """Px read around a window: the receptive radius (exact features), or more when asked."""
-        pool = self.net.pool_factor
-        return -(-max(int(overlap), self.net.receptive_radius) // pool) * pool
+    def margin(self) -> int:
+        """Px read around a window for exact features: the receptive radius on the pooling grid."""
+        return self.net.spec.pool_aligned(self.net.receptive_radius)
 
     def set_threads(self, n: int) -> None:
         self.net.set_threads(n)
@@ -84,7 +83,6 @@ class NetForest:
         ``network``: the trained network's model folder (default: ``<network>`` beside ``out_dir``,
         with the same seed suffix: ``models/fgunet`` for ``models/fgunet_rf``).
         """
-        from pipeline.sampling import balanced_sample
         from pipeline.train import META, load_meta, model_meta
 
         refuse_options(cls.name, kw)
@@ -98,14 +96,8 @@ class NetForest:
         net.set_threads(cfg.threads())  # type: ignore[attr-defined]
 
         t0 = time.perf_counter()
-        per_class = int(cfg["rf"]["samples_per_class"])
-        seed = derive_seed(cfg.seed, "sampling")  # the plain RF's pixels: only the features differ
-        sample = balanced_sample(labels, gapfilled, cfg.class_codes, per_class, seed, norm)
-        present = sorted(c for c, n in sample.counts.items() if n > 0)
-        if len(present) < 2:
-            msg = f"need training pixels of at least 2 classes, found {present}"
-            raise PipelineError(next(iter(labels.values()), None), msg)
-        empty = [c for c in cfg.class_codes.tolist() if sample.counts.get(c, 0) == 0]
+        # the plain RF's pixels (same seed): only the features differ
+        sample, _, per_class, empty = training_sample(cfg, labels, gapfilled, norm)
         model = cls(net, RandomForest.from_config(cfg))  # type: ignore[arg-type]
         window = int(cfg["inference"]["window"])
         x = network_features(model.net, norm, gapfilled, sample, window, model.margin())
@@ -146,13 +138,7 @@ class NetForest:
                 model_dir, f"forest's classes {list(self.classes_)} differ from model.json's {codes}"
             )
         self.net.check_inputs(meta, model_dir)
-        if int(cfg["inference"]["window"]) % self.net.pool_factor:
-            raise PipelineError(
-                model_dir,
-                f"inference.window {cfg['inference']['window']} is not a multiple of the pooling factor"
-                f" {self.net.pool_factor}",
-            )
-        return MapSettings(margin=self.margin(int(cfg["inference"]["overlap"])))
+        return MapSettings(margin=self.net.window_margin(cfg, model_dir, at_least=self.net.receptive_radius))
 
     def classify_window(self, cube: np.ndarray, norm: Normalisation) -> tuple[np.ndarray, np.ndarray]:
         """(T, C, H, W) raw cube -> (H, W) class codes (0 = no data) and confidence in % (255 = no data)."""

@@ -85,6 +85,11 @@ class NetSpec:
         """Input height and width must be multiples of this (2 per U-Net pooling; 1 without a U-Net)."""
         return 2 ** (len(self.unet_filters) - 1) if _LAYOUTS[self.arch].unet else 1
 
+    def pool_aligned(self, px: int) -> int:
+        """``px`` rounded up to a multiple of the pooling factor: a margin that keeps window origins
+        on the pooling grid, so aligned windows compute what a whole-image pass computes."""
+        return -(-int(px) // self.pool_factor) * self.pool_factor
+
     @property
     def receptive_radius(self) -> int:
         """Output pixels depend only on input pixels within this Chebyshev radius (pool-aligned

@@ -93,7 +93,7 @@ def train_network(
         device = f"cuda:{world.local_rank % torch.cuda.device_count()}"
         torch.cuda.set_device(device)
     torch.set_num_threads(cfg.threads())
-    precision = capability.choose_precision(s.precision, device, "nets.precision", "training")
+    precision = capability.choose_precision(s.precision, device, training=True)
     if world.size > 1:  # one arithmetic for every process: process 0's (auto times the hardware)
         flag = torch.tensor([precision == "bf16"], dtype=torch.int32, device=device)
         dist.broadcast(flag, 0)
@@ -154,7 +154,7 @@ def train_network(
     if s.patch_size % net.pool_factor:
         raise PipelineError(None, f"nets.patch_size {s.patch_size} is not a multiple of {net.pool_factor}")
     opt = torch.optim.Adam(net.parameters(), lr=s.learning_rate)
-    sel_margin = -(-spec.receptive_radius // net.pool_factor) * net.pool_factor
+    sel_margin = spec.pool_aligned(spec.receptive_radius)
     weights = torch.from_numpy(class_w).to(device)
     lut = code_lut(codes)
     channels = [f"{d}/{b}" for d in norm.dates for b in (*norm.bands, *s.indices)]
