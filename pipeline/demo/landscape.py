@@ -514,30 +514,36 @@ def _textures(c, gy, gx, cls, obj, node, t, RY, RX, LX, LY, rwidth):
     r_o = uniform(obj, 21)  # per-object choice (orientation, period, material)
     r_p = uniform(key, _P["tex"], gy[:, None], gx[None, :])
 
-    m = cls == K["CUF"]  # dense buildings cut by narrow streets and a few courtyards
+    # urban: ``tex`` is the pixel's roof fraction (~0.84-1 on a building, ~0-0.12 elsewhere) and
+    # ``tex2`` a material draw, per building on roofs and per pixel (per garden in DUF) elsewhere.
+    # The three classes share the materials, roof pixels look alike in all three: what sets them
+    # apart is the arrangement (block size, street pattern, gardens), as at 10 m in reality.
+    on_roof = 0.84 + 0.16 * r_p
+    off_roof = 0.12 * r_p
+    ground = uniform(key, _P["tree"], gy[:, None], gx[None, :])  # ground cover draw per open pixel
+    m = cls == K["CUF"]  # terraced blocks cut by 1 px streets, a few courtyards
     if m.any():
         period = 5 + (r_o * 4).astype(np.int64)
-        street = (ox % period == period - 1) | (oy % (period + 1) == period)
-        roof = np.where(street, 0.2, 0.88) - 0.25 * (r_p < 0.06)
-        tex[m] = roof[m]
-        tex2[m] = uniform(obj, gy[:, None] // 3, gx[None, :] // 3)[m]  # roof material draw per building
+        street = (ox % period == period - 1) | (oy % (period + 1) == period) | (r_p < 0.06)
+        tex[m] = np.where(street, off_roof, on_roof)[m]
+        roof = uniform(obj, ox // period, oy // (period + 1))  # roof material draw per block
+        tex2[m] = np.where(street, ground, roof)[m]
 
     m = cls == K["DUF"]  # detached houses (2x2 px) in gardens
     if m.any():
         house = uniform(key, _P["house"], gy[:, None] // 2, gx[None, :] // 2) < 0.3
-        roof = np.where(house, 0.72, 0.06) + 0.1 * (r_p - 0.5)
-        tex[m] = roof[m]
-        # roof material draw per house, tree-crown draw per garden 2x2 block
+        tex[m] = np.where(house, on_roof, off_roof)[m]
+        # roof material per house, ground cover (lawn, tree, drive) per 2x2 garden block
         tex2[m] = uniform(key, _P["tree"], gy[:, None] // 2, gx[None, :] // 2)[m]
 
-    m = cls == K["ICU"]  # large roofs (mostly bright) on paved yards
+    m = cls == K["ICU"]  # large roofs on paved yards
     if m.any():
         bx, by = 9 + (r_o * 6).astype(np.int64), 7 + (uniform(obj, 22) * 5).astype(np.int64)
         mx, my = ox % (bx + 3), oy % (by + 3)
         building = (mx >= 1) & (mx <= bx) & (my >= 1) & (my <= by)
-        tex[m] = np.where(building, 1.0, 0.0)[m]
+        tex[m] = np.where(building, on_roof, off_roof)[m]
         material = uniform(obj, ox // (bx + 3), oy // (by + 3))  # roof material draw per building
-        tex2[m] = material[m]
+        tex2[m] = np.where(building, material, ground)[m]
 
     m = cls == K["VIN"]  # vine rows, 30 m period, orientation per parcel
     if m.any():

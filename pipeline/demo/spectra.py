@@ -55,6 +55,26 @@ def _roofs(tx, t2, p_tile: float, p_dark: float) -> dict[str, np.ndarray]:
     return {"roof": tx * tile, "dark": tx * dark, "bright": tx * ~(tile | dark)}
 
 
+def _urban(t, tx, t2, roofs: tuple[float, float], paved, tree) -> dict[str, np.ndarray]:
+    """An urban pixel: roof fraction ``tx``; the rest is paved, tree or lawn by the draw ``t2``.
+
+    The materials (roofs, asphalt and concrete, lawns, street trees) are the same in CUF, DUF and
+    ICU; only their shares differ (``roofs`` = tile and slate shares of the roofs, ``paved`` and
+    ``tree`` the open ground's), so one pixel says little and the neighbourhood says the class.
+    """
+    building = tx >= 0.5
+    open_ = 1 - tx
+    is_paved = building | (t2 < paved)  # a roof pixel's remainder is gutter and pavement
+    is_tree = ~is_paved & (t2 < paved + tree)
+    is_lawn = ~is_paved & ~is_tree
+    leaf = bump(t, 100, 300, 10)
+    out = {n: r * building for n, r in _roofs(tx, t2, *roofs).items()}
+    green = is_tree * (0.1 + 0.8 * leaf) + is_lawn * 0.8 * (0.55 + 0.45 * leaf)
+    dry = is_tree * 0.5 * (1 - leaf) + is_lawn * 0.1
+    return {**out, "asphalt": open_ * is_paved * 0.7, "concrete": open_ * is_paved * 0.3,
+            "green": open_ * green, "dry": open_ * dry, "soil": open_ * is_lawn * 0.07}  # fmt: skip
+
+
 def _crop_fallow(t, s, a):
     """Set-aside / fallow: spontaneous weeds in spring, straw all summer (a grassland look-alike)."""
     g = a * 0.45 * bump(t, 80 + s, 190 + s, 15) + 0.12
@@ -170,30 +190,13 @@ def _profile(k: int, t: float, s, a, tx, t2, fr, md) -> dict[str, np.ndarray]:
     if k == K["RSF"]:  # asphalt plus verge (roads are narrower than a pixel)
         v = 1 - tx
         return {"asphalt": tx, "green": v * 0.6 * (0.6 + 0.4 * bump(t, 90, 300, 15)), "soil": v * 0.4}
-    if k == K["CUF"]:  # roofs (mostly tiles, some slate, a few bright) and streets, some with trees
-        v = 1 - tx
-        trees = 0.15 + 0.4 * fr * (md < 0.4)
-        return {**_roofs(tx, t2, 0.6, 0.25), "asphalt": v * (1 - trees),
-                "green": v * trees * (0.3 + 0.6 * bump(t, 100, 300, 10))}  # fmt: skip
-    if k == K["DUF"]:  # houses in gardens: lawns, trees, paved drives; many pixels look like CUF or IGL
-        house = tx > 0.4
-        roofs = _roofs(tx, t2, 0.65, 0.25)
-        v = 1 - tx
-        tree = ~house & (t2 < 0.15 + 0.5 * fr)
-        paved = 0.08 + 0.3 * (md < 0.3)
-        lawn = v * (1 - paved)
-        leaf = bump(t, 100, 300, 10)
-        return {**{n: r * house for n, r in roofs.items()},
-                "green": np.where(tree, v * (0.1 + 0.8 * leaf), lawn * 0.8 * (0.55 + 0.45 * leaf)),
-                "dry": np.where(tree, v * 0.5 * (1 - leaf), lawn * 0.1), "asphalt": v * paved,
-                "soil": lawn * 0.07}  # fmt: skip
-    if k == K["ICU"]:  # big roofs (bright metal, bitumen, some tiles) and car parks, a few lawns
-        v = 1 - tx
-        roofs = _roofs(tx, t2, 0.2, 0.3)
-        lawns = 0.08 + 0.3 * fr * (md < 0.4)
-        return {"roof": roofs["roof"], "dark": roofs["dark"], "bright": roofs["bright"] * 0.95,
-                "asphalt": v * (1 - lawns) * 0.7, "concrete": v * (1 - lawns) * 0.3,
-                "green": v * lawns * (0.4 + 0.4 * bump(t, 100, 300, 10)), "soil": v * 0.05}  # fmt: skip
+    if k == K["CUF"]:  # terraced roofs and streets, some lined with trees
+        trees = md < 0.4
+        return _urban(t, tx, t2, roofs=(0.55, 0.25), paved=0.75 - 0.25 * trees, tree=0.15 + 0.25 * trees)
+    if k == K["DUF"]:  # houses in gardens: lawns, trees, paved drives
+        return _urban(t, tx, t2, roofs=(0.6, 0.25), paved=0.08 + 0.3 * (md < 0.3), tree=0.15 + 0.5 * fr)
+    if k == K["ICU"]:  # large roofs (more of them bright metal) on car parks and yards, a few lawns
+        return _urban(t, tx, t2, roofs=(0.45, 0.25), paved=0.9 - 0.3 * fr * (md < 0.4), tree=0.03 * one)
     raise ValueError(f"no profile for class index {k}")
 
 
