@@ -38,7 +38,9 @@ thread count), because these machines are shared and noisy. Measurements, one JS
   pixel and no disk is used).
 - ``train_step``: one Adam step (forward, ``weighted_sparse_ce``, backward, step), b = 8 patches of
   64², median after warm-up, in fp32 and bf16 autocast, weights contiguous or channels-last
-  (``_clw``); FLOP counted as 3 x the forward's.
+  (``_clw``); FLOP counted as 3 x the forward's. With ``--profile``, ``train_profile``: the share
+  of one step's self CPU time per kind of op (conv forward, conv backward, Adam, pooling/upsampling/
+  concatenation, ReLU/dropout, loss) and the GFLOP/s of the convolutions forward and backward.
 - ``bf16_agreement``: the demo's trained FG-UNET (``results/demo/models/fgunet``) on the demo tile
   ``results/demo/gapfilled/T31TCJ.zarr`` (whole tile in one ``classify_window``), each variant
   against fp32: share of pixels with the same class, mean and max |confidence difference|.
@@ -729,6 +731,94 @@ def bench_train(
     }
 
 
+_TRAIN_KINDS = (  # (category, op names): where a training step's CPU time goes
+    ("conv forward", ("aten::mkldnn_convolution", "aten::_convolution", "aten::convolution")),
+    ("conv backward", ("aten::convolution_backward", "aten::mkldnn_convolution_backward")),
+    ("optimizer (Adam)", ("aten::_foreach_", "aten::add_", "aten::mul_", "aten::addcmul_", "aten::addcdiv_",
+                          "aten::sqrt", "aten::div_", "aten::lerp_")),
+    ("pool / upsample / concat", ("aten::max_pool2d", "aten::upsample", "aten::cat", "aten::max_pool2d_with",
+                                  "aten::upsample_nearest2d_backward", "aten::narrow", "aten::slice")),
+    ("relu / dropout", ("aten::relu", "aten::threshold", "aten::dropout", "aten::native_dropout",
+                        "aten::bernoulli", "aten::mul")),
+    ("loss", ("aten::log_softmax", "aten::_log_softmax", "aten::nll_loss", "aten::gather", "aten::where")),
+)  # fmt: skip
+
+
+def _train_kind(op: str) -> str:
+    for kind, names in _TRAIN_KINDS:
+        if any(op.startswith(n) for n in names):
+            return kind
+    return "other"
+
+
+def profile_train(variant: str, batch: int, side: int, peaks: dict) -> dict[str, Any]:
+    """Where one Adam step's time goes (torch.profiler, self CPU time) and what each conv shape's
+    forward and backward reach in GFLOP/s: the account of the gap to the GEMM peak."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from pipeline.nets.loss import weighted_sparse_ce
+
+    torch.manual_seed(0)
+    net = paper_net().train()
+    if variant.endswith(("_cl", "_clw")):
+        net.to(memory_format=torch.channels_last)
+    bf16 = "bf16" in variant
+    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+    x = torch.rand(batch, GROUPS * CG, side, side)
+    y = torch.randint(-1, N_CLASSES, (batch, side, side))
+    w = torch.rand(N_CLASSES) + 0.5
+
+    def step() -> None:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = weighted_sparse_ce(net(x), y, w)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    for _ in range(2):
+        step()
+    wait_quiet()
+    t = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        step()
+    wall = time.perf_counter() - t
+    rows = [e for e in prof.key_averages() if e.self_cpu_time_total > 0]
+    total = sum(e.self_cpu_time_total for e in rows)
+    kinds: dict[str, float] = {}
+    for e in rows:
+        k = _train_kind(e.key)
+        kinds[k] = kinds.get(k, 0.0) + e.self_cpu_time_total
+    # conv shapes: forward FLOP from the input and weight shapes; backward = 2x (data and weight
+    # gradients), 1x for the first conv of a group, whose input needs no gradient
+    fwd: dict[str, list[float]] = {}
+    for e in prof.key_averages(group_by_input_shape=True):
+        if e.key != "aten::mkldnn_convolution" or not e.input_shapes or len(e.input_shapes) < 2:
+            continue
+        (n, cin, h, w_), (cout, _, kh, kw) = e.input_shapes[0], e.input_shapes[1]
+        fl = 2 * n * h * w_ * cout * cin * kh * kw * e.count
+        fwd[f"{cin}->{cout} {kh}x{kw} at {h}x{w_} (n={n})"] = [fl, e.self_cpu_time_total]
+    conv_flop = sum(v[0] for v in fwd.values())
+    peak = peaks["bf16" if bf16 else "fp32"]
+    cpu_threads = torch.get_num_threads()
+    return {
+        "variant": variant,
+        "wall_s": round(wall, 3),
+        "self_cpu_s": round(total / 1e6, 3),
+        "threads": cpu_threads,
+        "share": {k: round(v / total, 3) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])},
+        "conv_forward_gflop_s": round(conv_flop / max(kinds.get("conv forward", 1), 1) / 1e3, 1),
+        "conv_backward_gflop_s_2x": round(2 * conv_flop / max(kinds.get("conv backward", 1), 1) / 1e3, 1),
+        "peak_gflop_s": round(peak, 1),
+        "forward_convs": sorted(
+            (
+                {"conv": k, "gflop_s": round(f / t / 1e3, 1), "ms": round(t / 1e3)}
+                for k, (f, t) in fwd.items()
+            ),
+            key=lambda r: -r["ms"],
+        ),
+    }
+
+
 # ------------------------------------------------------------------------------------------- agreement
 
 
@@ -950,6 +1040,9 @@ def main() -> None:
         warm, steps = (1, 2) if q else (2, 5)
         for variant in ("fp32", "fp32_clw", "bf16", "bf16_clw"):
             emit(event="train_step", **bench_train(variant, 8, 64, warm, steps, flop, peaks))
+        if args.profile:
+            for variant in ("fp32_clw", "bf16_clw"):
+                emit(event="train_profile", **profile_train(variant, 8, 64, peaks))
 
     if not args.skip_agreement:
         bench_agreement(ok_variants or ["bf16"])

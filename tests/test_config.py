@@ -100,3 +100,23 @@ def test_yaml_is_parsed_safely(tmp_path):
     evil.write_text("run: !!python/object/apply:os.system ['echo pwned']\n")
     with pytest.raises(PipelineError, match="not valid YAML"):
         load_config(evil)
+
+
+@pytest.mark.parametrize("overlay", ["profiles/paper.yaml", "bench/demo_year2.yaml"])
+def test_overlays_validate_and_stay_in_their_workdir(raw, overlay):
+    """The documented `--configfile config.yaml <overlay>` runs: Snakemake merges the overlay over the
+    main config key by key; the result must validate, and every file it writes or reads as input
+    must be under its own workdir (an overlay that wrote into results/demo would clobber the demo)."""
+    from snakemake.utils import update_config
+
+    merged = copy.deepcopy(raw)
+    update_config(merged, yaml.safe_load((REPO / overlay).read_text()))
+    cfg = validate(merged, overlay)
+    work = cfg["run"]["workdir"]
+    assert work != raw["run"]["workdir"]
+    paths = [
+        cfg["demo"]["out"],
+        cfg["inputs"]["reference"],
+        *(t["path"] for t in cfg["inputs"]["tiles"].values()),
+    ]
+    assert all(p.startswith(work + "/") for p in paths), paths
