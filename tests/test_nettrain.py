@@ -31,7 +31,7 @@ from pipeline.nets.checkpoints import latest_checkpoint
 from pipeline.nets.classifier import NetClassifier
 from pipeline.nets.loss import class_weights, weighted_sparse_ce
 from pipeline.nets.patches import index_patches
-from pipeline.nets.settings import warmup_lr
+from pipeline.nets.settings import epoch_lr, warmup_lr
 from pipeline.nets.train import train_network
 from pipeline.nets.weights import WEIGHTS, load_weights
 from pipeline.train import load_meta
@@ -87,6 +87,21 @@ def test_warmup_reaches_base_at_w_and_is_off_without_warmup():
         assert warmup_lr(1e-3, nodes, 0, 0) == 1e-3
     with pytest.raises(ValueError):
         warmup_lr(1e-3, 0, 5, 0)
+
+
+def test_cosine_schedule_after_the_warmup():
+    # by hand, 7 epochs with w = 2 on 4 nodes: eq. 3 for epochs 0-1 (lr/4, lr/4 * 2.5), then
+    # lr * (0.05 + 0.95 * (1 + cos(pi p)) / 2) at p = 0, .2, .4, .6, .8
+    cos = [1.0, 0.809017, 0.309017, -0.309017, -0.809017]
+    expected = [2.5e-4, 6.25e-4] + [1e-3 * (0.05 + 0.95 * (1 + c) / 2) for c in cos]
+    got = [epoch_lr(1e-3, 4, 2, e, 7, "cosine") for e in range(7)]
+    np.testing.assert_allclose(got, expected, rtol=1e-6)
+    np.testing.assert_allclose(got[-1], 1.407e-4, rtol=1e-3)
+    assert [epoch_lr(1e-3, 4, 2, e, 7, "constant") for e in range(7)] == [
+        warmup_lr(1e-3, 4, 2, e) for e in range(7)
+    ]
+    with pytest.raises(ValueError, match="lr_schedule"):
+        epoch_lr(1e-3, 1, 0, 0, 3, "step")
 
 
 # --- eq. 1 and 4 ----------------------------------------------------------------------------------

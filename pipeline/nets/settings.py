@@ -8,6 +8,7 @@ instead of after the ``patches`` stage has run on every tile.
 from __future__ import annotations
 
 import datetime as dt
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -40,6 +41,7 @@ class NetSettings:
     steps_per_epoch: int
     warmup_epochs: int
     learning_rate: float
+    lr_schedule: str
     augment: bool
     selection_patches: int
     device: str
@@ -69,6 +71,7 @@ class NetSettings:
             steps_per_epoch=int(n["steps_per_epoch"]),
             warmup_epochs=int(n["warmup_epochs"]),
             learning_rate=float(n["learning_rate"]),
+            lr_schedule=str(n["lr_schedule"]),
             augment=bool(n["augment"]),
             selection_patches=int(n["selection_patches"]),
             device=str(n["device"]),
@@ -102,6 +105,27 @@ def warmup_lr(base: float, nodes: int, warmup_epochs: int, epoch: int) -> float:
     if warmup_epochs <= 0 or epoch >= warmup_epochs:
         return base
     return base / nodes * ((nodes - 1) / warmup_epochs * epoch + 1)
+
+
+COSINE_FLOOR = 0.05  # the cosine schedule ends at this share of the base learning rate
+
+
+def epoch_lr(base: float, nodes: int, warmup_epochs: int, epoch: int, epochs: int, schedule: str) -> float:
+    """Learning rate of ``epoch`` (0-based) of ``epochs``: eq. 3's warm-up, then ``constant`` (the
+    paper: Adam at ``lr`` to the end) or ``cosine`` (half a cosine from ``lr`` after the warm-up down
+    towards ``COSINE_FLOOR * lr`` at the end).
+
+    Why cosine is offered: at a constant rate the demo's FG-UNET keeps swinging between the urban
+    classes from one epoch to the next (docs/networks.md, the paper profile); decaying the rate
+    lets it settle.
+    """
+    lr = warmup_lr(base, nodes, warmup_epochs, epoch)
+    if schedule == "constant" or epoch < warmup_epochs:
+        return lr
+    if schedule != "cosine":
+        raise ValueError(f"unknown nets.lr_schedule {schedule!r}")
+    p = (epoch - warmup_epochs) / max(1, epochs - warmup_epochs)
+    return base * (COSINE_FLOOR + (1 - COSINE_FLOOR) * 0.5 * (1 + math.cos(math.pi * p)))
 
 
 def init_folder(init_from: Any, name: str) -> Path | None:

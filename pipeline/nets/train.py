@@ -56,7 +56,7 @@ from pipeline.nets.finetune import Start, starting_point
 from pipeline.nets.history import HISTORY, PLOT, history_csv, plot_history
 from pipeline.nets.loss import class_weights, weighted_sparse_ce
 from pipeline.nets.patches import ClassFirstSampler, PatchRef, channels_per_date, min_pixels, patch_inputs
-from pipeline.nets.settings import NetSettings, warmup_lr
+from pipeline.nets.settings import NetSettings, epoch_lr
 from pipeline.nets.weights import load_weights, save_weights, weights_blob
 from pipeline.reference import SELECTION
 from pipeline.train import META, base_meta
@@ -195,7 +195,7 @@ def train_network(
     t_start = time.perf_counter()
     for epoch in range(start, s.epochs):
         t0, c0 = time.perf_counter(), time.process_time()
-        lr = warmup_lr(s.learning_rate, nodes, s.warmup_epochs, epoch)
+        lr = epoch_lr(s.learning_rate, nodes, s.warmup_epochs, epoch, s.epochs, s.lr_schedule)
         for group in opt.param_groups:
             group["lr"] = lr
         rng = np.random.default_rng(derive_seed(cfg.seed, f"{name}/epoch/{epoch}"))  # used by process 0
