@@ -99,3 +99,28 @@ def test_one_process_per_node_asks_for_tasks(tmp_path):
     # one process in all: a plain one-task job
     jobs = _dry_run(tmp_path, {"train_network": {"nodes": 1, "tasks_per_node": 1}}, "--cores", "2")
     assert "mpi" not in jobs["results/models/fgunet"]
+
+
+def test_local_runs_never_oversubscribe_the_cores(tmp_path):
+    """A local `--cores 2` run must not start two 2-thread jobs at once (each training takes the
+    machine and ~2 GB). Snakemake 9.10-9.26 did when jobs became ready one at a time (its
+    snakemake/snakemake#3913: a lone ready job was started without reserving its cores), so three
+    FG-UNET trainings ran together on 2 cores; pyproject.toml requires a fixed version. This is the
+    issue's reproducer: both `work` jobs become ready when `prepare` ends."""
+    (tmp_path / "Snakefile").write_text(
+        "rule final:\n"
+        "    input: 'file1', 'file2'\n"
+        "rule prepare:\n"
+        "    output: 'common'\n"
+        "    threads: 2\n"
+        "    shell: 'touch {output}'\n"
+        "rule work:\n"
+        "    input: 'common'\n"
+        "    output: 'file{n}'\n"
+        "    threads: 2\n"
+        "    shell: 'date +%s.%N > {output}; sleep 2; date +%s.%N >> {output}'\n"
+    )
+    cmd = [sys.executable, "-m", "snakemake", "--cores", "2", "-q"]
+    subprocess.run(cmd, cwd=tmp_path, check=True, capture_output=True, timeout=120)
+    (a0, a1), (b0, b1) = (map(float, (tmp_path / f"file{n}").read_text().split()) for n in (1, 2))
+    assert a1 <= b0 or b1 <= a0, "two 2-thread jobs ran at once under --cores 2"
