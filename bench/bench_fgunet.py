@@ -731,22 +731,22 @@ def bench_train(
     }
 
 
-_TRAIN_KINDS = (  # (category, op names): where a training step's CPU time goes
+_TRAIN_KINDS = (  # (category, op names; a trailing * matches a prefix): where a step's CPU time goes
+    ("conv backward", ("aten::convolution_backward", "aten::mkldnn_convolution_backward*")),
     ("conv forward", ("aten::mkldnn_convolution", "aten::_convolution", "aten::convolution")),
-    ("conv backward", ("aten::convolution_backward", "aten::mkldnn_convolution_backward")),
-    ("optimizer (Adam)", ("aten::_foreach_", "aten::add_", "aten::mul_", "aten::addcmul_", "aten::addcdiv_",
-                          "aten::sqrt", "aten::div_", "aten::lerp_")),
-    ("pool / upsample / concat", ("aten::max_pool2d", "aten::upsample", "aten::cat", "aten::max_pool2d_with",
-                                  "aten::upsample_nearest2d_backward", "aten::narrow", "aten::slice")),
-    ("relu / dropout", ("aten::relu", "aten::threshold", "aten::dropout", "aten::native_dropout",
-                        "aten::bernoulli", "aten::mul")),
-    ("loss", ("aten::log_softmax", "aten::_log_softmax", "aten::nll_loss", "aten::gather", "aten::where")),
+    ("optimizer (Adam)", ("aten::_foreach_*", "Optimizer.step*", "aten::addcmul_", "aten::addcdiv_",
+                          "aten::lerp_")),
+    ("pool / upsample / concat", ("aten::max_pool2d*", "aten::upsample*", "aten::cat", "aten::narrow",
+                                  "aten::slice")),
+    ("relu / dropout", ("aten::relu*", "aten::threshold*", "aten::dropout", "aten::native_dropout*",
+                        "aten::bernoulli_")),
+    ("loss", ("aten::log_softmax", "aten::_log_softmax*", "aten::nll_loss*", "aten::gather")),
 )  # fmt: skip
 
 
 def _train_kind(op: str) -> str:
     for kind, names in _TRAIN_KINDS:
-        if any(op.startswith(n) for n in names):
+        if any(op.startswith(n[:-1]) if n.endswith("*") else op == n for n in names):
             return kind
     return "other"
 
@@ -784,6 +784,11 @@ def profile_train(variant: str, batch: int, side: int, peaks: dict) -> dict[str,
     wall = time.perf_counter() - t
     rows = [e for e in prof.key_averages() if e.self_cpu_time_total > 0]
     total = sum(e.self_cpu_time_total for e in rows)
+    rows.sort(key=lambda e: -e.self_cpu_time_total)
+    top = [
+        {"op": e.key, "kind": _train_kind(e.key), "share": round(e.self_cpu_time_total / total, 3)}
+        for e in rows[:12]
+    ]
     kinds: dict[str, float] = {}
     for e in rows:
         k = _train_kind(e.key)
@@ -809,6 +814,7 @@ def profile_train(variant: str, batch: int, side: int, peaks: dict) -> dict[str,
         "conv_forward_gflop_s": round(conv_flop / max(kinds.get("conv forward", 1), 1) / 1e3, 1),
         "conv_backward_gflop_s_2x": round(2 * conv_flop / max(kinds.get("conv backward", 1), 1) / 1e3, 1),
         "peak_gflop_s": round(peak, 1),
+        "top_ops": top,
         "forward_convs": sorted(
             (
                 {"conv": k, "gflop_s": round(f / t / 1e3, 1), "ms": round(t / 1e3)}
