@@ -73,6 +73,7 @@ import tempfile
 import time
 import traceback
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -682,9 +683,9 @@ def e2e_record(r: dict, side: int, variant: str, flop: float, peaks: dict) -> di
 # ------------------------------------------------------------------------------------------- training
 
 
-def bench_train(
-    variant: str, batch: int, side: int, warmup: int, steps: int, flop: float, peaks: dict
-) -> dict:
+def train_step_fn(variant: str, batch: int, side: int) -> Callable[[], None]:
+    """One Adam step (forward, ``weighted_sparse_ce``, backward, step) of a fresh paper-size FG-UNET
+    on b random patches, in the variant's arithmetic and weight layout: what is timed and profiled."""
     from pipeline.nets.loss import weighted_sparse_ce
 
     torch.manual_seed(0)
@@ -704,6 +705,14 @@ def bench_train(
         loss.backward()
         opt.step()
 
+    return step
+
+
+def bench_train(
+    variant: str, batch: int, side: int, warmup: int, steps: int, flop: float, peaks: dict
+) -> dict:
+    step = train_step_fn(variant, batch, side)
+    bf16 = "bf16" in variant
     for _ in range(warmup):
         step()
     times, foreign = [], []
@@ -756,25 +765,8 @@ def profile_train(variant: str, batch: int, side: int, peaks: dict) -> dict[str,
     forward and backward reach in GFLOP/s: the account of the gap to the GEMM peak."""
     from torch.profiler import ProfilerActivity, profile
 
-    from pipeline.nets.loss import weighted_sparse_ce
-
-    torch.manual_seed(0)
-    net = paper_net().train()
-    if variant.endswith(("_cl", "_clw")):
-        net.to(memory_format=torch.channels_last)
+    step = train_step_fn(variant, batch, side)
     bf16 = "bf16" in variant
-    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
-    x = torch.rand(batch, GROUPS * CG, side, side)
-    y = torch.randint(-1, N_CLASSES, (batch, side, side))
-    w = torch.rand(N_CLASSES) + 0.5
-
-    def step() -> None:
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            loss = weighted_sparse_ce(net(x), y, w)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-
     for _ in range(2):
         step()
     wait_quiet()
