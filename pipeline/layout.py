@@ -36,6 +36,15 @@ SEED_MARK = "-s"  # <classifier>-s<seed>: a model of an extra seed (never a regi
 class Layout:
     workdir: Path
 
+    def run_config(self) -> Path:
+        """The latest run's validated config, for people and ``landcover`` by hand."""
+        return self.workdir / "run-config.yaml"
+
+    def frozen_config(self, digest: str) -> Path:
+        """The config a run's jobs read, named by its digest (the ``config_digest`` of every output
+        made with it): written once, never rewritten, so no job's settings change under it."""
+        return self.workdir / "run-configs" / f"{digest}.yaml"
+
     def ingest(self, tile: str) -> Path:
         return self.workdir / "ingest" / f"{tile}.zarr"
 

@@ -230,3 +230,106 @@ def test_one_tile_target_rebuilds_only_that_tile(run):
     assert "rule predict" in log and log.count("rule ") == 1, log[-3000:]
     assert target.exists()
     assert lay.class_map("rf", second).stat().st_mtime_ns == other_mtime
+
+
+# --- config changes: exactly the jobs that read the changed setting, and a dry run writes nothing ---
+
+
+def _jobs(proc: subprocess.CompletedProcess) -> list[str]:
+    """``rule[wildcards]`` of every job a Snakemake run lists, sorted."""
+    out, rule = [], None
+    for line in (proc.stdout + proc.stderr).splitlines():
+        if m := re.match(r"^(?:local)?rule (\w+):", line):
+            rule = m.group(1)
+            if rule == "all":
+                rule = None
+        elif rule and (m := re.match(r"^\s+wildcards: (.*)", line)):
+            out.append(f"{rule}[{m.group(1)}]")
+            rule = None
+    # rules without wildcards (compare, report, percentiles, split) show none
+    text = proc.stdout + proc.stderr
+    out += [r for r in re.findall(r"^(?:local)?rule (\w+):", text, re.M) if r in {"compare", "report"}]
+    return sorted(out)
+
+
+def _snapshot(root: Path) -> dict[str, tuple[int, int]]:
+    """Every file under the run (Snakemake's own folder aside) with its size and mtime."""
+    return {
+        str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns)
+        for p in root.rglob("*")
+        if p.is_file() and ".snakemake" not in p.parts
+    }
+
+
+def _with_change(run: Path, path: str, value, out: Path) -> Path:
+    """The run's config with one setting changed, written to ``out`` (outside the run)."""
+    raw = yaml.safe_load((run / "config.yaml").read_text())
+    node = raw
+    *parents, last = path.split(".")
+    for p in parents:
+        node = node[p]
+    node[last] = value
+    out.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return out
+
+
+def test_an_unchanged_config_has_nothing_to_do(run):
+    proc = _snakemake(run, "-n")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Nothing to be done" in proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "expected"),
+    [
+        # by hand, for the fixture's run (rf + 5 networks, 2 tiles, 3 QA reference RFs)
+        ("nets.epochs", 3, ["train", "predict", "validate", "summarise"]),  # x each network, below
+        ("inference.overlap", 24, ["predict", "validate", "summarise"]),
+        ("qa.corner_distance", 4, []),
+    ],
+)
+def test_a_dry_run_lists_exactly_the_jobs_a_change_affects_and_writes_nothing(
+    run, tmp_path, path, value, expected
+):
+    cfg = load_config(run / "config.yaml")
+    tiles, networks = cfg.tiles, [m for m in cfg["classifiers"] if m != "rf"]
+    want = []
+    for rule in expected:
+        for net in networks:
+            if rule == "train" or rule == "summarise":
+                want.append(f"{rule}[model={net}]")
+            else:
+                want += [f"{rule}[model={net}, tile={t}]" for t in tiles]
+    want += [f"qa[tile={t}]" for t in tiles] + ["report"] + (["compare"] if expected else [])
+    before = _snapshot(run)
+    changed = _with_change(run, path, value, tmp_path / "changed.yaml")
+    proc = _snakemake(run, "-n", "--configfile", str(changed))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert _jobs(proc) == sorted(want)
+    assert _snapshot(run) == before, "a dry run wrote to the run"
+
+
+def test_a_changed_setting_reruns_its_jobs_under_a_new_frozen_config(run, tmp_path):
+    """A real run after qa.corner_distance changed: only the QA and the report are remade, they
+    record the new config's digest, and that config is frozen under it; the rest stays as it was."""
+    work = tmp_path / "copy"
+    shutil.copytree(run, work, symlinks=True)  # keeps mtimes and Snakemake's records
+    cfg = load_config(work / "config.yaml")
+    lay = Layout(work / cfg.workdir)
+    before = _snapshot(work)
+    changed = _with_change(work, "qa.corner_distance", 4, tmp_path / "changed.yaml")
+    proc = _snakemake(work, "--configfile", str(changed))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert _jobs(proc) == sorted([f"qa[tile={t}]" for t in cfg.tiles] + ["report"])
+    new = load_config(lay.run_config())
+    assert new["qa"]["corner_distance"] == 4 and new.digest != cfg.digest
+    assert lay.frozen_config(new.digest).read_text() == lay.run_config().read_text()
+    assert lay.frozen_config(cfg.digest).exists()  # the config the other outputs were made with
+    for tile in cfg.tiles:
+        assert json.loads(lay.qa(tile).read_text())["config_digest"] == new.digest
+    after = _snapshot(work)
+    remade = {k for k in before.keys() & after.keys() if before[k] != after[k]}
+    assert all(k.startswith(("results/qa/", "results/report/", "results/logs/qa", "results/logs/report",
+                             "results/benchmarks/qa", "results/benchmarks/report", "results/run-config"))
+               for k in remade), sorted(remade)  # fmt: skip
+    assert "Nothing to be done" in _snakemake(work, "-n", "--configfile", str(changed)).stdout

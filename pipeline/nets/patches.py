@@ -40,7 +40,6 @@ import zarr
 from pipeline.errors import PipelineError
 from pipeline.io.atomic import atomic_path
 from pipeline.io.tilestore import SHARD, open_store
-from pipeline.nets.settings import NetSettings
 from pipeline.stats import NODATA
 
 if TYPE_CHECKING:
@@ -695,28 +694,31 @@ def index_patches(cfg: Config, tile: str, labels: Path, out: Path) -> None:
     """``landcover patches``: a tile's train positions (class-first lists) and model-selection patches."""
     from pipeline.reference import SELECTION
 
-    s = NetSettings.from_config(cfg)
+    # only the settings pipeline/rerun.py declares for this stage: a change to any other network
+    # setting must not re-index every tile
+    n = cfg["nets"]
+    size = int(n["patch_size"])
     codes = [int(c) for c in cfg.class_codes]
     index_tile(
         labels,
         tile,
         out,
-        s.patch_size,
-        s.patch_stride,
-        s.min_labelled,
+        size,
+        int(n["patch_stride"]),
+        float(n["min_labelled"]),
         codes,
         split="train",
-        min_positions=s.min_class_positions,
+        min_positions=int(n["min_class_positions"]),
         held_out=SELECTION,
     )
     # model selection: non-overlapping patches holding at least one selection pixel
-    one_px = 0.5 / (s.patch_size * s.patch_size)
+    one_px = 0.5 / (size * size)
     index_tile(
         labels,
         tile,
         selection_index_path(out),
-        s.patch_size,
-        s.patch_size,
+        size,
+        size,
         one_px,
         codes,
         split=SELECTION,

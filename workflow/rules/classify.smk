@@ -33,6 +33,8 @@ rule patches:
         str(LAYOUT.benchmark("patches", "{tile}"))
     resources:
         **job_resources("patches"),
+    params:
+        settings=settings("patches"),
     shell:
         "{LANDCOVER} patches --tile {wildcards.tile} --labels {input} --out {output.train} 2> {log}"
 
@@ -53,6 +55,8 @@ rule train:
         # rf: one task; a network: resources.train_network's nodes x tasks_per_node, and under
         # SLURM `launch` is the srun starting them (empty locally: one process)
         **job_resources("train"),
+    params:
+        settings=settings("train"),
     shell:
         # networks checkpoint every epoch into <model>.checkpoints/: rerunning resumes there
         # an extra seed's model (<classifier>-s<seed>, run.seeds) is `--model rf-s7`: rf with seed 7
@@ -72,6 +76,8 @@ rule predict:
         str(LAYOUT.benchmark("predict", "{model}_{tile}"))
     resources:
         **job_resources("predict"),
+    params:
+        settings=settings("predict"),
     shell:
         "{LANDCOVER} predict --model {wildcards.model} --tile {wildcards.tile} --model-dir {input.model}"
         " --src {input.gapfilled} --out {output.map} --confidence {output.confidence} 2> {log}"
@@ -89,6 +95,8 @@ rule validate:
         str(LAYOUT.benchmark("validate", "{model}_{tile}"))
     resources:
         **job_resources("validate"),
+    params:
+        settings=settings("validate"),
     shell:
         "{LANDCOVER} validate --model {wildcards.model} --tile {wildcards.tile} --map {input.map}"
         " --labels {input.labels} --out {output} 2> {log}"
@@ -105,6 +113,8 @@ rule summarise:
         str(LAYOUT.benchmark("summarise", "{model}"))
     resources:
         **job_resources("summarise"),
+    params:
+        settings=settings("summarise"),
     shell:
         "{LANDCOVER} summarise --model {wildcards.model} --out {output} {input} 2> {log}"
 
@@ -121,6 +131,8 @@ rule compare:
         str(LAYOUT.benchmark("compare"))
     resources:
         **job_resources("compare"),
+    params:
+        settings=settings("compare"),
     shell:
         "{LANDCOVER} compare --out {output.md} {input} 2> {log}"
 
@@ -144,5 +156,7 @@ rule train_reference:
     threads: all_cores()
     resources:
         **job_resources("train_reference"),
+    params:
+        settings=settings("train_reference"),
     shell:
         "{LANDCOVER} train --model rf --fold {wildcards.fold} --out {output} 2> {log}"

@@ -1,5 +1,5 @@
 # Shared set-up: validate the config once, fix the run layout, and freeze the effective config
-# (file + --config overrides) into the workdir, the one file every job reads.
+# (file + --config overrides) into the workdir under its digest, the one file every job reads.
 
 import os
 
@@ -12,6 +12,7 @@ from pipeline.errors import PipelineError
 from pipeline.layout import Layout
 from pipeline.models import HYBRIDS, is_network
 from pipeline.nets.settings import init_folder
+from pipeline.rerun import settings_digest
 
 try:
     RUN_CONFIG = _validate_config(config, "config")
@@ -25,16 +26,40 @@ CLASSIFIERS = list(RUN_CONFIG["classifiers"])
 # compared and QA'd only through the report's kappa +- std)
 SEED_MODELS = [Layout.seed_model(m, s) for s in Config(RUN_CONFIG).extra_seeds for m in CLASSIFIERS]
 MODELS = CLASSIFIERS + SEED_MODELS
-CONFIG_FILE = LAYOUT.workdir / "run-config.yaml"
+RUN_CFG = Config(RUN_CONFIG)
+_CONFIG_TEXT = yaml.safe_dump(RUN_CONFIG, sort_keys=False)
+# Jobs read the config frozen under its digest; nothing is written while the Snakefile is read, so
+# a dry run (or a run refused by another's lock) changes nothing on disk (docs/architecture.md).
+FROZEN_CONFIG = LAYOUT.frozen_config(RUN_CFG.digest)
+LANDCOVER = f"landcover --config {FROZEN_CONFIG}"
 
-_text = yaml.safe_dump(RUN_CONFIG, sort_keys=False)
-if not CONFIG_FILE.exists() or CONFIG_FILE.read_text() != _text:
-    CONFIG_FILE.parent.mkdir(parents=True, exist_ok=True)
-    _tmp = CONFIG_FILE.with_suffix(".tmp")
-    _tmp.write_text(_text)
-    _tmp.replace(CONFIG_FILE)
 
-LANDCOVER = "landcover --config {config_file}".format(config_file=CONFIG_FILE)
+def _write_if_changed(path, text):
+    if path.exists() and path.read_text() == text:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+onstart:
+    # a real run that holds the workdir's lock and has jobs to run: freeze its config for them, and
+    # point run-config.yaml (for people and `landcover` by hand) at the latest one
+    _write_if_changed(FROZEN_CONFIG, _CONFIG_TEXT)
+    _write_if_changed(LAYOUT.run_config(), _CONFIG_TEXT)
+
+
+def settings(stage):
+    """A rule's `params:`: the digest of the config values its outputs depend on (pipeline/rerun.py).
+    Snakemake's params trigger reruns a job when it changes, and only that job."""
+
+    def digest(wildcards):
+        tile, model = getattr(wildcards, "tile", None), getattr(wildcards, "model", None)
+        return settings_digest(RUN_CFG, stage, tile=tile, model=model)
+
+    return digest
+
 
 wildcard_constraints:
     tile="T[0-9]{2}[A-Z]{3}",

@@ -12,5 +12,7 @@ if "demo" in RUN_CONFIG:
             str(LAYOUT.benchmark("demo"))
         resources:
             **job_resources("demo"),
+        params:
+            settings=settings("demo"),
         shell:
             "{LANDCOVER} demo 2> {log}"

@@ -12,6 +12,8 @@ rule ingest:
         str(LAYOUT.benchmark("ingest", "{tile}"))
     resources:
         **job_resources("ingest"),
+    params:
+        settings=settings("ingest"),
     shell:
         "{LANDCOVER} ingest --tile {wildcards.tile} --out {output} 2> {log}"
 
@@ -27,6 +29,8 @@ rule gapfill:
         str(LAYOUT.benchmark("gapfill", "{tile}"))
     resources:
         **job_resources("gapfill"),
+    params:
+        settings=settings("gapfill"),
     shell:
         "{LANDCOVER} gapfill --tile {wildcards.tile} --src {input} --out {output} 2> {log}"
 
@@ -42,6 +46,8 @@ rule histogram:
         str(LAYOUT.benchmark("histogram", "{tile}"))
     resources:
         **job_resources("histogram"),
+    params:
+        settings=settings("histogram"),
     shell:
         "{LANDCOVER} histogram --tile {wildcards.tile} --src {input} --out {output} 2> {log}"
 
@@ -57,6 +63,8 @@ rule percentiles:
         str(LAYOUT.benchmark("percentiles"))
     resources:
         **job_resources("percentiles"),
+    params:
+        settings=settings("percentiles"),
     shell:
         "{LANDCOVER} percentiles --out {output} {input} 2> {log}"
 
@@ -72,5 +80,7 @@ rule validity:
         str(LAYOUT.benchmark("validity", "{tile}"))
     resources:
         **job_resources("validity"),
+    params:
+        settings=settings("validity"),
     shell:
         "{LANDCOVER} validity --tile {wildcards.tile} --src {input} --out {output} 2> {log}"

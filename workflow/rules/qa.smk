@@ -22,5 +22,7 @@ rule qa:
     threads: 2
     resources:
         **job_resources("qa"),
+    params:
+        settings=settings("qa"),
     shell:
         "{LANDCOVER} qa --tile {wildcards.tile} --out {output} --references {input.references} 2> {log}"

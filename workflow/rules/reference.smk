@@ -13,6 +13,8 @@ rule split:
         str(LAYOUT.benchmark("split"))
     resources:
         **job_resources("split"),
+    params:
+        settings=settings("split"),
     shell:
         "{LANDCOVER} split --out {output} 2> {log}"
 
@@ -29,6 +31,8 @@ rule rasterise:
         str(LAYOUT.benchmark("rasterise", "{tile}"))
     resources:
         **job_resources("rasterise"),
+    params:
+        settings=settings("rasterise"),
     shell:
         "{LANDCOVER} rasterise --tile {wildcards.tile} --split {input.split} --grid {input.grid}"
         " --out {output} 2> {log}"

@@ -19,5 +19,7 @@ rule report:
         str(LAYOUT.benchmark("report"))
     resources:
         **job_resources("report"),
+    params:
+        settings=settings("report"),
     shell:
         "{LANDCOVER} report --out {output} 2> {log}"

@@ -1,0 +1,165 @@
+"""Which config values each stage's outputs depend on: what makes Snakemake rerun a job after a
+config change, and only that job.
+
+Every rule passes :func:`settings_digest` of its stage as a ``params:`` value, which Snakemake's
+``params`` rerun trigger compares with the value recorded when the output was made. A change to
+``nets.epochs`` thus retrains the networks (and, through their newer model folders, remaps their
+tiles), and leaves ingest, gapfill and RF alone; an unchanged config changes no digest.
+
+The declarations are checked two ways (``tests/test_rerun.py``): every leaf of the config schema is
+read by some stage or listed in :data:`NO_EFFECT` / :data:`REPORT_ONLY`, and each stage, run with
+a config that records every key read, reads nothing it does not declare. A stage that starts
+reading a new setting must add it here, or its outputs go stale silently.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+from pipeline.config import Config
+from pipeline.errors import PipelineError
+from pipeline.layout import Layout
+from pipeline.models import HYBRIDS, is_network
+
+# The settings read by each stage (dotted paths into the validated config; a path names its whole
+# subtree; "{tile}" is the job's tile). Families differ where their code does: ``train:pixel`` is
+# RF (and the QA's reference RFs), ``train:network`` the seed's networks, ``train:hybrid`` FG-UNET
+# features + RF. Files a stage reads (products, label stores, models) are Snakemake inputs, not here.
+STAGE_SETTINGS: dict[str, tuple[str, ...]] = {
+    "demo": ("demo", "nomenclature"),
+    "ingest": ("inputs.tiles.{tile}.format",),
+    "gapfill": ("date_grid",),
+    "histogram": (),
+    "percentiles": ("normalisation",),
+    "validity": (),
+    # polygons -> tiles, train / selection / validation and the QA's folds, all from the run seed
+    "split": (
+        "inputs.reference",
+        "inputs.class_field",
+        "inputs.tiles",
+        "nomenclature",
+        "reference",
+        "qa.references",
+        "run.seed",
+    ),  # fmt: skip
+    "rasterise": (),
+    "patches": (
+        "nets.patch_size",
+        "nets.patch_stride",
+        "nets.min_labelled",
+        "nets.min_class_positions",
+        "nomenclature",
+    ),  # fmt: skip
+    "train:pixel": ("rf", "nomenclature", "run.seed"),
+    "train:network": (
+        *(
+            f"nets.{k}"
+            for k in (
+                "groups",
+                "unet_filters",
+                "mlp_filters",
+                "dropout",
+                "lstm_hidden",
+                "indices",
+                "patch_size",
+                "patch_stride",
+                "min_labelled",
+                "min_class_positions",
+                "allow_undrawn_classes",
+                "class_weights",
+                "max_class_weight",
+                "batch_size",
+                "epochs",
+                "steps_per_epoch",
+                "warmup_epochs",
+                "learning_rate",
+                "lr_schedule",
+                "augment",
+                "selection_patches",
+                "device",
+                "precision",
+                "init_from",
+            )
+        ),
+        # nodes x tasks: the global batch and the warm-up's learning-rate scaling (eq. 3)
+        "resources.train_network.nodes",
+        "resources.train_network.tasks_per_node",
+        "nomenclature",
+        "run.seed",
+    ),  # fmt: skip
+    "train:hybrid": ("rf", "inference.window", "nomenclature", "run.seed"),
+    "predict:pixel": ("inference.window", "inference.regularisation_radius", "nomenclature"),
+    "predict:network": ("inference.window", "inference.overlap", "inference.precision", "nomenclature"),
+    "predict:hybrid": ("inference.window", "inference.overlap", "nomenclature"),
+    "validate": ("nomenclature",),
+    "summarise": ("nomenclature",),
+    "compare": ("classifiers", "nomenclature"),
+    "qa": ("qa", "classifiers", "nomenclature"),
+    "report": ("",),  # the whole config: the report shows it
+}
+
+# Settings that change how a job runs, never what it writes: no job reruns for them.
+NO_EFFECT: tuple[str, ...] = (
+    "run.workdir",  # every path moves with it: a new workdir is a new run
+    "run.threads",
+    "run.seeds",  # adds or drops the extra seeds' models; each one's own seed is in its digest
+    "resources",  # except train_network's nodes and tasks, above
+    "dask",
+    "nets.keep_checkpoints",
+)
+# Read by the QA report only, which depends on the whole config (it shows it).
+REPORT_ONLY: tuple[str, ...] = ("report",)
+
+
+def family(model: str) -> str:
+    """``pixel``, ``network`` or ``hybrid``: whose code trains and maps ``model`` (``rf-s43`` -> rf's)."""
+    classifier = Layout.split_seed_model(model)[0]
+    if classifier in HYBRIDS:
+        return "hybrid"
+    return "network" if is_network(classifier) else "pixel"
+
+
+def stage_key(stage: str, model: str | None = None) -> str:
+    """The :data:`STAGE_SETTINGS` entry of a job: ``train`` and ``predict`` depend on the family."""
+    if stage == "train_reference":
+        return "train:pixel"
+    if stage in ("train", "predict"):
+        if model is None:
+            raise ValueError(f"stage {stage} needs its model")
+        return f"{stage}:{family(model)}"
+    return stage
+
+
+def _lookup(data: dict[str, Any], path: str) -> Any:
+    node: Any = data
+    for part in filter(None, path.split(".")):
+        if not isinstance(node, dict):
+            return None
+        node = node.get(part)
+    return node
+
+
+def stage_settings(cfg: Config, stage: str, tile: str | None = None, model: str | None = None) -> dict:
+    """The values one job's outputs depend on, by dotted path (the job's own seed for ``run.seed``)."""
+    key = stage_key(stage, model)
+    if key not in STAGE_SETTINGS:
+        raise PipelineError(None, f"no declared settings for stage {stage!r}")
+    out: dict[str, Any] = {}
+    for path in STAGE_SETTINGS[key]:
+        if "{tile}" in path:
+            if tile is None:
+                raise ValueError(f"stage {stage} needs its tile")
+            path = path.format(tile=tile)
+        out[path] = _lookup(cfg.data, path)
+    if "run.seed" in out and model is not None:
+        seed = Layout.split_seed_model(model)[1]
+        out["run.seed"] = cfg.seed if seed is None else seed
+    return out
+
+
+def settings_digest(cfg: Config, stage: str, tile: str | None = None, model: str | None = None) -> str:
+    """A short hash of :func:`stage_settings`: the rule's ``params:`` value that Snakemake compares."""
+    blob = json.dumps(stage_settings(cfg, stage, tile, model), sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
