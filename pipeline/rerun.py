@@ -81,11 +81,13 @@ STAGE_SETTINGS: dict[str, tuple[str, ...]] = {
                 "device",
                 "precision",
                 "init_from",
+                "head_refit",
             )
         ),
         # nodes x tasks: the global batch and the warm-up's learning-rate scaling (eq. 3)
         "resources.train_network.nodes",
         "resources.train_network.tasks_per_node",
+        "rf.samples_per_class",  # the pixel sample of nets.head_refit
         "nomenclature",
         "run.seed",
     ),  # fmt: skip

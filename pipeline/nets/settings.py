@@ -47,6 +47,7 @@ class NetSettings:
     device: str
     precision: str
     keep_checkpoints: int
+    head_refit: bool
     init_from: Any  # None, one model folder, or {classifier: folder}: see init_folder
 
     @classmethod
@@ -77,6 +78,7 @@ class NetSettings:
             device=str(n["device"]),
             precision=str(n["precision"]),
             keep_checkpoints=int(n["keep_checkpoints"]),
+            head_refit=bool(n.get("head_refit", False)),
             init_from=n.get("init_from"),
         )
 
@@ -139,6 +141,9 @@ def init_folder(init_from: Any, name: str) -> Path | None:
     return None if folder is None else Path(folder)
 
 
+LINEAR_HEADS = ("fgunet", "unet3", "mlp3")  # last layer: one 1x1 conv over the groups' features
+
+
 def check_config(data: dict[str, Any], source: str) -> None:
     """The ``nets`` settings against the date grid and each network of ``classifiers``."""
     from pipeline.models import HYBRIDS, is_network
@@ -170,6 +175,12 @@ def check_config(data: dict[str, Any], source: str) -> None:
             source,
             f"invalid config at 'nets/init_from': {', '.join(stray)} not among the networks of"
             f" classifiers ({', '.join(networks)})",
+        )
+    if nets.get("head_refit") and (other := [a for a in networks if a not in LINEAR_HEADS]):
+        raise PipelineError(
+            source,
+            f"invalid config at 'nets/head_refit': {', '.join(other)} in classifiers has no linear last"
+            f" layer to refit (only {', '.join(LINEAR_HEADS)})",
         )
     if nets["patch_stride"] > nets["patch_size"]:
         raise PipelineError(source, "invalid config at 'nets/patch_stride': larger than patch_size")

@@ -264,6 +264,11 @@ def train_network(
             _fmt(best["sel_kappa"]),
         )  # fmt: skip
     net = net.cpu()
+    refit = None
+    if s.head_refit:  # the kept epoch's last layer, refitted on the balanced pixel sample
+        from pipeline.nets.headfit import refit_head
+
+        refit = refit_head(cfg, name, net, norm, s.indices, gapfilled, labels)
     meta = _meta(
         cfg, name, net, norm, empty, percentiles, s, spec, channels, counts, data, nodes, history,
         class_w, sampler,
@@ -271,6 +276,7 @@ def train_network(
     meta["training"]["kept_epoch"] = best["epoch"] if best is not None else s.epochs
     meta["training"]["precision_used"] = precision
     meta["training"]["init_from"] = init.provenance if init else None
+    meta["training"]["head_refit"] = refit
     meta["timing_s"] = {"training": round(time.perf_counter() - t_start, 3)}
     with atomic_path(out_dir) as tmp:
         tmp.mkdir()
