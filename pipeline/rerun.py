@@ -14,6 +14,7 @@ reading a new setting must add it here, or its outputs go stale silently.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from typing import Any
@@ -161,7 +162,45 @@ def stage_settings(cfg: Config, stage: str, tile: str | None = None, model: str 
     return out
 
 
+@functools.cache
+def _schema() -> dict[str, Any]:
+    from pipeline.config import _schema as load
+
+    return load()
+
+
+def _schema_node(path: str) -> dict[str, Any]:
+    node = _schema()
+    for part in filter(None, path.split(".")):
+        node = node.get("properties", {}).get(part, {})
+    return node
+
+
+def _without_defaults(value: Any, node: dict[str, Any]) -> Any:
+    """``value`` with every setting that holds its schema default left out, recursively."""
+    if not isinstance(value, dict) or "properties" not in node:
+        return value
+    out = {}
+    for key, v in value.items():
+        sub = node["properties"].get(key, {})
+        if not isinstance(v, dict) and "default" in sub and v == sub["default"]:
+            continue
+        out[key] = _without_defaults(v, sub)
+    return out
+
+
 def settings_digest(cfg: Config, stage: str, tile: str | None = None, model: str | None = None) -> str:
-    """A short hash of :func:`stage_settings`: the rule's ``params:`` value that Snakemake compares."""
-    blob = json.dumps(stage_settings(cfg, stage, tile, model), sort_keys=True, default=str)
+    """A short hash of :func:`stage_settings`: the rule's ``params:`` value that Snakemake compares.
+
+    Settings at their schema default are left out, so a setting added to the schema (and declared
+    here) with a default that keeps the old behaviour does not rerun every existing workdir; any
+    value set away from, or back to, its default still changes the digest.
+    """
+    values = {}
+    for path, value in stage_settings(cfg, stage, tile, model).items():
+        node = _schema_node(path)
+        if not isinstance(value, dict) and "default" in node and value == node["default"]:
+            continue
+        values[path] = _without_defaults(value, node)
+    blob = json.dumps(values, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]

@@ -263,3 +263,25 @@ def test_each_stage_reads_only_the_sections_it_declares(tiny_run, monkeypatch):
         if extra := _undeclared(seen, key):
             undeclared[f"{command} {' '.join(args)}"] = extra
     assert not undeclared, f"stages read settings pipeline/rerun.py does not declare: {undeclared}"
+
+
+def test_a_newly_declared_setting_at_its_default_reruns_nothing(cfg, monkeypatch):
+    """Upgrading the chain must not rerun every workdir because a stage now declares one more
+    setting that keeps the old behaviour; a value away from (or back to) its default does count."""
+    from pipeline import rerun
+
+    before = settings_digest(cfg, "train", model="fgunet")
+    declared = tuple(p for p in STAGE_SETTINGS["train:network"] if p != "nets.head_refit")
+    monkeypatch.setitem(rerun.STAGE_SETTINGS, "train:network", declared)
+    assert settings_digest(cfg, "train", model="fgunet") == before  # head_refit is at its default
+    monkeypatch.undo()
+    on = _changed(cfg, "nets.head_refit", True)
+    assert settings_digest(on, "train", model="fgunet") != before
+    assert settings_digest(_changed(on, "nets.head_refit", False), "train", model="fgunet") == before
+    # the same inside a declared subtree: a new rf setting at its default leaves rf's digest alone
+    older = copy.deepcopy(cfg.data)
+    del older["rf"]["samples_per_class"]  # as if the key did not exist yet (cfg holds its default)
+    assert cfg["rf"]["samples_per_class"] == 2000
+    assert settings_digest(Config(older), "train", model="rf") == settings_digest(cfg, "train", model="rf")
+    older["rf"]["n_estimators"] = 10
+    assert settings_digest(Config(older), "train", model="rf") != settings_digest(cfg, "train", model="rf")

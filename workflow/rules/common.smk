@@ -24,9 +24,9 @@ TILES = list(RUN_CONFIG["inputs"]["tiles"])
 CLASSIFIERS = list(RUN_CONFIG["classifiers"])
 # run.seeds: every classifier again per extra seed, as <classifier>-s<seed> (mapped and validated;
 # compared and QA'd only through the report's kappa +- std)
-SEED_MODELS = [Layout.seed_model(m, s) for s in Config(RUN_CONFIG).extra_seeds for m in CLASSIFIERS]
-MODELS = CLASSIFIERS + SEED_MODELS
 RUN_CFG = Config(RUN_CONFIG)
+SEED_MODELS = [Layout.seed_model(m, s) for s in RUN_CFG.extra_seeds for m in CLASSIFIERS]
+MODELS = CLASSIFIERS + SEED_MODELS
 _CONFIG_TEXT = yaml.safe_dump(RUN_CONFIG, sort_keys=False)
 # Jobs read the config frozen under its digest; nothing is written while the Snakefile is read, so
 # a dry run (or a run refused by another's lock) changes nothing on disk (docs/architecture.md).
