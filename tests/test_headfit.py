@@ -95,6 +95,21 @@ def test_only_the_last_layer_changes_and_it_is_the_refit(pair):
     assert json.loads((out[True] / "model.json").read_text())["training"]["kept_epoch"] >= 1
 
 
+def test_a_finished_training_is_refitted_from_its_checkpoints_not_retrained(pair, tmp_path, caplog):
+    """Turning head_refit on after a run: the train job resumes at the last epoch and refits."""
+    cfg, scene, out = pair
+    cfg = net_config(out[False].parent.parent, head_refit=True)
+    patches = {t: out[False].parent.parent / "patches" / f"{t}.train.npz" for t in scene.labels}
+    dst = tmp_path / "fgunet"
+    with caplog.at_level("INFO"):
+        train(cfg, "fgunet", scene.gapfilled, scene.labels, scene.percentiles, dst, patches=patches,
+              checkpoints=out[False].with_name("fgunet.checkpoints"))  # fmt: skip
+    assert "resuming fgunet" in caplog.text and "refitted" in caplog.text
+    refit, again = _state(out[True]), _state(dst)
+    for k in refit:
+        torch.testing.assert_close(again[k], refit[k], rtol=1e-5, atol=1e-5)
+
+
 def test_refit_is_refused_for_a_network_without_a_linear_last_layer(tmp_path):
     raw = net_config(tmp_path, classifiers=("fgunet", "lstm3")).data
     raw["nets"]["head_refit"] = True

@@ -23,7 +23,8 @@ from pipeline.nets.settings import NetSettings
 def training_identity(s: NetSettings, seed: int, nodes: int) -> dict[str, Any]:
     """Settings a resumed run must share with the checkpoint (``epochs`` may grow, others may not)."""
     d = asdict(s)
-    for k in ("epochs", "device", "keep_checkpoints", "selection_patches", "init_from"):
+    # head_refit acts after the last epoch: a finished training is refitted, not retrained
+    for k in ("epochs", "device", "keep_checkpoints", "selection_patches", "init_from", "head_refit"):
         d.pop(k)
     return json.loads(json.dumps(d | {"seed": seed, "nodes": nodes}))
 
