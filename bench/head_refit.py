@@ -32,7 +32,7 @@ from pipeline.layout import Layout
 from pipeline.models import get
 from pipeline.models.features import Normalisation
 from pipeline.models.pixel import training_sample
-from pipeline.nets.hybrid import network_features
+from pipeline.nets.features import network_features
 from pipeline.train import load_meta
 
 

@@ -19,8 +19,8 @@ from pipeline.config import validate
 from pipeline.errors import PipelineError
 from pipeline.models import get
 from pipeline.models.pixel import training_sample
+from pipeline.nets.features import network_features
 from pipeline.nets.headfit import ABSENT_LOGIT, fit_linear_head
-from pipeline.nets.hybrid import network_features
 from pipeline.nets.patches import index_patches
 from pipeline.nets.weights import WEIGHTS
 from pipeline.train import load_meta, train

@@ -20,7 +20,8 @@ from pipeline.infer import predict_tile
 from pipeline.models import HYBRIDS, derive_seed, get
 from pipeline.models.features import Normalisation
 from pipeline.nets.arch import ARCHS, NetSpec, build
-from pipeline.nets.hybrid import network_beside, network_features
+from pipeline.nets.features import network_features
+from pipeline.nets.hybrid import network_beside
 from pipeline.nets.patches import index_patches
 from pipeline.nets.weights import WEIGHTS
 from pipeline.sampling import balanced_sample

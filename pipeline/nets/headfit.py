@@ -64,7 +64,7 @@ def refit_head(
     provenance for ``model.json``."""
     from pipeline.models import get
     from pipeline.models.pixel import training_sample
-    from pipeline.nets.hybrid import network_features
+    from pipeline.nets.features import network_features
 
     t0 = time.process_time()
     codes = cfg.class_codes

@@ -25,17 +25,16 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
-from tqdm import tqdm
 
 from pipeline.errors import PipelineError
 from pipeline.io.atomic import atomic_path
-from pipeline.io.tilestore import iter_windows, open_store, padded, store_grid, win_slices
 from pipeline.layout import Layout
 from pipeline.models import HYBRIDS, MapSettings, get, refuse_options, register
 from pipeline.models.features import Normalisation, nodata_mask
 from pipeline.models.pixel import map_pixels, training_sample
 from pipeline.models.rf import RandomForest
 from pipeline.nets.classifier import NetClassifier
+from pipeline.nets.features import network_features
 from pipeline.nets.weights import WEIGHTS, weights_digest
 
 log = logging.getLogger(__name__)
@@ -155,42 +154,6 @@ def network_beside(out_dir: Path, network: str) -> Path:
     """``models/fgunet`` for ``models/fgunet_rf``, ``models/fgunet-s7`` for ``models/fgunet_rf-s7``."""
     _, seed = Layout.split_seed_model(Path(out_dir).name)
     return Path(out_dir).with_name(network if seed is None else Layout.seed_model(network, seed))
-
-
-def network_features(
-    net: NetClassifier,
-    norm: Normalisation,
-    gapfilled: Mapping[str, Path],
-    sample: Any,
-    window: int,
-    margin: int,
-) -> np.ndarray:
-    """(N, F) float32 penultimate features of the sample's pixels, in sample order.
-
-    Only windows holding sampled pixels are computed, each read with ``margin`` px around it (the
-    window grid of mapping, so a pixel's features are those its map would use).
-    """
-    out: np.ndarray | None = None
-    for ti, tile in enumerate(sample.tiles):
-        at = np.flatnonzero(sample.tile == ti)
-        if not at.size:
-            continue
-        group = open_store(gapfilled[tile], "gapfilled", ("reflectance",))
-        refl, grid = group["reflectance"], store_grid(group)
-        wins = list(iter_windows(grid.height, grid.width, window))  # row-major, as the key below
-        key = (sample.row[at] // window) * -(-grid.width // window) + sample.col[at] // window
-        for k in tqdm(np.unique(key), desc=f"features {tile}", unit="win", leave=False, disable=None):
-            win = wins[int(k)]
-            big, inner = padded(win, margin, grid.height, grid.width)
-            cube = np.asarray(refl[(slice(None), slice(None), *win_slices(big))])
-            f = net.penultimate_window(cube, norm)[:, inner[0], inner[1]]
-            m = at[key == k]
-            if out is None:
-                out = np.empty((sample.row.size, f.shape[0]), np.float32)
-            out[m] = f[:, sample.row[m] - win.row_off, sample.col[m] - win.col_off].T
-    if out is None:
-        raise PipelineError(None, "no sampled pixel to compute network features for")
-    return out
 
 
 def _register_all() -> None:
