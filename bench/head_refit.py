@@ -4,7 +4,8 @@ The paper profile (docs/networks.md) found FG-UNET below RF on the urban classes
 same network's penultimate features (``fgunet_rf``) is above RF. This script separates the two
 explanations left open there: a trained network's features are computed for the RF's class-balanced
 pixel sample (exactly the hybrid's), a multinomial logistic regression (a linear head, the same
-shape as the network's last layer) is fitted on them, and its weights replace the network's last
+shape as the network's last layer; ``pipeline.nets.headfit.fit_linear_head``, what
+``nets.head_refit`` runs in the chain) is fitted on them, and its weights replace the network's last
 layer in a copy of the model. The copy is mapped and validated by the chain's own ``predict`` and
 ``validate`` stages, so its scores compare directly with ``metrics/<model>`` and
 ``metrics/fgunet_rf-*`` of the same run.
@@ -24,7 +25,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from sklearn.linear_model import LogisticRegression
 
 from pipeline.cli import main as landcover
 from pipeline.config import load_config
@@ -33,6 +33,7 @@ from pipeline.models import get
 from pipeline.models.features import Normalisation
 from pipeline.models.pixel import training_sample
 from pipeline.nets.features import network_features
+from pipeline.nets.headfit import fit_linear_head
 from pipeline.train import load_meta
 
 
@@ -57,19 +58,10 @@ def refit(workdir: Path, model: str, c_reg: float) -> dict:
     x = network_features(net, norm, gapfilled, sample, int(cfg["inference"]["window"]), margin)
     t_feat = time.process_time() - t0
 
-    codes = [int(c) for c in net.classes_]
-    mu, sd = x.mean(0), x.std(0) + 1e-6
     t1 = time.process_time()
-    lr = LogisticRegression(C=c_reg, max_iter=2000).fit((x - mu) / sd, sample.labels)
+    # the chain's own refit (nets.head_refit): logits on raw features, in the network's class order
+    w, b = fit_linear_head(x, sample.labels, net.classes_, c_reg)
     t_fit = time.process_time() - t1
-    # logits = coef (x - mu) / sd + b, in the network's class order (a class absent from the
-    # sample keeps a logit far below the others)
-    w = np.zeros((len(codes), x.shape[1]), np.float64)
-    b = np.full(len(codes), -1e4)
-    for i, c in enumerate(lr.classes_):
-        k = codes.index(int(c))
-        w[k] = lr.coef_[i] / sd
-        b[k] = lr.intercept_[i] - lr.coef_[i] @ (mu / sd)
 
     out = workdir / "bench" / "head_refit" / model
     shutil.rmtree(out, ignore_errors=True)

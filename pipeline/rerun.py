@@ -176,17 +176,17 @@ def _schema_node(path: str) -> dict[str, Any]:
     return node
 
 
+def _at_default(value: Any, node: dict[str, Any]) -> bool:
+    """A setting (not a section) holding its schema default."""
+    return not isinstance(value, dict) and "default" in node and value == node["default"]
+
+
 def _without_defaults(value: Any, node: dict[str, Any]) -> Any:
     """``value`` with every setting that holds its schema default left out, recursively."""
     if not isinstance(value, dict) or "properties" not in node:
         return value
-    out = {}
-    for key, v in value.items():
-        sub = node["properties"].get(key, {})
-        if not isinstance(v, dict) and "default" in sub and v == sub["default"]:
-            continue
-        out[key] = _without_defaults(v, sub)
-    return out
+    subs = {key: node["properties"].get(key, {}) for key in value}
+    return {k: _without_defaults(v, subs[k]) for k, v in value.items() if not _at_default(v, subs[k])}
 
 
 def settings_digest(cfg: Config, stage: str, tile: str | None = None, model: str | None = None) -> str:
@@ -199,8 +199,7 @@ def settings_digest(cfg: Config, stage: str, tile: str | None = None, model: str
     values = {}
     for path, value in stage_settings(cfg, stage, tile, model).items():
         node = _schema_node(path)
-        if not isinstance(value, dict) and "default" in node and value == node["default"]:
-            continue
-        values[path] = _without_defaults(value, node)
+        if not _at_default(value, node):
+            values[path] = _without_defaults(value, node)
     blob = json.dumps(values, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
