@@ -217,6 +217,46 @@ def test_model_file_round_trip_and_damage(tmp_path):
         get("rf").load(tmp_path / "nowhere")
 
 
+def _chain_tree(right1: int) -> Tree:
+    """9 nodes, depth 3 (0 -> 4 -> 6 -> 7); ``right1`` re-points node 1's right child."""
+    split = {0: 4, 1: right1, 4: 6, 6: 8}
+    feature = np.array([0 if i in split else -1 for i in range(9)])
+    left = np.array([i + 1 if i in split else -1 for i in range(9)])
+    right = np.array([split.get(i, -1) for i in range(9)])
+    value = np.zeros((9, 2))
+    value[feature < 0, 0] = 1
+    thr = np.arange(9, dtype=np.float32)
+    return Tree(feature, thr, left, right, np.zeros(9, np.uint8), value, 3)
+
+
+@pytest.mark.parametrize("damage", ["depth lowered", "child re-pointed", "negative depth"])
+def test_inconsistent_depths_are_refused_not_a_crash(tmp_path, damage):
+    """Every index in range, but the kernel's fixed-depth walk would stop on a split node and read
+    its threshold as a leaf entry index (a segmentation fault before the load check knew depths)."""
+    good = Forest.from_parts([Forest.compact(_chain_tree(3), 2)], 2, 1)
+    path = tmp_path / "forest.npz"
+    good.save(path)
+    Forest.load(path)  # the intact tree loads
+    if damage == "child re-pointed":  # 0 -> 1 -> 4 -> 6 -> 7: depth 4, the file still says 3
+        bad = Forest.from_parts([Forest.compact(_chain_tree(4), 2)], 2, 1)
+    else:
+        bad = Forest(dict(good.__dict__.items()), 2, 1)
+        bad.depths = good.depths - (1 if damage == "depth lowered" else 4)
+    bad.save(path)
+    with pytest.raises(ValueError, match=r"inconsistent \(damaged file\?\): tree 0 records depth"):
+        Forest.load(path)
+    x, y = noisy(500, 6, seed=3)  # the same damage in a real model, through the model's loader
+    rf = get("rf")(n_estimators=3, random_state=1).fit(x, y)
+    rf.save(tmp_path)
+    arrays = dict(np.load(tmp_path / "forest.npz"))
+    arrays["depths"] = arrays["depths"] - 1
+    np.savez(tmp_path / "forest.npz", **arrays)
+    with pytest.raises(
+        PipelineError, match=r"forest.npz: not a readable forest \(forest arrays are inconsistent"
+    ):
+        get("rf").load(tmp_path)
+
+
 def test_packed_layout_limits_are_errors():
     """A split whose right child lies >= 2^20 records away, or a feature index >= 2048, cannot be packed."""
     value = np.array([[0, 0], [1, 0], [0, 1]], np.float64)

@@ -240,6 +240,15 @@ class Forest:
         )
         if not ok:
             raise ValueError("forest arrays are inconsistent (damaged file?)")
+        # The kernel's branch-free walk descends exactly depths[t] levels: a depth below a tree's
+        # deepest leaf would leave pixels on a split node and read its threshold as an entry index.
+        deepest = _deepest_leaf(self.nodes, self.roots, n)
+        if np.any(self.depths < deepest):
+            t = int(np.argmax(self.depths < deepest))
+            raise ValueError(
+                f"forest arrays are inconsistent (damaged file?): tree {t} records depth "
+                f"{int(self.depths[t])}, its deepest leaf is at depth {int(deepest[t])}"
+            )
 
     def run(self, x: np.ndarray, threads: int, proba: bool) -> np.ndarray:
         """(N, F) float32 -> (N, K) float64 mean tree probabilities, or (N,) int64 argmax class index."""
@@ -262,6 +271,29 @@ class Forest:
         if nonfinite.any():  # sklearn's input check: NaN is a missing value, infinity is an error
             raise ValueError("Input X contains infinity or a value too large for dtype('float32').")
         return out if proba else cls
+
+
+@njit(cache=True)
+def _deepest_leaf(nodes, roots, n):  # pragma: no cover - compiled
+    """Per tree, the longest root-to-leaf path among reachable nodes. Children always lie after
+    their parent inside the tree (checked before), so one pass in node order settles each depth."""
+    depth = np.full(n, -1, np.int64)
+    out = np.zeros(roots.size, np.int64)
+    for t in range(roots.size):
+        end = roots[t + 1] if t + 1 < roots.size else n
+        depth[roots[t]] = 0
+        for c in range(roots[t], end):
+            d = depth[c]
+            if d < 0:
+                continue  # unreachable: the kernel never lands here
+            w = np.uint32(nodes[c, 1])
+            if (w >> np.uint32(FEATURE_BITS)) & np.uint32(1) == 0:
+                out[t] = max(out[t], d)
+                continue
+            r = c + np.int64(w >> np.uint32(FEATURE_BITS + 1))
+            depth[c + 1] = max(depth[c + 1], d + 1)
+            depth[r] = max(depth[r], d + 1)
+    return out
 
 
 def grow_forest(
