@@ -98,7 +98,7 @@ def _patches(cfg: Config, args: argparse.Namespace) -> None:
 
 
 def _train(cfg: Config, args: argparse.Namespace) -> None:
-    from pipeline.train import train
+    from pipeline.train import train, write_receipt
 
     lay = Layout(cfg.workdir)
     model, seed = _model_seed(cfg, args)
@@ -116,6 +116,8 @@ def _train(cfg: Config, args: argparse.Namespace) -> None:
     # each family refuses what does not apply to it (--fold: pixel models; --checkpoints: networks;
     # --network: hybrids)
     train(cfg, model, **common, fold=args.fold, checkpoints=args.checkpoints, network=args.network)
+    if args.receipt:
+        write_receipt(out, args.receipt)
 
 
 def _model_seed(cfg: Config, args: argparse.Namespace) -> tuple[str, int]:
@@ -261,6 +263,9 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, Stage]]:
     ).add_argument("--labels", type=Path, help="the tile's label store")
     p = add("train", _train, "train a classifier on all tiles", model=True)
     p.add_argument("--checkpoints", type=Path, help="network checkpoint folder (default: <out>.checkpoints)")
+    p.add_argument(
+        "--receipt", type=Path, help="written once the model folder is in place (the Snakemake output)"
+    )
     p.add_argument(
         "--network", type=Path, help="a hybrid's trained network folder (default: models/<network> by --out)"
     )

@@ -74,6 +74,12 @@ class Layout:
     def model_dir(self, name: str) -> Path:
         return self.workdir / "models" / name
 
+    def model_receipt(self, name: str) -> Path:
+        """Written after ``models/<name>/`` is complete: the train rule's declared output. Snakemake
+        deletes a rule's outputs before rerunning it and after it fails; were that the folder, a
+        failed retrain would lose the last good model while its maps stay."""
+        return self.workdir / "models" / f"{name}.trained.json"
+
     def model_meta(self, name: str) -> Path:
         return self.model_dir(name) / "model.json"
 

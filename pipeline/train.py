@@ -7,12 +7,14 @@ The folder holds the fitted model plus ``model.json``, which makes it self-suffi
 prediction: the feature schema (bands, dates, channel names), the eq.-2 normalisation values, the
 class codes, and provenance (sample counts, parameters, config digest, version, timing). The whole
 folder appears at once (written under a temporary name, then renamed), so a half-trained model is
-never picked up by Snakemake or by ``landcover predict``.
+never picked up by ``landcover predict``; under Snakemake the receipt ``models/<name>.trained.json``
+(:func:`write_receipt`) follows it, and a failed retrain leaves the previous folder in place.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import json
 import logging
 from collections.abc import Mapping
@@ -22,6 +24,7 @@ from typing import Any
 from pipeline import __version__
 from pipeline.config import Config
 from pipeline.errors import PipelineError
+from pipeline.io.atomic import write_json
 from pipeline.models import derive_seed, get, module_of
 from pipeline.models.features import Normalisation
 
@@ -96,8 +99,23 @@ def base_meta(
         "normalisation": {**norm.to_json(), "source": str(percentiles)},
         "config_digest": cfg.digest,
         "package_version": __version__,
-        "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "created": _now(),
     }
+
+
+def write_receipt(model_dir: Path, receipt: Path) -> None:
+    """Say that ``model_dir`` holds a finished model: its ``model.json`` digest, written last.
+
+    The receipt, not the folder, is what Snakemake tracks, so a rerun that fails (or is killed)
+    leaves the previous folder and the maps made from it untouched; only the receipt is missing,
+    and the next run trains again."""
+    meta = Path(model_dir) / META
+    digest = hashlib.sha256(meta.read_bytes()).hexdigest()
+    write_json(receipt, {"model_dir": str(model_dir), "model_json_sha256": digest, "created": _now()})
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
 
 
 def load_meta(model_dir: Path) -> dict[str, Any]:

@@ -333,3 +333,29 @@ def test_a_changed_setting_reruns_its_jobs_under_a_new_frozen_config(run, tmp_pa
                              "results/benchmarks/qa", "results/benchmarks/report", "results/run-config"))
                for k in remade), sorted(remade)  # fmt: skip
     assert "Nothing to be done" in _snakemake(work, "-n", "--configfile", str(changed)).stdout
+
+
+def test_a_failed_retrain_keeps_the_last_good_model_and_its_maps(run, tmp_path):
+    """A network setting changes, and the retrain fails (here: next year's starting model,
+    nets.init_from, is an MLP-3, refused for an FG-UNET). The model folder and the maps made from
+    it stay as they were; only the receipt Snakemake tracks is gone, so the next run trains again."""
+    work = tmp_path / "copy"
+    shutil.copytree(run, work, symlinks=True)
+    cfg = load_config(work / "config.yaml")
+    lay = Layout(work / cfg.workdir)
+    before = _snapshot(work)
+    wrong = {"fgunet": str(lay.model_dir("mlp3"))}
+    changed = _with_change(work, "nets.init_from", wrong, tmp_path / "changed.yaml")
+    receipt = lay.model_receipt("fgunet")
+    proc = _snakemake(work, "--configfile", str(changed), str(receipt.relative_to(work)))
+    assert proc.returncode != 0
+    log = (lay.workdir / "logs" / "train_fgunet.log").read_text()
+    assert "it is a mlp3, this run trains a fgunet" in log, log[-2000:]
+    after = _snapshot(work)
+    kept = [k for k in before if k.startswith(("results/models/fgunet/", "results/maps/fgunet/"))]
+    assert kept and all(after.get(k) == before[k] for k in kept)  # same bytes, untouched
+    assert not receipt.exists()
+    assert not [p for p in lay.model_dir("fgunet").parent.iterdir() if p.name.startswith(".")]
+    again = _snakemake(work, "-n", "--configfile", str(changed), str(receipt.relative_to(work)))
+    assert _jobs(again) == ["train[model=fgunet]"]
+    assert "Missing output files" in again.stdout + again.stderr

@@ -750,3 +750,26 @@ def test_kept_epoch_rule_without_selection_scores_is_the_last():
     assert better(None, None)  # no selection patches at all: each new epoch replaces the kept one
     assert not better(None, 0.5) and better(0.6, None)
     assert better(0.6, 0.5) and not better(0.5, 0.5)  # ties keep the earlier epoch
+
+
+def test_a_setting_changed_after_a_finished_training_retrains_afresh(run, uninterrupted, tmp_path, caplog):
+    """What Snakemake's params trigger does after e.g. nets.learning_rate changed: the finished
+    training's checkpoints are not resumed (another run) nor refused (it finished, and the model
+    is the product): the network trains from scratch, exactly as if there were none."""
+    _, scene, patches = run
+    _, ref_out = uninterrupted
+    out = tmp_path / "models" / "fgunet"
+    shutil.copytree(ref_out, out)
+    shutil.copytree(ref_out.with_name("fgunet.checkpoints"), out.with_name("fgunet.checkpoints"))
+    changed = net_config(tmp_path, learning_rate=2e-3)
+    with caplog.at_level("WARNING"):
+        _train(changed, scene, patches, out)
+    assert (
+        "trained with other settings (training settings differ (learning_rate: 0.001 vs 0.002))"
+        in caplog.text
+    )
+    fresh = tmp_path / "fresh" / "models" / "fgunet"
+    _train(net_config(tmp_path / "fresh", learning_rate=2e-3), scene, patches, fresh)
+    assert _same_weights(_weights(out), _weights(fresh))
+    assert load_meta(out)["training"]["learning_rate"] == 2e-3
+    assert len(load_meta(out)["training"]["history"]) == len(load_meta(fresh)["training"]["history"])

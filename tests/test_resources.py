@@ -79,7 +79,7 @@ def test_jobs_ask_for_their_rules_resources(tmp_path):
         "train_network": {"nodes": 2, "tasks_per_node": 4, "cpus_per_task": 3, "partition": "gpu"},
     }
     jobs = _dry_run(tmp_path, resources, "--profile", str(REPO / "slurm"))
-    rf_train, net_train = jobs["results/models/rf"], jobs["results/models/fgunet"]
+    rf_train, net_train = jobs["results/models/rf.trained.json"], jobs["results/models/fgunet.trained.json"]
     assert "slurm_partition=cpu" in rf_train and "cpus_per_task=16" in rf_train
     assert "mpi" not in rf_train and "tasks" not in rf_train  # one task, inside the plugin's srun
     # the network: 2 nodes x 4 tasks in one job whose own command starts them (mpi: no srun -n1)
@@ -93,12 +93,12 @@ def test_jobs_ask_for_their_rules_resources(tmp_path):
 
 def test_one_process_per_node_asks_for_tasks(tmp_path):
     jobs = _dry_run(tmp_path, {"train_network": {"nodes": 3, "tasks_per_node": 1}}, "--cores", "2")
-    net = jobs["results/models/fgunet"]
+    net = jobs["results/models/fgunet.trained.json"]
     assert "nodes=3" in net and "tasks=3" in net and "mpi=srun" in net and "tasks_per_node" not in net
     assert "slurm_partition" not in net  # none configured: the cluster's default
     # one process in all: a plain one-task job
     jobs = _dry_run(tmp_path, {"train_network": {"nodes": 1, "tasks_per_node": 1}}, "--cores", "2")
-    assert "mpi" not in jobs["results/models/fgunet"]
+    assert "mpi" not in jobs["results/models/fgunet.trained.json"]
 
 
 def test_local_runs_never_oversubscribe_the_cores(tmp_path):

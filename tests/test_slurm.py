@@ -117,7 +117,8 @@ def test_profile_is_found_by_name_from_the_repo_root(cluster, tmp_path):
     assert re.search(r"Using profiles? slurm\b", log), log[-3000:]
     assert "train" in _ran(proc) and "predict" in _ran(proc)
     # fgunet's training asks for 2 tasks (the plugin's mpi resource: no one-task srun around it)
-    assert re.search(r"output: results/models/fgunet\n(.*\n)*?\s+resources: .*mpi=srun.*", log), log
+    pattern = r"output: results/models/fgunet\.trained\.json\n(.*\n)*?\s+resources: .*mpi=srun.*"
+    assert re.search(pattern, log), log
     assert "tasks_per_node=2" in log
     # a plain local run does not go to SLURM
     local = _snakemake(cluster, REPO, "--cores", "2", "--directory", str(tmp_path), "--dry-run")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import uuid
 from collections.abc import Iterator
@@ -23,15 +24,34 @@ def _remove(path: Path) -> None:
         path.unlink()
 
 
+def leftovers(final: str | os.PathLike[str]) -> list[Path]:
+    """Temporaries of ``final`` that a killed writer left behind (``kill -9``, node failure, time limit):
+    ``.<stem>.<hex>.tmp<suffix>``, a COG's ``.<stem>.<hex>.tmp.stage<suffix>``, and the previous
+    version ``.<name>.<hex>.old`` moved aside during a swap."""
+    final = Path(final)
+    ours = re.compile(
+        rf"\.{re.escape(final.stem)}\.[0-9a-f]{{8}}\.tmp(\.stage)?{re.escape(final.suffix)}"
+        rf"|\.{re.escape(final.name)}\.[0-9a-f]{{8}}\.old"
+    )
+    try:
+        return sorted(p for p in final.parent.iterdir() if ours.fullmatch(p.name))
+    except FileNotFoundError:
+        return []
+
+
 @contextlib.contextmanager
 def atomic_path(final: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary sibling of ``final`` (file or directory); rename it into place on success.
 
     The temporary keeps the final suffix (``.tif``, ``.zarr``) so drivers pick the right format.
-    On any exception the temporary is removed and ``final`` is left untouched.
+    On any exception the temporary is removed and ``final`` is left untouched. Temporaries of
+    ``final`` left by a killed earlier writer are removed first: on a full tile they are many GB,
+    and one output has one writer at a time (Snakemake's lock; see docs/faults.md).
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
+    for stale in leftovers(final):
+        _remove(stale)
     tmp = final.with_name(f".{final.stem}.{uuid.uuid4().hex[:8]}.tmp{final.suffix}")
     try:
         yield tmp

@@ -7,6 +7,7 @@ a resumed run that would mix two trainings stops before any compute and names wh
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import asdict
 from pathlib import Path
@@ -90,26 +91,65 @@ def restore(
     return history, epoch, best
 
 
-def check_resumable(blob: dict[str, Any], identity: dict[str, Any], path: Path, ckdir: Path) -> None:
-    """Refuse a checkpoint that belongs to a different run, naming what differs."""
+IDENTITY = {
+    "arch": "network",
+    "codes": "class list",
+    "channels": "input channels",
+    "normalisation": "normalisation (percentiles)",
+    "spec": "network shape",
+    "training": "training settings",
+    "data": "training labels (pixels per class or patch positions)",
+    "init": "starting weights (nets.init_from)",
+}
+
+
+def mismatch(blob: dict[str, Any], identity: dict[str, Any]) -> str | None:
+    """What differs between a checkpoint's run and this one (None: the same run)."""
     got = blob.get("identity", {})
-    what = {
-        "arch": "network",
-        "codes": "class list",
-        "channels": "input channels",
-        "normalisation": "normalisation (percentiles)",
-        "spec": "network shape",
-        "training": "training settings",
-        "data": "training labels (pixels per class or patch positions)",
-        "init": "starting weights (nets.init_from)",
-    }
-    for key, label in what.items():
+    for key, label in IDENTITY.items():
         if got.get(key) != identity.get(key):
-            detail = diff(got.get(key), identity[key])
-            raise PipelineError(
-                path,
-                f"checkpoint does not match this run: {label} differ{detail}; delete {ckdir} to start afresh",
-            )
+            return f"{label} differ{diff(got.get(key), identity[key])}"
+    return None
+
+
+def check_resumable(blob: dict[str, Any], identity: dict[str, Any], path: Path, ckdir: Path) -> None:
+    """Refuse a checkpoint that belongs to a different, unfinished run, naming what differs."""
+    if what := mismatch(blob, identity):
+        raise PipelineError(
+            path,
+            f"checkpoint of an unfinished training that does not match this run: {what}; "
+            f"delete {ckdir} to start afresh",
+        )
+
+
+def identity_digest(identity: dict[str, Any]) -> str:
+    """Recorded in ``model.json``: which checkpoints made the model (:func:`superseded`)."""
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+
+
+def superseded(blob: dict[str, Any], identity: dict[str, Any], model_dir: Path) -> bool:
+    """Whether a mismatching checkpoint is the last one of the training that made ``model_dir``.
+
+    Then the config changed after that training finished, and Snakemake reruns it on purpose: the
+    checkpoints have served (the model is the product) and a fresh training may replace them. An
+    unfinished training's checkpoints are refused instead (:func:`check_resumable`): hours of
+    compute are not thrown away over a setting changed by mistake."""
+    if mismatch(blob, identity) is None:
+        return False
+    try:
+        done = json.loads((Path(model_dir) / "model.json").read_text())["training"]
+        return bool(
+            done["identity_sha256"] == identity_digest(blob["identity"]) and done["epochs"] == blob["epoch"]
+        )
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
+def clear_checkpoints(ckdir: Path) -> None:
+    for old in Path(ckdir).glob("epoch_*.pt"):
+        old.unlink()
+    for extra in (HISTORY, PLOT):
+        (Path(ckdir) / extra).unlink(missing_ok=True)
 
 
 def diff(a: Any, b: Any) -> str:

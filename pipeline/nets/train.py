@@ -45,9 +45,13 @@ from pipeline.nets import capability
 from pipeline.nets.arch import NetSpec, build, count_parameters
 from pipeline.nets.checkpoints import (
     check_resumable,
+    clear_checkpoints,
+    identity_digest,
     latest_checkpoint,
+    mismatch,
     restore,
     save_checkpoint,
+    superseded,
     training_identity,
 )
 from pipeline.nets.data import PatchData, check_drawable, code_lut, sampled_pixels
@@ -175,9 +179,22 @@ def train_network(
     best: dict[str, Any] | None = None  # the epoch kept: best selection kappa so far, and its weights
     if latest := latest_checkpoint(ckdir):
         blob = load_weights(latest)
-        check_resumable(blob, identity, latest, ckdir)
-        history, start, best = restore(blob, net, opt, latest, ckdir)
-        log.info("resuming %s from %s (epoch %d of %d)", name, latest.name, start, s.epochs)
+        if superseded(blob, identity, out_dir):
+            # the config changed after this training finished: a deliberate retrain, not a resume
+            log.warning(
+                "%s was trained with other settings (%s); training afresh and removing its checkpoints",
+                out_dir, mismatch(blob, identity),
+            )  # fmt: skip
+            if world.size > 1:
+                dist.barrier()  # every process has looked at the checkpoint before it goes
+            if world.is_main:
+                clear_checkpoints(ckdir)
+            if world.size > 1:
+                dist.barrier()
+        else:
+            check_resumable(blob, identity, latest, ckdir)
+            history, start, best = restore(blob, net, opt, latest, ckdir)
+            log.info("resuming %s from %s (epoch %d of %d)", name, latest.name, start, s.epochs)
 
     sel_refs: list[PatchRef] = []
     if world.is_main:
@@ -273,6 +290,7 @@ def train_network(
         cfg, name, net, norm, empty, percentiles, s, spec, channels, counts, data, nodes, history,
         class_w, sampler,
     )  # fmt: skip
+    meta["training"]["identity_sha256"] = identity_digest(identity)  # these checkpoints made it
     meta["training"]["kept_epoch"] = best["epoch"] if best is not None else s.epochs
     meta["training"]["precision_used"] = precision
     meta["training"]["init_from"] = init.provenance if init else None

@@ -17,7 +17,7 @@ def train_inputs(wildcards):
     if classifier in HYBRIDS:  # fgunet_rf(-s7) reads the trained fgunet(-s7) beside it
         _, seed = Layout.split_seed_model(wildcards.model)
         network = HYBRIDS[classifier] if seed is None else Layout.seed_model(HYBRIDS[classifier], seed)
-        inputs["network"] = str(LAYOUT.model_dir(network))
+        inputs["network"] = str(LAYOUT.model_receipt(network))
     return inputs
 
 
@@ -43,7 +43,9 @@ rule train:
     input:
         unpack(train_inputs),
     output:
-        directory(str(LAYOUT.model_dir("{model}"))),
+        # the receipt, written once models/<model>/ is in place: Snakemake deletes a job's outputs
+        # before it runs and after it fails, and the folder must outlive a failed retrain
+        str(LAYOUT.model_receipt("{model}")),
     log:
         str(LAYOUT.workdir / "logs" / "train_{model}.log"),
     benchmark:
@@ -57,15 +59,17 @@ rule train:
         **job_resources("train"),
     params:
         settings=settings("train"),
+        folder=lambda w: str(LAYOUT.model_dir(w.model)),
     shell:
         # networks checkpoint every epoch into <model>.checkpoints/: rerunning resumes there
         # an extra seed's model (<classifier>-s<seed>, run.seeds) is `--model rf-s7`: rf with seed 7
-        "{resources.launch}{LANDCOVER} train --model {wildcards.model} --out {output} 2> {log}"
+        "{resources.launch}{LANDCOVER} train --model {wildcards.model} --out {params.folder}"
+        " --receipt {output} 2> {log}"
 
 
 rule predict:
     input:
-        model=str(LAYOUT.model_dir("{model}")),
+        model=str(LAYOUT.model_receipt("{model}")),
         gapfilled=str(LAYOUT.gapfilled("{tile}")),
     output:
         map=str(LAYOUT.class_map("{model}", "{tile}")),
@@ -78,8 +82,9 @@ rule predict:
         **job_resources("predict"),
     params:
         settings=settings("predict"),
+        folder=lambda w: str(LAYOUT.model_dir(w.model)),
     shell:
-        "{LANDCOVER} predict --model {wildcards.model} --tile {wildcards.tile} --model-dir {input.model}"
+        "{LANDCOVER} predict --model {wildcards.model} --tile {wildcards.tile} --model-dir {params.folder}"
         " --src {input.gapfilled} --out {output.map} --confidence {output.confidence} 2> {log}"
 
 
@@ -146,7 +151,7 @@ rule train_reference:
         labels=expand(str(LAYOUT.labels("{tile}")), tile=TILES),
         percentiles=str(LAYOUT.percentiles()),
     output:
-        directory(str(LAYOUT.model_dir(LAYOUT.reference_model("{fold}")))),
+        str(LAYOUT.model_receipt(LAYOUT.reference_model("{fold}"))),
     log:
         str(LAYOUT.workdir / "logs" / "train_reference_{fold}.log"),
     benchmark:
@@ -158,5 +163,6 @@ rule train_reference:
         **job_resources("train_reference"),
     params:
         settings=settings("train_reference"),
+        folder=lambda w: str(LAYOUT.model_dir(LAYOUT.reference_model(w.fold))),
     shell:
-        "{LANDCOVER} train --model rf --fold {wildcards.fold} --out {output} 2> {log}"
+        "{LANDCOVER} train --model rf --fold {wildcards.fold} --out {params.folder} --receipt {output} 2> {log}"
