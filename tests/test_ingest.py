@@ -10,6 +10,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+import rasterio
 import zarr
 from affine import Affine
 from rasterio.crs import CRS
@@ -104,10 +105,42 @@ def _corrupt(fmt: str, case: str, src: Path, grid: Grid) -> str:
                 WindowMasks(z, z, z, z),
             )
         return getattr(wr, "id", getattr(wr, "uri", ""))
+    if case in ("float_reflectance", "two_bands", "other_nodata"):
+        f = _theia_file(src, band)
+        with rasterio.open(f) as ds:
+            prof, data = ds.profile, ds.read(1)
+        if case == "float_reflectance":  # reflectance 0-1 in float32, as many tools export it
+            prof.update(dtype="float32", nodata=None)
+            data = data.astype(np.float32) / 10000
+        elif case == "two_bands":
+            prof.update(count=2)
+        else:
+            prof.update(nodata=-9999 if fmt == "theia" else 65535)
+        with rasterio.open(f, "w", **prof) as ds:
+            for i in range(1, prof["count"] + 1):
+                ds.write(data, i)
+        return f.name
+    if case == "mask_out_of_range":  # re-encoded (e.g. 0/255 in place of 0/1): not the format's mask
+        f = _theia_file(src, "*_EDG_R1.tif" if fmt == "theia" else "*_SCL_20m.tif")
+        with rasterio.open(f, "r+") as ds:
+            data = ds.read(1)
+            data[3, 5] = 255 if fmt == "theia" else 42
+            ds.write(data, 1)
+        return f.name
     raise AssertionError(case)
 
 
+WHY = {
+    "float_reflectance": "data type float32, the format specifies",
+    "two_bands": "2 bands; the format has one band per file",
+    "other_nodata": "no-data value",
+    "mask_out_of_range": "outside 0..",
+}
 CASES = [
+    "float_reflectance",
+    "two_bands",
+    "other_nodata",
+    "mask_out_of_range",
     "truncated",
     "missing_band",
     "missing_mask",
@@ -130,6 +163,7 @@ def test_bad_input(tmp_path: Path, fmt: str, case: str) -> None:
     with pytest.raises(PipelineError) as err:
         ingest_tile(src, fmt, "T31TCJ", out)
     assert Path(name).stem in str(err.value)  # Sen2Cor names files as listed, without extension
+    assert WHY.get(case, "") in str(err.value)
     assert "\n" not in str(err.value)
     assert not out.exists()
     assert not out.parent.exists() or not os.listdir(out.parent)

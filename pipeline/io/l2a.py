@@ -166,15 +166,35 @@ def open_writer(fmt: str, root: Path, acq: Acquisition, **options: Any) -> Produ
 # ---------------------------------------------------------------- helpers shared by the layouts
 
 
-def check_raster(path: Path, crs: CRS, transform: Affine, width: int, height: int) -> None:
-    """The file exists, opens, and sits on the georeferencing the metadata announces."""
+def check_raster(
+    path: Path,
+    crs: CRS,
+    transform: Affine,
+    width: int,
+    height: int,
+    *,
+    dtype: str | None = None,
+    nodata: float | None = None,
+    spec: str = "",
+) -> None:
+    """The file exists, opens, sits on the georeferencing the metadata announces, and holds what the
+    format specifies: one band of ``dtype``, no-data ``nodata`` where it declares one. A float
+    reflectance in 0-1 where the format stores int16 x 10000 would otherwise read as 0 and count
+    as clear."""
     if not path.is_file():
         raise PipelineError(path, "file listed in the product metadata is missing")
     try:
         with rasterio.open(path) as ds:
             got_crs, got_t, w, h = ds.crs, ds.transform, ds.width, ds.height
+            count, got_dtype, got_nodata = ds.count, ds.dtypes[0], ds.nodata
     except rasterio.errors.RasterioError as exc:
         raise PipelineError(path, f"unreadable raster ({exc})") from exc
+    if count != 1:
+        raise PipelineError(path, f"{count} bands; the format has one band per file ({spec})")
+    if dtype is not None and got_dtype != dtype:
+        raise PipelineError(path, f"data type {got_dtype}, the format specifies {dtype} ({spec})")
+    if nodata is not None and got_nodata is not None and got_nodata != nodata:
+        raise PipelineError(path, f"no-data value {got_nodata:g}, the format specifies {nodata:g} ({spec})")
     if got_crs is None or got_crs != crs:
         raise PipelineError(path, f"CRS {got_crs} differs from the metadata's {crs}")
     if not got_t.almost_equals(transform, precision=1e-6) or (w, h) != (width, height):
@@ -183,6 +203,15 @@ def check_raster(path: Path, crs: CRS, transform: Affine, width: int, height: in
             f"georeferencing {tuple(got_t)[:6]} {w}x{h} differs from the metadata's "
             f"{tuple(transform)[:6]} {width}x{height}",
         )
+
+
+def check_domain(values: np.ndarray, path: Path, low: int, high: int, what: str) -> np.ndarray:
+    """Values outside ``[low, high]`` mean the file is not what the format says (another product
+    level, a rescaled or re-encoded band): refused, naming the file, rather than read as data."""
+    if values.size and (values.min() < low or values.max() > high):
+        bad = values.min() if values.min() < low else values.max()
+        raise PipelineError(path, f"value {bad} outside {low}..{high}, the format's range for {what}")
+    return values
 
 
 def read_raster(path: Path, win: Window) -> np.ndarray:

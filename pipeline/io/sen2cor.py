@@ -50,6 +50,7 @@ from pipeline.io.l2a import (
     Product,
     ProductWriterBase,
     WindowMasks,
+    check_domain,
     check_raster,
     check_window_arrays,
     combine_validity,
@@ -70,6 +71,10 @@ BAND_INDEX = {
 SCL_INVALID = (0, 1, 3, 8, 9, 10)
 EXTENSIONS = (".jp2", ".tif")
 DN_NODATA, DN_SATURATED = 0, 65535
+SCL_MAX = 11  # classes 0 (no data) ... 11 (snow)
+# What the format specifies for each file (checked when a product is opened; SCL's range per window)
+DN = {"dtype": "uint16", "nodata": DN_NODATA, "spec": "Sen2Cor L2A: uint16 digital numbers, no-data 0"}
+SCL = {"dtype": "uint8", "spec": "Sen2Cor SCL: uint8 classes 0-11"}
 
 
 def _strip_ns(root: ET.Element) -> ET.Element:
@@ -230,7 +235,7 @@ def open_product(safe: Path) -> Product:
     for band, stem in md.band_files.items():
         files[band] = _locate(safe / stem)
         t, w, h = tl.geo[10] if band in BANDS_10M else tl.geo[20]
-        check_raster(files[band], crs, t, w, h)
+        check_raster(files[band], crs, t, w, h, **(SCL if band == "SCL" else DN))
     return Product(
         path=safe,
         fmt="sen2cor",
@@ -283,7 +288,8 @@ def read_window(p: Product, win: Window) -> tuple[np.ndarray, np.ndarray]:
         ]
     )
     out[IDX_20M] = upsample_block(pad_edge(block, pads), win, NODATA)
-    scl = nearest_block(read_raster(p.mask_files["SCL"], nearest_window(win)), win)
+    path = p.mask_files["SCL"]
+    scl = nearest_block(check_domain(read_raster(path, nearest_window(win)), path, 0, SCL_MAX, "SCL"), win)
     return out, combine_validity(out, scl_invalid(scl))
 
 

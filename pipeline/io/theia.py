@@ -47,6 +47,7 @@ from pipeline.io.l2a import (
     ProductWriterBase,
     WindowMasks,
     any2x2,
+    check_domain,
     check_raster,
     check_window_arrays,
     combine_validity,
@@ -60,6 +61,13 @@ PRODUCT_RE = re.compile(r"^SENTINEL2[A-D]_\d{8}-\d{6}-\d{3}_L2A_T[0-9A-Z]{5}_[A-
 MASK_NATURES = {"Cloud": "CLM", "Saturation": "SAT", "Edge": "EDG"}
 CLM_CLOUD = 0b0000_0111  # summary + all clouds + mono-temporal
 CLM_SHADOW = 0b0010_0001  # summary + shadows of detected clouds
+# What the format specifies for each file (checked when a product is opened, and per window)
+REFLECTANCE = {
+    "dtype": "int16",
+    "nodata": NODATA,
+    "spec": "Theia FRE: int16 reflectance x 10000, no-data -10000",
+}
+MASK = {"dtype": "uint8", "spec": "Theia MASKS: uint8"}
 
 
 @dataclass(frozen=True)
@@ -206,7 +214,7 @@ def open_product(folder: Path) -> Product:
             raise PipelineError(mtd, f"metadata lists no FRE image for band {band}")
         bands[band] = folder / md.fre_files[band]
         geo = r1 if band in BANDS_10M else r2
-        check_raster(bands[band], crs, geo.transform, geo.ncols, geo.nrows)
+        check_raster(bands[band], crs, geo.transform, geo.ncols, geo.nrows, **REFLECTANCE)
     masks: dict[str, Path] = {}
     for key in ("CLM", "SAT", "EDG"):
         for gid, geo in (("R1", r1), ("R2", r2)):
@@ -214,7 +222,7 @@ def open_product(folder: Path) -> Product:
             if not name:
                 raise PipelineError(mtd, f"metadata lists no {key} mask for {gid}")
             masks[f"{key}_{gid}"] = folder / name
-            check_raster(masks[f"{key}_{gid}"], crs, geo.transform, geo.ncols, geo.nrows)
+            check_raster(masks[f"{key}_{gid}"], crs, geo.transform, geo.ncols, geo.nrows, **MASK)
     return Product(
         path=folder,
         fmt="theia",
@@ -250,19 +258,27 @@ def read_window(p: Product, win: Window) -> tuple[np.ndarray, np.ndarray]:
     h20, w20 = p.grid.height // 2, p.grid.width // 2
     out = np.empty((len(BANDS), h, w), dtype=np.int16)
     for i, band in zip(IDX_10M, BANDS_10M, strict=True):
-        out[i] = read_raster(p.band_files[band], win)
+        out[i] = _reflectance(p.band_files[band], win)
     win20, pads = source_window(win, h20, w20)
-    block = np.stack([read_raster(p.band_files[b], win20) for b in BANDS_20M])
+    block = np.stack([_reflectance(p.band_files[b], win20) for b in BANDS_20M])
     out[IDX_20M] = upsample_block(pad_edge(block, pads), win, NODATA)
     nw = nearest_window(win)
     invalid = theia_invalid(
         read_raster(p.mask_files["CLM_R1"], win),
         read_raster(p.mask_files["SAT_R1"], win),
         nearest_block(read_raster(p.mask_files["SAT_R2"], nw), win),
-        read_raster(p.mask_files["EDG_R1"], win),
-        nearest_block(read_raster(p.mask_files["EDG_R2"], nw), win),
+        _edge(p.mask_files["EDG_R1"], win),
+        nearest_block(_edge(p.mask_files["EDG_R2"], nw), win),
     )
     return out, combine_validity(out, invalid)
+
+
+def _reflectance(path: Path, win: Window) -> np.ndarray:
+    return check_domain(read_raster(path, win), path, NODATA, 32767, "Theia FRE reflectance x 10000")
+
+
+def _edge(path: Path, win: Window) -> np.ndarray:
+    return check_domain(read_raster(path, win), path, 0, 1, "the Theia edge mask EDG (0 or 1)")
 
 
 # --------------------------------------------------------------------------------------- writer
