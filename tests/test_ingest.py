@@ -284,3 +284,37 @@ def test_worldcereal_round_trip_both_layouts(real_data: Path, tmp_path: Path) ->
         assert 0.2 < valid.mean() < 0.95  # a real mix of clear and cloudy observations
     np.testing.assert_array_equal(stores["theia"]["reflectance"][:], stores["sen2cor"]["reflectance"][:])
     assert isinstance(stores["theia"], zarr.Group)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_entries_that_are_not_products_are_named_and_a_misnamed_product_is_explained(tmp_path, fmt, caplog):
+    grid = make_grid(32, 32)
+    src = tmp_path / "src"
+    series = write_series(src, fmt, grid, [3])
+    (src / "notes.txt").write_text("downloaded 2019-06")
+    (src / ".T31TCJ.0a1b2c3d.tmp.zarr").mkdir()  # the chain's own temporary: silently skipped
+    with caplog.at_level("WARNING"):
+        ingest_tile(src, fmt, "T31TCJ", tmp_path / "a.zarr")
+    assert "skipped, not named as a" in caplog.text and "notes.txt" in caplog.text
+    assert ".T31TCJ" not in caplog.text
+    # the only product, renamed by hand: the error says what the name should look like
+    product = series.paths[0]
+    product.rename(src / f"my_{product.name}")
+    with pytest.raises(
+        PipelineError, match=rf"no {fmt} L2A product of tile T31TCJ in this folder: 2 entries"
+    ):
+        ingest_tile(src, fmt, "T31TCJ", tmp_path / "b.zarr")
+    assert not (tmp_path / "b.zarr").exists()
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_a_metadata_date_that_contradicts_the_folder_name_is_refused(tmp_path, fmt):
+    src = tmp_path / "src"
+    series = write_series(src, fmt, make_grid(32, 32), [3, 6])
+    mtd = next(series.paths[1].rglob("*MTD_ALL.xml" if fmt == "theia" else "MTD_MSIL2A.xml"))
+    mtd.write_text(mtd.read_text().replace("2019-05-06T", "2031-05-06T"))
+    with pytest.raises(
+        PipelineError, match=r"acquisition date 2031-05-06 contradicts the product folder's name"
+    ):
+        ingest_tile(src, fmt, "T31TCJ", tmp_path / "a.zarr")
+    assert not (tmp_path / "a.zarr").exists()

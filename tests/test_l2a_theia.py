@@ -72,7 +72,7 @@ def test_writer_layout_and_mtd(tmp_path: Path) -> None:
     s = write_series(tmp_path, "theia", grid, [5])
     folder = s.paths[0]
     assert folder.name == "SENTINEL2A_20190505-105039-024_L2A_T31TCJ_C_V1-4"
-    assert theia.PRODUCT_RE.match(folder.name)
+    assert theia.NAME_RE.match(folder.name)
     md = theia.parse_mtd(folder / f"{folder.name}_MTD_ALL.xml")
     assert md.product_id == folder.name and md.tile == "T31TCJ" and md.relative_orbit == 51
     assert md.geo["R1"] == theia.GroupGeo(399960, 4800000, 10, -10, 48, 64)

@@ -9,6 +9,8 @@ and the demo generator only sees :func:`open_writer`; the layout details live in
 from __future__ import annotations
 
 import contextlib
+import logging
+import re
 from dataclasses import dataclass, field
 from datetime import date, datetime
 from pathlib import Path
@@ -29,6 +31,7 @@ BANDS_10M = ("B2", "B3", "B4", "B8")
 BANDS_20M = ("B5", "B6", "B7", "B8A", "B11", "B12")
 NODATA = -10000
 FORMATS = ("theia", "sen2cor")
+log = logging.getLogger(__name__)
 # position of each 10 m / 20 m band in the cube band order
 IDX_10M = [BANDS.index(b) for b in BANDS_10M]
 IDX_20M = [BANDS.index(b) for b in BANDS_20M]
@@ -116,7 +119,10 @@ def find_products(folder: Path, fmt: str, tile: str) -> list[Product]:
     """All products of ``fmt`` in ``folder``, sorted by acquisition time.
 
     A product of another tile in the folder is an error (a mis-filed download would otherwise
-    be silently dropped or, worse, mixed in).
+    be silently dropped or, worse, mixed in), and so is a product whose metadata date contradicts
+    its folder name (one of the two is damaged). Entries that are not product folders by the
+    format's name pattern are skipped with a warning naming them; hidden ones (the chain's own
+    temporaries) silently.
     """
     folder = Path(folder)
     if fmt not in FORMATS:
@@ -124,18 +130,53 @@ def find_products(folder: Path, fmt: str, tile: str) -> list[Product]:
     if not folder.is_dir():
         raise PipelineError(folder, "product folder does not exist")
     if fmt == "theia":
-        from pipeline.io import theia
-
-        products = theia.find(folder)
+        from pipeline.io import theia as module
     else:
-        from pipeline.io import sen2cor
-
-        products = sen2cor.find(folder)
+        from pipeline.io import sen2cor as module
+    products, skipped = [], []
+    for entry in sorted(folder.iterdir()):
+        if entry.name.startswith("."):
+            continue
+        if entry.is_dir() and module.NAME_RE.match(entry.name):
+            products.append(module.open_product(entry))
+        else:
+            skipped.append(entry.name)
+    if skipped:
+        more = f" and {len(skipped) - 5} more" if len(skipped) > 5 else ""
+        names = ", ".join(skipped[:5]) + more
+        log.warning(
+            "%s: skipped, not named as a %s product folder (%s): %s", folder, fmt, module.NAME_FORM, names
+        )
     want = normalise_tile(tile)
     for p in products:
         if p.tile != want:
             raise PipelineError(p.path, f"product of tile {p.tile} found in the folder of tile {want}")
+        named = name_date(p.path.name)
+        if named is not None and named != p.date:
+            raise PipelineError(
+                p.metadata,
+                f"acquisition date {p.date} contradicts the product folder's name ({named}): "
+                "one of the two is damaged",
+            )
+    if not products and skipped:
+        raise PipelineError(
+            folder,
+            f"no {fmt} L2A product of tile {want} in this folder: {len(skipped)} entries skipped whose "
+            f"names do not follow the pattern {module.NAME_FORM} (e.g. {skipped[0]})",
+        )
     return sorted(products, key=lambda p: p.acquired)
+
+
+def name_date(name: str) -> date | None:
+    """The acquisition date in a product folder name (Theia ``SENTINEL2A_20190501-105039-...``,
+    Sen2Cor ``S2A_MSIL2A_20190501T105039_...``): the first 8-digit group after an underscore."""
+    m = re.search(r"_(\d{4})(\d{2})(\d{2})[-T]", name)
+    if not m:
+        return None
+    try:
+        return date(int(m[1]), int(m[2]), int(m[3]))
+    except ValueError:
+        return None
 
 
 class ProductWriter(Protocol):

@@ -61,7 +61,8 @@ from pipeline.io.l2a import (
 from pipeline.io.tilestore import Grid
 from pipeline.resample import nearest_block, nearest_window, pad_edge, source_window, upsample_block
 
-SAFE_RE = re.compile(r"^S2[A-D]_MSIL2A_\d{8}T\d{6}_N\d{4}_R\d{3}_T[0-9A-Z]{5}_\d{8}T\d{6}\.SAFE$")
+NAME_RE = re.compile(r"^S2[A-D]_MSIL2A_\d{8}T\d{6}_N\d{4}_R\d{3}_T[0-9A-Z]{5}_\d{8}T\d{6}\.SAFE$")
+NAME_FORM = "S2X_MSIL2A_YYYYMMDDThhmmss_Nxxxx_Rxxx_Tnnnnn_YYYYMMDDThhmmss.SAFE"
 # Sen2Cor band names and their index in the metadata's band_id lists (B1=0 ... B12=12)
 S2C_NAME = {b: (f"B{int(b[1:]):02d}" if b[1:].isdigit() else b) for b in BANDS}
 BAND_INDEX = {
@@ -251,11 +252,6 @@ def open_product(safe: Path) -> Product:
         offsets=md.offsets,
         quantification=md.quantification,
     )
-
-
-def find(folder: Path) -> list[Product]:
-    """Every ``*.SAFE`` L2A product directly under ``folder`` (temporary names are skipped)."""
-    return [open_product(d) for d in sorted(Path(folder).iterdir()) if d.is_dir() and SAFE_RE.match(d.name)]
 
 
 def dn_to_reflectance(dn: np.ndarray, offset: int, quantification: float) -> np.ndarray:

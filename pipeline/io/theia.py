@@ -57,7 +57,8 @@ from pipeline.io.l2a import (
 from pipeline.io.tilestore import Grid
 from pipeline.resample import nearest_block, nearest_window, pad_edge, source_window, upsample_block
 
-PRODUCT_RE = re.compile(r"^SENTINEL2[A-D]_\d{8}-\d{6}-\d{3}_L2A_T[0-9A-Z]{5}_[A-Z]_V\d+-\d+$")
+NAME_RE = re.compile(r"^SENTINEL2[A-D]_\d{8}-\d{6}-\d{3}_L2A_T[0-9A-Z]{5}_[A-Z]_V\d+-\d+$")
+NAME_FORM = "SENTINEL2X_YYYYMMDD-hhmmss-sss_L2A_Tnnnnn_C_Vx-y"
 MASK_NATURES = {"Cloud": "CLM", "Saturation": "SAT", "Edge": "EDG"}
 CLM_CLOUD = 0b0000_0111  # summary + all clouds + mono-temporal
 CLM_SHADOW = 0b0010_0001  # summary + shadows of detected clouds
@@ -236,13 +237,6 @@ def open_product(folder: Path) -> Product:
         platform=md.platform,
         relative_orbit=md.relative_orbit,
     )
-
-
-def find(folder: Path) -> list[Product]:
-    """Every Theia product folder (by name pattern) directly under ``folder``; temp names are skipped."""
-    return [
-        open_product(d) for d in sorted(Path(folder).iterdir()) if d.is_dir() and PRODUCT_RE.match(d.name)
-    ]
 
 
 def theia_invalid(
