@@ -447,6 +447,27 @@ def clear_count(valid: np.ndarray) -> np.ndarray:
     return np.count_nonzero(valid, axis=0).astype(np.uint16)
 
 
+# Acquisitions may lie this far outside the date grid (they interpolate its first and last dates,
+# and a growing-season grid may be fed a whole year's products); beyond it a date is a mistake:
+# another year's product in the folder, or a damaged metadata date.
+PERIOD_MARGIN_DAYS = 183
+
+
+def _check_period(src: Path, group: Any, src_dates: np.ndarray, dst_dates: np.ndarray) -> None:
+    margin = np.timedelta64(PERIOD_MARGIN_DAYS, "D")
+    outside = (src_dates < dst_dates[0] - margin) | (src_dates > dst_dates[-1] + margin)
+    if outside.any():
+        i = int(np.argmax(outside))
+        names = list(group.attrs.get("product_dirs") or group.attrs.get("products") or [])
+        product = f" (product {names[i]})" if i < len(names) else ""
+        raise PipelineError(
+            src,
+            f"acquisition {src_dates[i]}{product} lies outside the run's period: date grid "
+            f"{dst_dates[0]}..{dst_dates[-1]} +- {PERIOD_MARGIN_DAYS} days; remove it from the tile's "
+            "products folder, or move the date grid",
+        )
+
+
 def gapfill_tile(
     src: Path, dst: Path, date_grid: np.ndarray, threads: int = 1, dask: Mapping[str, Any] | None = None
 ) -> None:
@@ -474,6 +495,8 @@ def gapfill_tile(
         )
     if t > 1 and not (np.diff(src_dates.astype(np.int64)) > 0).all():
         raise PipelineError(src, "acquisition dates are not strictly increasing")
+    if t and dst_dates.size:
+        _check_period(src, group, src_dates, dst_dates)
     if t == 0:
         log.warning("%s: no acquisitions: every pixel will be no-data", src)
     elif dst_dates.size and (dst_dates[0] < src_dates[0] or dst_dates[-1] > src_dates[-1]):
@@ -509,7 +532,23 @@ def gapfill_tile(
             clear = np.asarray(valid[:, rs, cs]) == 1
             clear &= (vals != NODATA).all(axis=1)
             o_refl[:, :, rs, cs] = gapfill(vals, clear, src_dates, dst_dates, threads=threads)
-            o_count[rs, cs] = clear_count(clear)
+            count = clear_count(clear)
+            o_count[rs, cs] = count
+            return int(np.count_nonzero(count))
+
+        observed = [0]
+
+        def add(n: int) -> None:
+            observed[0] += n
 
         with window_executor(dask, threads) as pool:
-            for_each_window(one, h, w, threads, f"gapfill {src.stem}", executor=pool)
+            for_each_window(one, h, w, threads, f"gapfill {src.stem}", executor=pool, on_result=add)
+    if t and observed[0] == 0:
+        log.warning(
+            "%s: no clear observation on any of the %d dates (all cloudy or no-data): every pixel of "
+            "tile %s is no-data, and so will be its maps",
+            src, t, group.attrs.get("tile", src.stem),
+        )  # fmt: skip
+    elif observed[0] < h * w:
+        log.info("%s: %.1f %% of the pixels have no clear observation (no-data in the maps)", src,
+                 100 * (1 - observed[0] / (h * w)))  # fmt: skip

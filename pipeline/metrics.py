@@ -8,6 +8,7 @@ matrix (not averaged scores) and any later report can recompute whatever it need
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,8 @@ from pipeline.io.atomic import atomic_path, write_json
 from pipeline.io.tilestore import iter_windows, open_store, store_grid, win_slices
 
 NO_VALIDATION = "no validation data"
+UNMAPPED = "validation pixels unmapped"  # there, but the map is no-data on all of them (e.g. all cloudy)
+log = logging.getLogger(__name__)
 
 
 def confusion(reference: np.ndarray, predicted: np.ndarray, codes: np.ndarray) -> np.ndarray:
@@ -76,8 +79,12 @@ def scores(cm: np.ndarray) -> dict[str, Any]:
     }
 
 
-def report(cm: np.ndarray, cfg: Config, pixel_area_m2: float, **extra: Any) -> dict[str, Any]:
-    """A machine-readable metrics document for one tile or the whole run."""
+def report(
+    cm: np.ndarray, cfg: Config, pixel_area_m2: float, unmapped_pixels: int = 0, **extra: Any
+) -> dict[str, Any]:
+    """A machine-readable metrics document for one tile or the whole run. The scores are over the
+    mapped validation pixels; ``unmapped_pixels`` (no-data in the map) are counted beside them, so
+    a tile mapped as no-data reads as such, not as a tile without validation data."""
     s = scores(cm)
     names = [c.name for c in cfg.classes]
     support = cm.sum(1)
@@ -92,10 +99,11 @@ def report(cm: np.ndarray, cfg: Config, pixel_area_m2: float, **extra: Any) -> d
     }
     return {
         **extra,
-        "status": "ok" if cm.sum() else NO_VALIDATION,
+        "status": "ok" if cm.sum() else UNMAPPED if unmapped_pixels else NO_VALIDATION,
         "classes": names,
         "codes": [c.code for c in cfg.classes],
         "n_pixels": int(cm.sum()),
+        "unmapped_pixels": int(unmapped_pixels),
         "pixel_area_m2": pixel_area_m2,
         "oa": s["oa"],
         "kappa": s["kappa"],
@@ -137,9 +145,12 @@ def validate_tile(cfg: Config, class_map: Path, labels: Path, out: Path) -> None
             cm += confusion(truth, pred, cfg.class_codes)
             unmapped += int(((truth > 0) & (pred == 0)).sum())
     area = abs(grid.transform.a * grid.transform.e)
-    write_json(
-        out, report(cm, cfg, area, tile=group.attrs.get("tile"), map=str(class_map), unmapped_pixels=unmapped)
-    )
+    if unmapped:
+        log.warning(
+            "%s: %d of %d validation pixels are no-data in the map (unmapped: no clear observation?)",
+            class_map, unmapped, unmapped + int(cm.sum()),
+        )  # fmt: skip
+    write_json(out, report(cm, cfg, area, unmapped, tile=group.attrs.get("tile"), map=str(class_map)))
 
 
 def read_metrics(cfg: Config, path: str | Path, scope: str) -> dict[str, Any]:
@@ -158,17 +169,20 @@ def summarise(cfg: Config, tile_metrics: Sequence[Path], out: Path, model: str |
     total = np.zeros((len(cfg.classes),) * 2, dtype=np.int64)
     tiles = {}
     area = None
+    unmapped = 0
     for path in tile_metrics:
         doc = read_metrics(cfg, path, "tile")
         total += np.asarray(doc["confusion_pixels"], dtype=np.int64)
         area = doc["pixel_area_m2"]
+        unmapped += int(doc.get("unmapped_pixels", 0))
         tiles[doc["tile"]] = {
             "status": doc["status"],
             "oa": doc["oa"],
             "kappa": doc["kappa"],
             "n_pixels": doc["n_pixels"],
+            "unmapped_pixels": int(doc.get("unmapped_pixels", 0)),
         }
-    write_json(out, report(total, cfg, area or 100.0, scope="run", model=model, tiles=tiles))
+    write_json(out, report(total, cfg, area or 100.0, unmapped, scope="run", model=model, tiles=tiles))
 
 
 def mean_f1(doc: dict[str, Any]) -> float | None:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import zarr
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -293,3 +294,31 @@ def test_gapfill_tile_rejects_wrong_store(tmp_path: Path) -> None:
     with pytest.raises(PipelineError, match="expected a 'ingest' store"):
         gapfill_tile(tmp_path / "out.zarr", tmp_path / "again.zarr", days(10, 20))
     assert not (tmp_path / "again.zarr").exists()
+
+
+def test_a_tile_cloudy_on_every_date_warns_and_maps_to_no_data(tmp_path: Path, caplog) -> None:
+    make_ingest(tmp_path / "in.zarr", t=3, h=8, w=8)
+    g = zarr.open_group(str(tmp_path / "in.zarr"), mode="r+")
+    g["valid"][...] = 0  # every acquisition cloudy
+    with caplog.at_level(logging.WARNING):
+        gapfill_tile(tmp_path / "in.zarr", tmp_path / "out.zarr", days(10, 20))
+    assert "no clear observation on any of the 3 dates" in caplog.text and "tile T31TCJ" in caplog.text
+    out = open_store(tmp_path / "out.zarr", "gapfilled", ("reflectance", "clear_count"))
+    assert (out["reflectance"][...] == NODATA).all() and (out["clear_count"][...] == 0).all()
+
+
+def test_an_acquisition_outside_the_runs_period_is_refused(tmp_path: Path) -> None:
+    """A product of another year in the folder (or a metadata date typed wrong): not used to
+    interpolate the year's first or last dates without a word."""
+    make_ingest(tmp_path / "in.zarr", t=3, h=8, w=8)
+    g = zarr.open_group(str(tmp_path / "in.zarr"), mode="r+")
+    dates = list(g.attrs["dates"])
+    g.attrs["dates"] = [*dates[:-1], "2031-05-01"]
+    g.attrs["product_dirs"] = ["p0", "p1", "SENTINEL2A_20310501-000000-000_L2A_T31TCJ_C_V1-4"]
+    with pytest.raises(
+        PipelineError, match=r"acquisition 2031-05-01 \(product SENTINEL2A_20310501.*outside the run's period"
+    ):
+        gapfill_tile(tmp_path / "in.zarr", tmp_path / "out.zarr", days(10, 20))
+    assert not (tmp_path / "out.zarr").exists()
+    g.attrs["dates"] = [*dates[:-1], str(np.datetime64(days(10, 20)[-1]) + gf.PERIOD_MARGIN_DAYS)]
+    gapfill_tile(tmp_path / "in.zarr", tmp_path / "out.zarr", days(10, 20))  # at the margin: used

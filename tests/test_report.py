@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import rasterio
 import yaml
+import zarr
 from affine import Affine
 from rasterio.crs import CRS
 from shapely.geometry import box
@@ -25,11 +26,11 @@ from pipeline.errors import PipelineError
 from pipeline.io.cog import CONFIDENCE_NODATA, cog_writer, confidence_writer, write_class_map
 from pipeline.io.tilestore import Grid, add_array, create_store, iter_windows, win_slices
 from pipeline.layout import Layout
-from pipeline.metrics import NO_VALIDATION, summarise, validate_tile
+from pipeline.metrics import NO_VALIDATION, UNMAPPED, summarise, validate_tile
 from pipeline.models import derive_seed
 from pipeline.qa import tile_qa
 from pipeline.reference import rasterise_tile
-from pipeline.report import build_report, collect, figures, provenance, rasters
+from pipeline.report import build_report, collect, figures, provenance, rasters, tables
 from tests.conftest import REPO, make_grid
 from tests.report_page import check_page, table
 
@@ -383,6 +384,47 @@ def test_tile_without_validation_polygons_validates_as_no_validation_data(tmp_pa
     validate_tile(cfg, tmp_path / "map.tif", labels, tmp_path / "m.json")
     doc = json.loads((tmp_path / "m.json").read_text())
     assert doc["status"] == NO_VALIDATION and doc["kappa"] is None and doc["n_pixels"] == 0
+
+
+def test_unmapped_validation_pixels_are_counted_not_called_missing(tmp_path, caplog):
+    """A tile cloudy on every date maps to no-data: its validation pixels are there, unmapped. The
+    metrics say so (and count them), rather than "no validation data"; run-wide they add up."""
+    cfg = load_config(REPO / "config.yaml")
+    grid = make_grid(W, H)
+    create_store(tmp_path / "T31TCJ.ingest.zarr", "ingest", grid, tile="T31TCJ")
+    x0, y0 = grid.transform.c, grid.transform.f
+    polygons = gpd.GeoDataFrame(
+        {"id": [1, 2], "code": [int(cfg.class_codes[0])] * 2, "tile": ["T31TCJ"] * 2,
+         "split": ["validation"] * 2, "fold": [0, 1], "selection": [0, 0]},
+        geometry=[box(x0 + 100, y0 - 400, x0 + 500, y0 - 100), box(x0 + 900, y0 - 400, x0 + 1200, y0 - 100)],
+        crs=grid.crs,
+    )  # fmt: skip
+    polygons.to_file(tmp_path / "split.gpkg", layer="reference", driver="GPKG")
+    labels = tmp_path / "T31TCJ.zarr"
+    rasterise_tile(tmp_path / "split.gpkg", "T31TCJ", tmp_path / "T31TCJ.ingest.zarr", labels)
+    truth = np.asarray(zarr.open_group(str(labels), mode="r")["validation"][:])
+    left = np.zeros_like(truth, bool)
+    left[:, : W // 2] = True  # the first polygon lies in the left half, the second in the right
+    n_left, n_right = int((truth > 0)[left].sum()), int((truth > 0)[~left].sum())
+    assert n_left > 0 and n_right > 0
+    code = cfg.class_codes[0]
+    write_class_map(tmp_path / "none.tif", grid, cfg.classes, np.zeros((H, W), np.uint8))
+    write_class_map(tmp_path / "half.tif", grid, cfg.classes, np.where(left, 0, code).astype(np.uint8))
+    with caplog.at_level("WARNING"):
+        validate_tile(cfg, tmp_path / "none.tif", labels, tmp_path / "none.json")
+    assert f"{n_left + n_right} of {n_left + n_right} validation pixels are no-data in the map" in caplog.text
+    validate_tile(cfg, tmp_path / "half.tif", labels, tmp_path / "half.json")
+    none, half = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("none", "half"))
+    assert (
+        none["status"] == UNMAPPED and none["n_pixels"] == 0 and none["unmapped_pixels"] == n_left + n_right
+    )
+    assert half["status"] == "ok" and half["n_pixels"] == n_right and half["unmapped_pixels"] == n_left
+    assert half["oa"] == 1.0  # scored over the mapped pixels, the unmapped ones beside
+    summarise(cfg, [tmp_path / "half.json"], tmp_path / "run.json")
+    run = json.loads((tmp_path / "run.json").read_text())
+    assert run["unmapped_pixels"] == n_left and run["tiles"]["T31TCJ"]["unmapped_pixels"] == n_left
+    html = tables.summary({"rf": half, "fgunet": none}, [], "tile")
+    assert f"{n_right:,} (+{n_left:,} unmapped)" in html and UNMAPPED in html
 
 
 def test_map_on_another_grid_than_the_validity_layer_is_a_clear_error(tiny_run, capsys):

@@ -19,7 +19,7 @@ import numpy as np
 from pipeline.config import Config
 from pipeline.errors import PipelineError
 from pipeline.layout import Layout
-from pipeline.metrics import NO_VALIDATION, read_metrics
+from pipeline.metrics import NO_VALIDATION, UNMAPPED, read_metrics
 from pipeline.qa import check_grids, mean_std
 from pipeline.report.rasters import (
     Counts,
@@ -35,8 +35,13 @@ OVERALL = "all tiles"
 
 
 def has_scores(doc: Mapping[str, Any] | None) -> bool:
-    """A metrics document with validation pixels (not missing, not "no validation data")."""
-    return doc is not None and doc.get("status") != NO_VALIDATION and doc.get("kappa") is not None
+    """A metrics document with mapped validation pixels (not missing, not "no validation data", not
+    every validation pixel unmapped)."""
+    return (
+        doc is not None
+        and doc.get("status") not in (NO_VALIDATION, UNMAPPED)
+        and doc.get("kappa") is not None
+    )
 
 
 @dataclass

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.metrics import NO_VALIDATION, mean_f1
+from pipeline.metrics import NO_VALIDATION, UNMAPPED, mean_f1
 from pipeline.report.collect import has_scores
 from pipeline.report.provenance import Job
 
@@ -76,7 +76,15 @@ def _th(h: str | tuple[str, int]) -> str:
 
 def status_marker(doc: Mapping[str, Any] | None) -> str:
     """The word standing for a document without scores."""
-    return MISSING if doc is None else NO_VALIDATION
+    if doc is None:
+        return MISSING
+    return UNMAPPED if doc.get("status") == UNMAPPED else NO_VALIDATION
+
+
+def pixels(doc: Mapping[str, Any]) -> str:
+    """Validation pixels scored, and those the map left unmapped (no-data) beside them."""
+    n, unmapped = doc["n_pixels"], doc.get("unmapped_pixels", 0)
+    return f"{n:,}" + (f" (+{unmapped:,} unmapped)" if unmapped else "")
 
 
 def summary(docs: Mapping[str, Mapping[str, Any] | None], tiles: Sequence[str], scope: str) -> str:
@@ -86,9 +94,7 @@ def summary(docs: Mapping[str, Mapping[str, Any] | None], tiles: Sequence[str], 
     for model, doc in docs.items():
         if not has_scores(doc):
             word = marker(status_marker(doc))
-            rows.append(
-                [model, word, word, word, str(doc["n_pixels"]) if doc else DASH] + [word] * len(tiles)
-            )
+            rows.append([model, word, word, word, pixels(doc) if doc else DASH] + [word] * len(tiles))
             continue
         per_tile = []
         for t in tiles:
@@ -96,9 +102,7 @@ def summary(docs: Mapping[str, Mapping[str, Any] | None], tiles: Sequence[str], 
             per_tile.append(
                 num(info["kappa"]) if info and info.get("kappa") is not None else marker(status_marker(info))
             )
-        rows.append(
-            [model, num(doc["oa"]), num(doc["kappa"]), num(mean_f1(doc)), f"{doc['n_pixels']:,}", *per_tile]
-        )
+        rows.append([model, num(doc["oa"]), num(doc["kappa"]), num(mean_f1(doc)), pixels(doc), *per_tile])
     return table(head, rows, kind="summary", scope=scope)
 
 
