@@ -8,6 +8,7 @@ Bad input ends with one line ``error: <file>: <problem>`` on stderr and exit sta
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import sys
 from collections.abc import Callable
@@ -15,6 +16,7 @@ from pathlib import Path
 
 from pipeline.config import Config, load_config
 from pipeline.errors import PipelineError
+from pipeline.io.atomic import check_workdir
 from pipeline.layout import Layout
 
 log = logging.getLogger("pipeline")
@@ -301,6 +303,20 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, Stage]]:
     return parser, stages
 
 
+# what the file system says (full, read-only, not ours, a file where a folder should be): one line
+OS_FAULTS = {
+    errno.ENOSPC,
+    errno.EDQUOT,
+    errno.EROFS,
+    errno.EACCES,
+    errno.EPERM,
+    errno.ENOTDIR,
+    errno.EEXIST,
+    errno.ENOENT,
+    errno.EISDIR,
+}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser, stages = _parser()
     args = parser.parse_args(argv)
@@ -310,9 +326,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         cfg = load_config(args.config or args.run_config or Path("config.yaml"))
+        check_workdir(cfg.workdir)
         stages[args.stage](cfg, args)
     except PipelineError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # outside the writers (which name their file): a folder, a log, a lock
+        if exc.errno not in OS_FAULTS:
+            raise
+        print(f"error: {exc.filename or Path.cwd()}: {exc.strerror}", file=sys.stderr)
         return 2
     return 0
 

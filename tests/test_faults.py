@@ -11,10 +11,18 @@ import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
+import numpy as np
 import pytest
+import yaml
 
+from pipeline.cli import main
+from pipeline.config import load_config
+from pipeline.errors import PipelineError
 from pipeline.io.atomic import atomic_path, leftovers
+from pipeline.io.cog import write_class_map
+from tests.conftest import REPO, make_grid
 
 
 def test_a_killed_writers_temporaries_go_with_the_next_write_of_that_output(tmp_path):
@@ -73,11 +81,123 @@ def test_kill_9_mid_write_then_rerun_leaves_one_clean_output(tmp_path):
 
 @pytest.mark.parametrize("kind", ["file", "dir"])
 def test_a_failed_write_leaves_the_previous_output_untouched(tmp_path, kind):
+    """ENOSPC raised inside the writer: the previous version stays, and the error says "disk full"."""
     final = tmp_path / ("a.json" if kind == "file" else "a.zarr")
     with atomic_path(final) as tmp:
         tmp.write_text("v1") if kind == "file" else tmp.mkdir()
     before = final.stat().st_mtime_ns
-    with pytest.raises(OSError, match="No space left"), atomic_path(final) as tmp:
+    with pytest.raises(PipelineError, match="disk full"), atomic_path(final) as tmp:
         tmp.write_text("half") if kind == "file" else tmp.mkdir()
         raise OSError(28, "No space left on device")
     assert final.stat().st_mtime_ns == before and [p.name for p in tmp_path.iterdir()] == [final.name]
+
+
+# --- the file system: full, read-only, a file where the run needs a folder ---------------------
+
+
+@pytest.fixture
+def small_fs(tmp_path):
+    """A 1 MiB tmpfs (mount(2) needs root, as on the CI machine; skipped elsewhere with the reason)."""
+    where = tmp_path / "fs"
+    where.mkdir()
+    try:
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(where)], check=True,
+                       capture_output=True, timeout=30)  # fmt: skip
+    except (OSError, subprocess.SubprocessError) as exc:
+        pytest.skip(f"cannot mount a small tmpfs here (needs root): {exc}")
+    yield where
+    subprocess.run(["umount", "-l", str(where)], check=False, capture_output=True, timeout=30)
+
+
+def _fill(fs: Path) -> None:
+    """Leave 64 KiB free."""
+    st = os.statvfs(fs)
+    (fs / "filler").write_bytes(b"\0" * (st.f_bavail * st.f_frsize - (64 << 10)))
+
+
+def _big_map(cfg):
+    rng = np.random.default_rng(0)
+    return make_grid(2048, 2048), rng.integers(0, 30, (2048, 2048)).astype(np.uint8)
+
+
+def test_disk_full_while_writing_is_one_line_and_leaves_nothing(small_fs):
+    """A COG (predict), a GeoPackage (split), a checkpoint (training), a zarr store (ingest,
+    gapfill): each library words a full disk its own way ("Write error at scanline", "no such
+    table: gpkg_contents", "unexpected pos"); the chain says "disk full" and names the file."""
+    cfg = load_config(REPO / "config.yaml")
+    _fill(small_fs)
+    grid, classes = _big_map(cfg)
+    writers = {
+        "map.tif": lambda out: write_class_map(out, grid, cfg.classes, classes),
+        "split.gpkg": lambda out: _gpkg(out),
+        "epoch_0001.pt": lambda out: _checkpoint(out),
+        "cube.zarr": lambda out: _store(out),
+    }
+    for name, write in writers.items():
+        out = small_fs / "run" / name
+        with pytest.raises(PipelineError) as err:
+            write(out)
+        msg = str(err.value)
+        assert msg.startswith(f"{out}: disk full in {out.parent}") and "\n" not in msg, msg
+        assert sorted(p.name for p in small_fs.rglob("*")) == ["filler", "run"], name
+
+
+def _gpkg(out: Path) -> None:
+    import geopandas as gpd
+    from shapely.geometry import box
+
+    frame = gpd.GeoDataFrame(
+        {"id": range(5000)}, geometry=[box(i, 0, i + 1, 1) for i in range(5000)], crs=32631
+    )
+    with atomic_path(out) as tmp:
+        frame.to_file(tmp, layer="reference", driver="GPKG")
+
+
+def _checkpoint(out: Path) -> None:
+    import torch
+
+    with atomic_path(out) as tmp:
+        torch.save({"state_dict": {"w": torch.zeros(512, 512)}}, tmp)
+
+
+def _store(out: Path) -> None:
+    import zarr
+
+    with atomic_path(out) as tmp:
+        z = zarr.create_array(str(tmp), shape=(1024, 1024), dtype="int16", chunks=(256, 256))
+        z[...] = np.random.default_rng(0).integers(0, 1000, (1024, 1024)).astype(np.int16)
+
+
+def test_a_read_only_workdir_is_one_line(small_fs, tmp_path, capsys):
+    (small_fs / "run").mkdir()
+    subprocess.run(["mount", "-o", "remount,ro", str(small_fs)], check=True, capture_output=True)
+    cfg = load_config(REPO / "config.yaml")
+    for out in (small_fs / "run" / "map.tif", small_fs / "run" / "maps" / "rf" / "map.tif"):
+        with pytest.raises(PipelineError, match="read-only file system in") as err:
+            write_class_map(out, make_grid(64, 64), cfg.classes, np.zeros((64, 64), np.uint8))
+        assert "\n" not in str(err.value)
+    # through the entry point: exit 2 and one line
+    raw = yaml.safe_load((REPO / "config.yaml").read_text())
+    raw["run"]["workdir"] = str(small_fs / "run")
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(raw))
+    assert main(["split", "--config", str(tmp_path / "c.yaml")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "read-only file system" in err[0], err
+
+
+def test_a_workdir_that_is_a_file_is_one_line(tmp_path, capsys):
+    workdir = tmp_path / "results"
+    workdir.write_text("not a folder")
+    raw = yaml.safe_load((REPO / "config.yaml").read_text())
+    raw["run"]["workdir"] = str(workdir)
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(raw))
+    assert main(["split", "--config", str(tmp_path / "c.yaml")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"error: {workdir}: is a file, where the run needs a folder (check run.workdir)"
+    assert workdir.read_text() == "not a folder"
+    # Snakemake stops before any job, with the same line
+    cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--configfile",
+           str(tmp_path / "c.yaml"), "-n", "--cores", "1"]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert f"{workdir}: is a file, where the run needs a folder" in proc.stdout + proc.stderr

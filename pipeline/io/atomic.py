@@ -7,6 +7,7 @@ every writer in the package goes through :func:`atomic_path`.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import re
@@ -15,6 +16,8 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from pipeline.errors import PipelineError
 
 
 def _remove(path: Path) -> None:
@@ -39,6 +42,83 @@ def leftovers(final: str | os.PathLike[str]) -> list[Path]:
         return []
 
 
+# A write that fails with less than this left on the file system failed for want of space, whatever
+# words the library found for it (GDAL "Write error at scanline", SQLite "no such table:
+# gpkg_contents", torch "unexpected pos")
+LOW_SPACE = 16 << 20
+_WORDS = {
+    errno.ENOSPC: "disk full",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.EROFS: "read-only file system",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "permission denied",
+}
+_TEXTS = {
+    "No space left on device": "disk full",
+    "database or disk is full": "disk full",
+    "Disk quota exceeded": "disk quota exceeded",
+    "Read-only file system": "read-only file system",
+}
+
+
+def write_fault(exc: BaseException, folder: Path) -> str | None:
+    """Why a write under ``folder`` failed when the cause is the file system, not the data; None
+    when the file system looks fine (the error is then the writer's own, and is raised as it is)."""
+    chain, e = [], exc
+    while e is not None and len(chain) < 8:
+        chain.append(e)
+        e = e.__cause__ or e.__context__
+    why = next((_WORDS[e.errno] for e in chain if isinstance(e, OSError) and e.errno in _WORDS), None)
+    why = why or next((w for e in chain for t, w in _TEXTS.items() if t in str(e)), None)
+    try:
+        st = os.statvfs(folder)
+        free = st.f_bavail * st.f_frsize
+    except OSError:
+        free = None
+    if why is None and free is not None and free < LOW_SPACE:
+        why = "disk full"
+    if why is None and not os.access(folder, os.W_OK):
+        why = "read-only file system" if _read_only(folder) else "permission denied"
+    if why is None:
+        return None
+    space = f" ({free / 2**20:.1f} MiB free)" if free is not None and why.startswith("disk") else ""
+    return f"{why} in {folder}{space}; nothing was written"
+
+
+def _read_only(folder: Path) -> bool:
+    try:
+        return bool(os.statvfs(folder).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
+
+
+def _make_folder(folder: Path) -> None:
+    """``mkdir -p`` with one line for what users meet: a run.workdir (or a folder in it) that is a
+    file, a read-only or foreign file system."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError) as exc:
+        blocker = next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), folder)
+        raise PipelineError(blocker, "is a file, where the run needs a folder (check run.workdir)") from exc
+    except OSError as exc:
+        near = next((p for p in folder.parents if p.exists()), folder)
+        raise PipelineError(
+            folder, write_fault(exc, near) or f"cannot create folder ({exc.strerror})"
+        ) from exc
+
+
+def check_workdir(workdir: str | os.PathLike[str]) -> None:
+    """Before any stage reads its inputs: the run's folder is a folder (or can become one) that can
+    be written, so a misplaced run.workdir fails in one line, not after an hour of compute."""
+    workdir = Path(workdir)
+    blocker = next((p for p in (workdir, *workdir.parents) if p.exists()), None)
+    if blocker is not None and not blocker.is_dir():
+        raise PipelineError(blocker, "is a file, where the run needs a folder (check run.workdir)")
+    if blocker is not None and not os.access(blocker, os.W_OK):
+        why = "read-only file system" if _read_only(blocker) else "permission denied"
+        raise PipelineError(workdir, f"{why} in {blocker}: the run cannot write its outputs")
+
+
 @contextlib.contextmanager
 def atomic_path(final: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary sibling of ``final`` (file or directory); rename it into place on success.
@@ -49,7 +129,7 @@ def atomic_path(final: str | os.PathLike[str]) -> Iterator[Path]:
     and one output has one writer at a time (Snakemake's lock; see docs/faults.md).
     """
     final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
+    _make_folder(final.parent)
     for stale in leftovers(final):
         _remove(stale)
     tmp = final.with_name(f".{final.stem}.{uuid.uuid4().hex[:8]}.tmp{final.suffix}")
@@ -65,6 +145,15 @@ def atomic_path(final: str | os.PathLike[str]) -> Iterator[Path]:
             _remove(old)
         else:
             os.replace(tmp, final)
+    except PipelineError:
+        _remove(tmp)
+        raise
+    except Exception as exc:
+        fault = write_fault(exc, final.parent)  # while the temporary still holds the space
+        _remove(tmp)
+        if fault is None:
+            raise
+        raise PipelineError(final, fault) from exc
     except BaseException:
         _remove(tmp)
         raise

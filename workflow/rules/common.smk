@@ -9,6 +9,7 @@ from pathlib import Path
 from pipeline.config import Config
 from pipeline.config import validate as _validate_config
 from pipeline.errors import PipelineError
+from pipeline.io.atomic import atomic_path
 from pipeline.layout import Layout
 from pipeline.models import HYBRIDS, is_network
 from pipeline.nets.settings import init_folder
@@ -20,6 +21,8 @@ except PipelineError as _exc:
     raise WorkflowError(str(_exc)) from None
 
 LAYOUT = Layout(Path(RUN_CONFIG["run"]["workdir"]))
+if (_blocker := next((p for p in (LAYOUT.workdir, *LAYOUT.workdir.parents) if p.exists()), None)) and not _blocker.is_dir():
+    raise WorkflowError(f"{_blocker}: is a file, where the run needs a folder (check run.workdir)")
 TILES = list(RUN_CONFIG["inputs"]["tiles"])
 CLASSIFIERS = list(RUN_CONFIG["classifiers"])
 # run.seeds: every classifier again per extra seed, as <classifier>-s<seed> (mapped and validated;
@@ -37,10 +40,11 @@ LANDCOVER = f"landcover --config {FROZEN_CONFIG}"
 def _write_if_changed(path, text):
     if path.exists() and path.read_text() == text:
         return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+    try:
+        with atomic_path(path) as tmp:
+            tmp.write_text(text)
+    except PipelineError as exc:  # a read-only or full workdir: one line, before any job starts
+        raise WorkflowError(str(exc)) from None
 
 
 onstart:
