@@ -118,8 +118,14 @@ def _train(cfg: Config, args: argparse.Namespace) -> None:
     # each family refuses what does not apply to it (--fold: pixel models; --checkpoints: networks;
     # --network: hybrids)
     train(cfg, model, **common, fold=args.fold, checkpoints=args.checkpoints, network=args.network)
-    if args.receipt:
+    if args.receipt and _main_process():  # a network trained by N processes: process 0 wrote it
         write_receipt(out, args.receipt)
+
+
+def _main_process() -> bool:
+    from pipeline.nets.distributed import world_from_env
+
+    return world_from_env().is_main
 
 
 def _model_seed(cfg: Config, args: argparse.Namespace) -> tuple[str, int]:

@@ -99,10 +99,19 @@ def read_polygons(path: Path, class_field: str, codes: np.ndarray) -> gpd.GeoDat
         raise PipelineError(
             path, f"{int(invalid.sum())} invalid polygon geometries (first: id {ids[first]}, {reason})"
         )
+    field = gdf[class_field]
+    if field.isna().any():
+        first = int(np.flatnonzero(field.isna().to_numpy())[0])
+        raise PipelineError(
+            path,
+            f"{int(field.isna().sum())} polygons without a class in '{class_field}' (first: id {ids[first]})",
+        )
     try:
-        code = gdf[class_field].astype("int64")
+        code = field.astype("int64")
     except (TypeError, ValueError) as exc:
         raise PipelineError(path, f"class field '{class_field}' is not integer ({exc})") from exc
+    if field.dtype.kind == "f" and (off := field[field != code]).size:  # 11.5 would pass as 11
+        raise PipelineError(path, f"class field '{class_field}' holds non-integer codes (e.g. {off.iloc[0]})")
     unknown = sorted({int(c) for c in code.unique()} - {int(c) for c in codes})
     if unknown:
         raise PipelineError(path, f"class codes {unknown} are not in the config nomenclature")

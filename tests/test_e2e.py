@@ -347,7 +347,8 @@ def test_a_failed_retrain_keeps_the_last_good_model_and_its_maps(run, tmp_path):
     wrong = {"fgunet": str(lay.model_dir("mlp3"))}
     changed = _with_change(work, "nets.init_from", wrong, tmp_path / "changed.yaml")
     receipt = lay.model_receipt("fgunet")
-    proc = _snakemake(work, "--configfile", str(changed), str(receipt.relative_to(work)))
+    target = str(receipt.relative_to(work))  # before --configfile, which takes every file after it
+    proc = _snakemake(work, target, "--configfile", str(changed))
     assert proc.returncode != 0
     log = (lay.workdir / "logs" / "train_fgunet.log").read_text()
     assert "it is a mlp3, this run trains a fgunet" in log, log[-2000:]
@@ -356,6 +357,6 @@ def test_a_failed_retrain_keeps_the_last_good_model_and_its_maps(run, tmp_path):
     assert kept and all(after.get(k) == before[k] for k in kept)  # same bytes, untouched
     assert not receipt.exists()
     assert not [p for p in lay.model_dir("fgunet").parent.iterdir() if p.name.startswith(".")]
-    again = _snakemake(work, "-n", "--configfile", str(changed), str(receipt.relative_to(work)))
+    again = _snakemake(work, target, "-n", "--configfile", str(changed))
     assert _jobs(again) == ["train[model=fgunet]"]
     assert "Missing output files" in again.stdout + again.stderr

@@ -8,9 +8,11 @@ this file holds the ones that cut across stages."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +24,8 @@ from pipeline.config import load_config
 from pipeline.errors import PipelineError
 from pipeline.io.atomic import atomic_path, leftovers
 from pipeline.io.cog import write_class_map
-from tests.conftest import REPO, make_grid
+from pipeline.layout import Layout
+from tests.conftest import REPO, make_grid, tiny_demo_config
 
 
 def test_a_killed_writers_temporaries_go_with_the_next_write_of_that_output(tmp_path):
@@ -201,3 +204,74 @@ def test_a_workdir_that_is_a_file_is_one_line(tmp_path, capsys):
     proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
     assert f"{workdir}: is a file, where the run needs a folder" in proc.stdout + proc.stderr
+
+
+# --- kill -9 in a long stage, then the same command: the same bytes ------------------------------
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    """A 384-px demo tile, ingested and gapfilled once without interruption (the oracle)."""
+    work = tmp_path_factory.mktemp("kill")
+    raw = tiny_demo_config(size=384)
+    raw["run"]["threads"] = 1
+    raw["inputs"]["tiles"] = {"T31TCJ": raw["inputs"]["tiles"]["T31TCJ"]}
+    (work / "config.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    tile = ["--tile", "T31TCJ"]
+    chain = [
+        ["demo"],
+        ["ingest", *tile],
+        ["gapfill", *tile],
+        ["histogram", *tile],
+        ["percentiles"],
+        ["split"],
+    ]
+    chain += [["rasterise", *tile], ["train", "--model", "rf"], ["predict", "--model", "rf", *tile]]
+    for args in chain:
+        done = _landcover(work, *args)
+        assert done.returncode == 0, (args, done.stderr[-2000:])
+    return work
+
+
+def _landcover(work: Path, *args: str, wait: bool = True):
+    cmd = [sys.executable, "-m", "pipeline", "--config", "config.yaml", *args]
+    if wait:
+        return subprocess.run(cmd, cwd=work, capture_output=True, text=True, timeout=600)
+    return subprocess.Popen(cmd, cwd=work, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def _files(out: Path) -> dict[str, bytes]:
+    if out.is_file():
+        return {out.suffix: out.read_bytes()}
+    return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("stage", ["ingest", "gapfill", "predict"])
+def test_kill_9_in_a_long_stage_then_the_same_command_gives_the_same_bytes(demo_run, stage):
+    """(Training, the longest, resumes from its checkpoints: test_nettrain.py, test_slurm.py.)"""
+    lay = Layout(demo_run / "results")
+    outputs = {"ingest": lay.ingest("T31TCJ"), "gapfill": lay.gapfilled("T31TCJ")}
+    final = outputs.get(stage) or lay.class_map("rf", "T31TCJ")
+    want = _files(final)
+    out = final.with_name(f"again{final.suffix}")
+    args = [stage, "--tile", "T31TCJ", "--out", str(out)]
+    if stage == "predict":
+        args += ["--model", "rf", "--confidence", str(out.with_name("again_confidence.tif"))]
+    killed = False
+    for _ in range(20):  # kill it while its temporary is being written
+        proc = _landcover(demo_run, *args, wait=False)
+        while proc.poll() is None and not leftovers(out):
+            time.sleep(0.005)
+        if proc.poll() is None:
+            time.sleep(0.1)  # some windows written
+            os.kill(proc.pid, signal.SIGKILL)
+            killed = proc.wait(timeout=60) == -signal.SIGKILL
+        if killed:
+            break
+        shutil.rmtree(out, ignore_errors=True) if out.is_dir() else out.unlink(missing_ok=True)
+    assert killed, f"{stage} always finished before it could be killed"
+    assert not out.exists() and leftovers(out)  # what kill -9 leaves: a hidden temporary
+    done = _landcover(demo_run, *args)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert not leftovers(out)
+    assert _files(out) == want

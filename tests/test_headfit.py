@@ -17,6 +17,7 @@ from sklearn.linear_model import LogisticRegression
 
 from pipeline.config import validate
 from pipeline.errors import PipelineError
+from pipeline.io.tilestore import SHARD
 from pipeline.models import get
 from pipeline.models.pixel import training_sample
 from pipeline.nets.features import network_features
@@ -82,7 +83,7 @@ def test_only_the_last_layer_changes_and_it_is_the_refit(pair):
     net = get("fgunet").load(out[True])
     sample, *_ = training_sample(cfg, scene.labels, scene.gapfilled, norm)
     margin = net.spec.pool_aligned(net.receptive_radius)
-    x = network_features(net, norm, scene.gapfilled, sample, int(cfg["inference"]["window"]), margin)
+    x = network_features(net, norm, scene.gapfilled, sample, SHARD, margin)
     w, b = fit_linear_head(x, sample.labels, cfg.class_codes)
     torch.testing.assert_close(refit["head.classifier.weight"].flatten(1).double(), torch.from_numpy(w),
                                rtol=1e-4, atol=1e-4)  # fmt: skip

@@ -154,6 +154,9 @@ def test_erosion_shrinks_and_drops(tmp_path):
         ("unknown", "class codes [99] are not in the config nomenclature"),
         ("field", "no class field 'code'"),
         ("points", "not polygons"),
+        ("float", "class field 'code' holds non-integer codes (e.g. 11.5)"),
+        ("null", "1 polygons without a class in 'code' (first: id 2)"),
+        ("text", "class field 'code' is not integer"),
     ],
 )
 def test_bad_reference_layers(tmp_path, case, message):
@@ -172,6 +175,10 @@ def test_bad_reference_layers(tmp_path, case, message):
         path = _write(tmp_path, [ok, {"id": 2, "code": 99, "geometry": _square(20, 20)}])
     elif case == "field":
         path = _write(tmp_path, [{"id": 1, "klass": 11, "geometry": _square(5, 5)}])
+    elif case in ("float", "null", "text"):  # field types a user's layer may hold
+        other = {"float": 11.5, "null": None, "text": "forest"}[case]
+        first = {"float": 11.0, "null": 11.0, "text": "11"}[case]
+        path = _write(tmp_path, [ok | {"code": first}, {"id": 2, "code": other, "geometry": _square(20, 20)}])
     else:
         from shapely.geometry import Point
 

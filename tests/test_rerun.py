@@ -205,9 +205,18 @@ def tiny_run(tmp_path_factory) -> Path:
     raw["classifiers"] = ["rf", "fgunet", "fgunet_rf"]
     raw["qa"]["references"] = 2
     raw["rf"].update(n_estimators=5, samples_per_class=50)
-    raw["nets"].update(unet_filters=[4, 8, 8], mlp_filters=[8, 8, 8], patch_size=32, batch_size=2,
-                       epochs=1, steps_per_epoch=2, warmup_epochs=1, selection_patches=2,
-                       min_class_positions=1)  # fmt: skip
+    raw["nets"].update(
+        unet_filters=[4, 8, 8],
+        mlp_filters=[8, 8, 8],
+        patch_size=32,
+        batch_size=2,
+        epochs=1,
+        steps_per_epoch=2,
+        warmup_epochs=1,
+        selection_patches=2,
+        min_class_positions=1,
+        head_refit=True,  # the refit's reads are checked too
+    )
     (work / "config.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
     return work
 

@@ -214,8 +214,9 @@ def test_killed_network_training_resumes_under_slurm(run, cluster):
     model, ckdir = lay.model_dir("fgunet"), lay.model_dir("fgunet").with_name("fgunet.checkpoints")
     reference = load_weights(model / WEIGHTS)["state_dict"]
     shutil.rmtree(model)
+    lay.model_receipt("fgunet").unlink()  # Snakemake deletes it before the job: no receipt, no model
     (ckdir / "epoch_0002.pt").unlink()  # as if killed during epoch 2
-    proc = _snakemake(cluster, work, *PROFILE_RUN, str(model.relative_to(work)))
+    proc = _snakemake(cluster, work, *PROFILE_RUN, str(lay.model_receipt("fgunet").relative_to(work)))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert _ran(proc) == ["train"], proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "resuming fgunet from epoch_0001.pt" in (lay.workdir / "logs" / "train_fgunet.log").read_text()

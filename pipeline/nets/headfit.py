@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from pipeline.config import Config
+from pipeline.io.tilestore import SHARD
 from pipeline.models.features import Normalisation
 
 log = logging.getLogger(__name__)
@@ -71,7 +72,9 @@ def refit_head(
     clf = get(name)(net, codes, indices)  # eval mode, channels-last: the map's arithmetic path
     sample, seed, per_class, _ = training_sample(cfg, labels, gapfilled, norm)
     margin = clf.spec.pool_aligned(clf.receptive_radius)
-    x = network_features(clf, norm, gapfilled, sample, int(cfg["inference"]["window"]), margin)
+    # the store's shard grid, not inference.window: that is a mapping setting, and the features
+    # (margin >= receptive radius) do not depend on the window, so a new window must not retrain
+    x = network_features(clf, norm, gapfilled, sample, SHARD, margin)
     w, b = fit_linear_head(x, sample.labels, codes)
     layer = net.head.classifier
     with torch.no_grad():
