@@ -302,9 +302,13 @@ def test_entries_that_are_not_products_are_named_and_a_misnamed_product_is_expla
     product.rename(src / f"my_{product.name}")
     with pytest.raises(
         PipelineError, match=rf"no {fmt} L2A product of tile T31TCJ in this folder: 2 entries"
-    ):
+    ) as err:
         ingest_tile(src, fmt, "T31TCJ", tmp_path / "b.zarr")
     assert not (tmp_path / "b.zarr").exists()
+    rename = product.name if fmt == "theia" else "its product id"
+    assert f"my_{product.name} (holds " in str(err.value) and f"rename the folder to {rename})" in str(
+        err.value
+    )
 
 
 @pytest.mark.parametrize("fmt", FORMATS)

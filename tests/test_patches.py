@@ -605,3 +605,21 @@ def test_sampler_pools_the_relaxed_threshold_over_tiles(tmp_path):
     assert 3 in {r.code for r in refs}
     strict = ClassFirstSampler(indices, CODES, need=need, min_positions=0)
     assert 3 not in strict.classes.tolist() and 3 in strict.missing
+
+
+@pytest.mark.parametrize(
+    ("h", "w", "remedy"), [(40, 28, "set nets.patch_size to at most 24"), (6, 90, "rf only")]
+)
+def test_a_tile_smaller_than_a_patch_names_both_sizes_and_the_remedy(tmp_path, h, w, remedy):
+    from pipeline.config import load_config
+    from tests.conftest import REPO
+
+    cfg = load_config(REPO / "config.yaml")  # nets.patch_size 64 (the demo's)
+    size = cfg["nets"]["patch_size"]
+    labels = write_labels(tmp_path / "T31TCJ.zarr", np.full((h, w), cfg.class_codes[0], np.uint8))
+    out = tmp_path / "T31TCJ.train.npz"
+    with pytest.raises(
+        PipelineError, match=rf"tile T31TCJ is {w}x{h} px, smaller than nets.patch_size {size}: .*{remedy}"
+    ):
+        patches.index_patches(cfg, "T31TCJ", labels, out)
+    assert not out.exists()

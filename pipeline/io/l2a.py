@@ -140,7 +140,7 @@ def find_products(folder: Path, fmt: str, tile: str) -> list[Product]:
         if entry.is_dir() and module.NAME_RE.match(entry.name):
             products.append(module.open_product(entry))
         else:
-            skipped.append(entry.name)
+            skipped.append(entry.name + _near_miss(entry, module.METADATA))
     if skipped:
         more = f" and {len(skipped) - 5} more" if len(skipped) > 5 else ""
         names = ", ".join(skipped[:5]) + more
@@ -165,6 +165,19 @@ def find_products(folder: Path, fmt: str, tile: str) -> list[Product]:
             f"names do not follow the pattern {module.NAME_FORM} (e.g. {skipped[0]})",
         )
     return sorted(products, key=lambda p: p.acquired)
+
+
+def _near_miss(entry: Path, metadata: str) -> str:
+    """For a skipped folder that holds the format's metadata file: what to rename it to."""
+    if not entry.is_dir():
+        return ""
+    found = next(iter(sorted(entry.glob(metadata))), None)
+    if found is None:
+        return ""
+    name = (
+        found.name.removesuffix("_MTD_ALL.xml") if found.name.endswith("_MTD_ALL.xml") else "its product id"
+    )
+    return f" (holds {found.name}: a product whose folder name does not match; rename the folder to {name})"
 
 
 def name_date(name: str) -> date | None:

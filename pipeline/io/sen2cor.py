@@ -63,6 +63,7 @@ from pipeline.resample import nearest_block, nearest_window, pad_edge, source_wi
 
 NAME_RE = re.compile(r"^S2[A-D]_MSIL2A_\d{8}T\d{6}_N\d{4}_R\d{3}_T[0-9A-Z]{5}_\d{8}T\d{6}\.SAFE$")
 NAME_FORM = "S2X_MSIL2A_YYYYMMDDThhmmss_Nxxxx_Rxxx_Tnnnnn_YYYYMMDDThhmmss.SAFE"
+METADATA = "MTD_MSIL2A.xml"  # a folder holding this is a product, whatever its name
 # Sen2Cor band names and their index in the metadata's band_id lists (B1=0 ... B12=12)
 S2C_NAME = {b: (f"B{int(b[1:]):02d}" if b[1:].isdigit() else b) for b in BANDS}
 BAND_INDEX = {

@@ -59,6 +59,7 @@ from pipeline.resample import nearest_block, nearest_window, pad_edge, source_wi
 
 NAME_RE = re.compile(r"^SENTINEL2[A-D]_\d{8}-\d{6}-\d{3}_L2A_T[0-9A-Z]{5}_[A-Z]_V\d+-\d+$")
 NAME_FORM = "SENTINEL2X_YYYYMMDD-hhmmss-sss_L2A_Tnnnnn_C_Vx-y"
+METADATA = "*_MTD_ALL.xml"  # a folder holding this is a product, whatever its name
 MASK_NATURES = {"Cloud": "CLM", "Saturation": "SAT", "Edge": "EDG"}
 CLM_CLOUD = 0b0000_0111  # summary + all clouds + mono-temporal
 CLM_SHADOW = 0b0010_0001  # summary + shadows of detected clouds

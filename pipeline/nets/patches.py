@@ -690,6 +690,23 @@ def selection_index_path(train_index: Path) -> Path:
     return Path(train_index).with_name(f"{stem}.{SELECTION}.npz")
 
 
+def check_tile_fits(labels: Path, tile: str, size: int) -> None:
+    """A tile smaller than a patch gives the networks nothing to train on; say so, and what to set,
+    rather than let training end in "no tile has a valid patch position"."""
+    group = open_store(labels, "reference", ("train",))
+    height, width = group["train"].shape
+    if min(height, width) < size:
+        fit = min(height, width) // 8 * 8
+        remedy = (
+            f"set nets.patch_size to at most {fit} (a multiple of the networks' pooling factor)"
+            if fit >= 8
+            else "map it with rf only (drop the networks from classifiers)"
+        )
+        raise PipelineError(
+            labels, f"tile {tile} is {width}x{height} px, smaller than nets.patch_size {size}: {remedy}"
+        )
+
+
 def index_patches(cfg: Config, tile: str, labels: Path, out: Path) -> None:
     """``landcover patches``: a tile's train positions (class-first lists) and model-selection patches."""
     from pipeline.reference import SELECTION
@@ -699,6 +716,7 @@ def index_patches(cfg: Config, tile: str, labels: Path, out: Path) -> None:
     n = cfg["nets"]
     size = int(n["patch_size"])
     codes = [int(c) for c in cfg.class_codes]
+    check_tile_fits(labels, tile, size)
     index_tile(
         labels,
         tile,
