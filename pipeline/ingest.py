@@ -26,13 +26,37 @@ from pipeline.parallel import window_executor
 log = logging.getLogger(__name__)
 
 
+def warn_off_grid(p: Product) -> None:
+    """Sentinel-2 L2A is on MGRS tiles: 10 m pixels whose corners lie on multiples of 10 m. A
+    converted product off that lattice still maps, but its areas and its seams with the
+    neighbouring tiles are off; say so once, naming the product."""
+    t = p.grid.transform
+    if abs(t.a - 10) > 1e-6 or abs(t.e + 10) > 1e-6 or t.b or t.d:
+        log.warning(
+            "%s: pixel size %g x %g m, not Sentinel-2's 10 m: areas use it as given", p.path, t.a, -t.e
+        )
+    elif abs(t.c / 10 - round(t.c / 10)) > 1e-6 or abs(t.f / 10 - round(t.f / 10)) > 1e-6:
+        log.warning(
+            "%s: grid origin (%g, %g) is off the 10 m lattice of MGRS tiles: its maps will not line up "
+            "with those of neighbouring tiles",
+            p.path, t.c, t.f,
+        )  # fmt: skip
+
+
 def check_products(products: list[Product], folder: Path, fmt: str, tile: str) -> None:
     """Refuse an empty series, products on another CRS/grid than the first, and duplicate dates."""
     if not products:
         raise PipelineError(folder, f"no {fmt} L2A product of tile {normalise_tile(tile)} in this folder")
     ref = products[0]
-    if ref.grid.width % 2 or ref.grid.height % 2:
-        raise PipelineError(ref.path, f"grid size {ref.grid.width}x{ref.grid.height} is not even")
+    w, h = ref.grid.width, ref.grid.height
+    if w % 2 or h % 2:
+        raise PipelineError(
+            ref.path,
+            f"grid size {w}x{h} px is not even: each 20 m pixel covers 2x2 of the 10 m grid, so crop every "
+            f"product of the tile to {w // 2 * 2}x{h // 2 * 2} px (drop the last "
+            f"{' and '.join(x for x, odd in (('column', w % 2), ('row', h % 2)) if odd)}, 20 m bands alike)",
+        )
+    warn_off_grid(ref)
     seen: dict[object, Product] = {}
     for p in products:
         if p.grid.crs != ref.grid.crs:
@@ -42,6 +66,12 @@ def check_products(products: list[Product], folder: Path, fmt: str, tile: str) -
         if p.date in seen:
             raise PipelineError(p.path, f"same acquisition date {p.date} as {seen[p.date].path.name}")
         seen[p.date] = p
+    if no_orbit := [p.path.name for p in products if p.relative_orbit is None]:
+        log.warning(
+            "%d products without a relative orbit number in their metadata (provenance only: the report "
+            "lists it per product), e.g. %s",
+            len(no_orbit), no_orbit[0],
+        )  # fmt: skip
 
 
 def ingest_tile(

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import re
 import shutil
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -19,7 +21,16 @@ from rasterio.windows import Window
 from pipeline import ingest
 from pipeline.errors import PipelineError
 from pipeline.ingest import ingest_tile
-from pipeline.io.l2a import BANDS, IDX_10M, IDX_20M, NODATA, Acquisition, WindowMasks, open_writer
+from pipeline.io.l2a import (
+    BANDS,
+    IDX_10M,
+    IDX_20M,
+    NODATA,
+    Acquisition,
+    WindowMasks,
+    find_products,
+    open_writer,
+)
 from pipeline.io.sen2cor import SCL_INVALID
 from pipeline.io.tilestore import Grid, open_store
 from pipeline.resample import upsample2x
@@ -322,3 +333,43 @@ def test_a_metadata_date_that_contradicts_the_folder_name_is_refused(tmp_path, f
     ):
         ingest_tile(src, fmt, "T31TCJ", tmp_path / "a.zarr")
     assert not (tmp_path / "a.zarr").exists()
+
+
+def test_odd_grid_names_the_crop(tmp_path: Path) -> None:
+    """(A product of odd size cannot be written by the synthetic writers: its 20 m twin would not
+    exist; the check is fed the product's description with one row more.)"""
+    src = tmp_path / "src"
+    write_series(src, "theia", make_grid(32, 32), [3])
+    product = find_products(src, "theia", "T31TCJ")[0]
+    odd = dataclasses.replace(product, grid=make_grid(32, 33))
+    expected = r"grid size 32x33 px is not even: .* to 32x32 px \(drop the last row, 20 m bands alike\)"
+    with pytest.raises(PipelineError, match=expected):
+        ingest.check_products([odd], src, "theia", "T31TCJ")
+
+
+@pytest.mark.parametrize(
+    ("transform", "message"),
+    [
+        (
+            Affine(9.995, 0, 399960.0, 0, -9.995, 4800000.0),
+            "pixel size 9.995 x 9.995 m, not Sentinel-2's 10 m",
+        ),
+        (Affine(10, 0, 399963.0, 0, -10, 4800000.0), "grid origin (399963, 4.8e+06) is off the 10 m lattice"),
+    ],
+)
+def test_a_grid_off_the_mgrs_lattice_is_ingested_with_a_warning(tmp_path, caplog, transform, message) -> None:
+    src = tmp_path / "src"
+    write_series(src, "theia", Grid(CRS.from_epsg(32631), transform, 32, 32), [3])
+    with caplog.at_level("WARNING"):
+        ingest_tile(src, "theia", "T31TCJ", tmp_path / "a.zarr")
+    assert message in caplog.text
+
+
+def test_missing_orbit_numbers_are_reported(tmp_path: Path, caplog) -> None:
+    src = tmp_path / "src"
+    write_series(src, "theia", make_grid(32, 32), [3, 6])
+    for mtd in src.rglob("*_MTD_ALL.xml"):
+        mtd.write_text(re.sub(r"<ORBIT_NUMBER[^>]*>\d+</ORBIT_NUMBER>", "", mtd.read_text()))
+    with caplog.at_level("WARNING"):
+        ingest_tile(src, "theia", "T31TCJ", tmp_path / "a.zarr")
+    assert "2 products without a relative orbit number" in caplog.text
