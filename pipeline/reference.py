@@ -184,26 +184,42 @@ def split_polygons(cfg: Config, grids: Mapping[str, Path], out: Path) -> None:
     gdf = read_polygons(src, cfg["inputs"]["class_field"], cfg.class_codes)
     erosion = float(cfg["reference"]["erosion_m"])
     tiles = list(grids)
+    # A polygon's home tile (its split stratum) is the tile holding its centroid, else the one it
+    # overlaps most: a polygon across a tile edge is kept, and rasterise burns it on every tile it
+    # overlaps, with its one split (never training on one tile and validation on the other).
     home = np.full(len(gdf), "", dtype=object)
+    centred = np.zeros(len(gdf), bool)  # home by centroid: final
+    overlap = np.zeros(len(gdf))  # else the largest overlap so far
+    touches = np.zeros(len(gdf), bool)
     kept_geom = gdf.geometry.copy()
     for tile in tiles:
         grid = store_grid(open_store(grids[tile], "ingest"))
         local = gdf.geometry.to_crs(grid.crs)
+        frame = box(*grid.bounds)
+        touches |= local.intersects(frame).to_numpy()
         if erosion > 0:
             local = local.buffer(-erosion)
-        inside = (
-            (home == "") & local.centroid.within(box(*grid.bounds)).to_numpy() & ~local.is_empty.to_numpy()
-        )
-        home[inside] = tile
+        open_ = ~centred & ~local.is_empty.to_numpy()
+        inside = open_ & local.centroid.within(frame).to_numpy()
+        share = np.where(open_ & ~inside, local.intersection(frame).area.to_numpy(), 0.0)
+        better = share > overlap
+        overlap = np.where(better, share, overlap)
+        take = inside | better
+        home[take] = tile
+        centred |= inside
         if erosion > 0:
-            kept_geom[inside] = local[inside].to_crs(gdf.crs)
+            kept_geom[take] = local[take].to_crs(gdf.crs)
     outside = home == ""
     if outside.all():
         raise PipelineError(src, f"none of the {len(gdf)} polygons falls inside the tiles {', '.join(tiles)}")
     if outside.any():
+        eroded = int((outside & touches).sum())
         log.warning(
-            "%s: %d polygons outside every tile (or eroded away) are ignored", src, int(outside.sum())
-        )
+            "%s: %d polygons ignored: %d outside every tile, %d eroded away by reference.erosion_m %g",
+            src, int(outside.sum()), int(outside.sum()) - eroded, eroded, erosion,
+        )  # fmt: skip
+    if n_edge := int((~centred & ~outside).sum()):
+        log.info("%s: %d polygons whose centroid lies outside every tile kept by their overlap", src, n_edge)
     gdf = gdf.set_geometry(kept_geom)[~outside].copy()
     gdf["tile"] = home[~outside].astype(str)
     split = split_table(

@@ -204,3 +204,49 @@ def test_reprojected_polygons_land_on_the_same_pixels(tmp_path):
     train = open_store(out, "reference")["train"][:]
     # the reprojected square's edges are slightly curved: its interior pixels are all burnt
     assert (train[31:35, 31:35] == 31).all() and 30 <= (train == 31).sum() <= 42
+
+
+def test_polygons_across_tile_edges_are_kept_and_burnt_on_every_tile_with_one_split(tmp_path, caplog):
+    """Issue 12: a polygon whose centroid lies outside every tile but which overlaps one was dropped
+    (27 % of the labelled pixels of a real patch). It is kept, homed on the tile it overlaps most,
+    and burnt wherever it overlaps, with the one split of the polygon."""
+    grids = _grids(tmp_path)  # tile A: columns 0-127; tile B: columns 112-239 of A's lattice
+    hanging = box(ULX + 100, ULY + 80, ULX + 200, ULY - 40)  # rows -8..3, cols 10..19: centroid above A
+    straddling = box(ULX + 1240, ULY - 500, ULX + 1400, ULY - 400)  # cols 124..139: centroid in B only
+    gone = _square(60, 60, size=2)  # 20 m wide: eroded away by 20 m
+    far = box(0, 0, 100, 100)
+    rows = [
+        {"id": 1, "code": 11, "geometry": hanging},
+        {"id": 2, "code": 31, "geometry": straddling},
+        {"id": 3, "code": 11, "geometry": gone},
+        {"id": 4, "code": 11, "geometry": far},
+        *({"id": 10 + i, "code": 11, "geometry": _square(5 + 8 * i, 30)} for i in range(6)),
+    ]
+    ref = _write(tmp_path, rows)
+    split = tmp_path / "split.gpkg"
+    with caplog.at_level("INFO"):
+        split_polygons(_config(tmp_path, ref, erosion=0.0), grids, split)
+    assert "1 polygons ignored: 1 outside every tile, 0 eroded away" in caplog.text
+    assert "1 polygons whose centroid lies outside every tile kept by their overlap" in caplog.text
+    table = gpd.read_file(split).set_index("id")
+    assert table.loc[1, "tile"] == "T31TCJ" and table.loc[2, "tile"] == "T31TDJ"
+    assert 4 not in table.index
+    labels = {}
+    for tile, g in grids.items():
+        out = tmp_path / f"{tile}_labels.zarr"
+        rasterise_tile(split, tile, g, out)
+        store = open_store(out, "reference", ("train", "validation"))
+        labels[tile] = store["train"][:] + store["validation"][:]
+    a, b = labels["T31TCJ"], labels["T31TDJ"]
+    assert (a[0:4, 10:20] == 11).all() and (a[4, 10:20] == 0).all()  # the 4 rows of the hanging one
+    assert (a[40:50, 124:128] == 31).all() and (b[40:50, 12:28] == 31).all()  # both tiles
+    kind = table.loc[2, "split"]
+    for tile in labels:
+        store = open_store(tmp_path / f"{tile}_labels.zarr", "reference", ("train", "validation"))
+        other = "validation" if kind == "train" else "train"
+        assert not (store[other][:] == 31).any()  # one split for the polygon, on both tiles
+    # with erosion, the 2-px square goes, and the warning says why
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        split_polygons(_config(tmp_path, ref, erosion=20.0), grids, tmp_path / "s2.gpkg")
+    assert "2 polygons ignored: 1 outside every tile, 1 eroded away by reference.erosion_m 20" in caplog.text
