@@ -773,3 +773,18 @@ def test_a_setting_changed_after_a_finished_training_retrains_afresh(run, uninte
     assert _same_weights(_weights(out), _weights(fresh))
     assert load_meta(out)["training"]["learning_rate"] == 2e-3
     assert len(load_meta(out)["training"]["history"]) == len(load_meta(fresh)["training"]["history"])
+
+
+def test_too_few_patch_positions_warn_with_the_count(tmp_path, caplog):
+    """A tile about one patch in size trains on a handful of patches: said, with the count."""
+    scene = make_scene(tmp_path)
+    cfg = net_config(tmp_path, patch_stride=32, epochs=1, steps_per_epoch=1)  # 3 x 4 positions a tile
+    patches = {t: tmp_path / f"{t}.train.npz" for t in scene.labels}
+    for tile, lab in scene.labels.items():
+        index_patches(cfg, tile, lab, patches[tile])
+    out = tmp_path / "models" / "mlp3"
+    with caplog.at_level("WARNING"):
+        train_network(cfg, "mlp3", scene.gapfilled, scene.labels, scene.percentiles, out, patches=patches)
+    n = sum(load_meta(out)["training"]["patch_positions"].values())
+    assert 0 < n <= 24
+    assert f"mlp3: only {n} training patch positions of 32 px in all tiles" in caplog.text

@@ -68,6 +68,10 @@ from pipeline.train import META, base_meta
 log = logging.getLogger(__name__)
 
 
+# Fewer distinct patch positions than this in all tiles and the batches repeat a handful of patches
+FEW_POSITIONS = 50
+
+
 def train_network(
     cfg: Config,
     name: str,
@@ -135,6 +139,14 @@ def train_network(
         min_positions=s.min_class_positions,
     )
     check_drawable(cfg, sampler, counts, s, next(iter(patches.values()), None))
+    positions = sum(int(i.rows.size) for i in data.train_index.values())
+    if world.is_main and positions < FEW_POSITIONS:
+        log.warning(
+            "%s: only %d training patch positions of %d px in all tiles: every batch of %d draws from "
+            "the same few patches, and the network will learn them rather than the classes (larger "
+            "tiles, denser labels, or a smaller nets.patch_size / nets.patch_stride)",
+            name, positions, s.patch_size, s.batch_size,
+        )  # fmt: skip
     relaxed = {c: t for c, t in sampler.thresholds.items() if t < need}
     if relaxed:
         log.info(
