@@ -174,13 +174,14 @@ def summarise(cfg: Config, tile_metrics: Sequence[Path], out: Path, model: str |
         doc = read_metrics(cfg, path, "tile")
         total += np.asarray(doc["confusion_pixels"], dtype=np.int64)
         area = doc["pixel_area_m2"]
-        unmapped += int(doc.get("unmapped_pixels", 0))
+        tile_unmapped = int(doc.get("unmapped_pixels", 0))
+        unmapped += tile_unmapped
         tiles[doc["tile"]] = {
             "status": doc["status"],
             "oa": doc["oa"],
             "kappa": doc["kappa"],
             "n_pixels": doc["n_pixels"],
-            "unmapped_pixels": int(doc.get("unmapped_pixels", 0)),
+            "unmapped_pixels": tile_unmapped,
         }
     write_json(out, report(total, cfg, area or 100.0, unmapped, scope="run", model=model, tiles=tiles))
 

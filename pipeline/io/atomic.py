@@ -77,19 +77,31 @@ def write_fault(exc: BaseException, folder: Path) -> str | None:
         free = None
     if why is None and free is not None and free < LOW_SPACE:
         why = "disk full"
-    if why is None and not os.access(folder, os.W_OK):
-        why = "read-only file system" if _read_only(folder) else "permission denied"
+    why = why or _unwritable(folder)
     if why is None:
         return None
     space = f" ({free / 2**20:.1f} MiB free)" if free is not None and why.startswith("disk") else ""
     return f"{why} in {folder}{space}; nothing was written"
 
 
-def _read_only(folder: Path) -> bool:
+def _unwritable(folder: Path) -> str | None:
+    """Why ``folder`` cannot be written (None: it can)."""
+    if os.access(folder, os.W_OK):
+        return None
     try:
-        return bool(os.statvfs(folder).f_flag & os.ST_RDONLY)
+        read_only = bool(os.statvfs(folder).f_flag & os.ST_RDONLY)
     except OSError:
-        return False
+        read_only = False
+    return "read-only file system" if read_only else "permission denied"
+
+
+def file_in_the_way(folder: str | os.PathLike[str]) -> PipelineError | None:
+    """The error for a file standing where ``folder`` or one of its parents should be (None: none)."""
+    folder = Path(folder)
+    blocker = next((p for p in (folder, *folder.parents) if p.exists()), None)
+    if blocker is None or blocker.is_dir():
+        return None
+    return PipelineError(blocker, "is a file, where the run needs a folder (check run.workdir)")
 
 
 def _make_folder(folder: Path) -> None:
@@ -98,8 +110,9 @@ def _make_folder(folder: Path) -> None:
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except (FileExistsError, NotADirectoryError) as exc:
-        blocker = next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), folder)
-        raise PipelineError(blocker, "is a file, where the run needs a folder (check run.workdir)") from exc
+        raise file_in_the_way(folder) or PipelineError(
+            folder, f"cannot create folder ({exc.strerror})"
+        ) from exc
     except OSError as exc:
         near = next((p for p in folder.parents if p.exists()), folder)
         raise PipelineError(
@@ -110,13 +123,12 @@ def _make_folder(folder: Path) -> None:
 def check_workdir(workdir: str | os.PathLike[str]) -> None:
     """Before any stage reads its inputs: the run's folder is a folder (or can become one) that can
     be written, so a misplaced run.workdir fails in one line, not after an hour of compute."""
+    if exc := file_in_the_way(workdir):
+        raise exc
     workdir = Path(workdir)
-    blocker = next((p for p in (workdir, *workdir.parents) if p.exists()), None)
-    if blocker is not None and not blocker.is_dir():
-        raise PipelineError(blocker, "is a file, where the run needs a folder (check run.workdir)")
-    if blocker is not None and not os.access(blocker, os.W_OK):
-        why = "read-only file system" if _read_only(blocker) else "permission denied"
-        raise PipelineError(workdir, f"{why} in {blocker}: the run cannot write its outputs")
+    nearest = next((p for p in (workdir, *workdir.parents) if p.exists()), None)
+    if nearest is not None and (why := _unwritable(nearest)):
+        raise PipelineError(workdir, f"{why} in {nearest}: the run cannot write its outputs")
 
 
 @contextlib.contextmanager

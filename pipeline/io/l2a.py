@@ -168,15 +168,12 @@ def find_products(folder: Path, fmt: str, tile: str) -> list[Product]:
 
 
 def _near_miss(entry: Path, metadata: str) -> str:
-    """For a skipped folder that holds the format's metadata file: what to rename it to."""
-    if not entry.is_dir():
-        return ""
-    found = next(iter(sorted(entry.glob(metadata))), None)
+    """For a skipped folder that holds the format's metadata file (``metadata``, a glob): what to
+    rename it to. A ``*<suffix>`` file (Theia) is named after its product, so it gives the name."""
+    found = next(iter(sorted(entry.glob(metadata))), None) if entry.is_dir() else None
     if found is None:
         return ""
-    name = (
-        found.name.removesuffix("_MTD_ALL.xml") if found.name.endswith("_MTD_ALL.xml") else "its product id"
-    )
+    name = found.name.removesuffix(metadata[1:]) if metadata.startswith("*") else "its product id"
     return f" (holds {found.name}: a product whose folder name does not match; rename the folder to {name})"
 
 

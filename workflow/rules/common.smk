@@ -9,7 +9,7 @@ from pathlib import Path
 from pipeline.config import Config
 from pipeline.config import validate as _validate_config
 from pipeline.errors import PipelineError
-from pipeline.io.atomic import atomic_path
+from pipeline.io.atomic import atomic_path, file_in_the_way
 from pipeline.layout import Layout
 from pipeline.models import HYBRIDS, is_network
 from pipeline.nets.settings import init_folder
@@ -21,8 +21,8 @@ except PipelineError as _exc:
     raise WorkflowError(str(_exc)) from None
 
 LAYOUT = Layout(Path(RUN_CONFIG["run"]["workdir"]))
-if (_blocker := next((p for p in (LAYOUT.workdir, *LAYOUT.workdir.parents) if p.exists()), None)) and not _blocker.is_dir():
-    raise WorkflowError(f"{_blocker}: is a file, where the run needs a folder (check run.workdir)")
+if _in_the_way := file_in_the_way(LAYOUT.workdir):
+    raise WorkflowError(str(_in_the_way))
 TILES = list(RUN_CONFIG["inputs"]["tiles"])
 CLASSIFIERS = list(RUN_CONFIG["classifiers"])
 # run.seeds: every classifier again per extra seed, as <classifier>-s<seed> (mapped and validated;
