@@ -10,7 +10,12 @@ from snakemake.utils import min_version
 min_version("8.0")
 
 
-configfile: "config.yaml"
+# config.yaml (the demo country) is the default run only: a run given its own --configfile reads
+# exactly the files it names, so a user's config never has the demo merged underneath it. Overlays
+# on the demo name it first: --configfile config.yaml profiles/paper.yaml.
+if not workflow.overwrite_configfiles:
+
+    configfile: "config.yaml"
 
 
 report: "workflow/report/workflow.rst"

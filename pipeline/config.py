@@ -86,9 +86,46 @@ def _check_semantics(data: dict[str, Any], source: str) -> None:
         raise PipelineError(
             source, "invalid config at 'normalisation': low_percentile must be < high_percentile"
         )
+    if "demo" in data:
+        _check_demo(data, source)
     from pipeline.nets.settings import check_config  # torch-free
 
     check_config(data, source)
+
+
+def _check_demo(data: dict[str, Any], source: str) -> None:
+    """A `demo:` section maps the generated country and nothing else. Its inputs must be the files the
+    generator writes, so that the user's own tiles never end up beside the demo's (the usual cause:
+    the repository's config.yaml merged under the user's file, `--configfile config.yaml my.yaml`)."""
+    demo = data["demo"]
+    out = os.path.normpath(demo["out"])
+    made = {t["name"]: t.get("format", "theia") for t in demo["tiles"]}
+    own = sorted(set(data["inputs"]["tiles"]) - set(made))
+    remedy = (
+        "drop the demo: section to map your own data, and give your config file alone "
+        "(--configfile my.yaml, without config.yaml)"
+    )
+    if own:
+        raise PipelineError(
+            source,
+            f"invalid config at 'inputs/tiles': {', '.join(own)} not in the demo: section's tiles "
+            f"({', '.join(made)}), which would be generated and mapped beside them; {remedy}",
+        )
+    for name, spec in data["inputs"]["tiles"].items():
+        where = os.path.join(out, name)
+        if os.path.normpath(spec["path"]) != where or spec["format"] != made[name]:
+            raise PipelineError(
+                source,
+                f"invalid config at 'inputs/tiles/{name}': the demo writes this tile as "
+                f"{made[name]} products in {where}, not {spec['format']} in {spec['path']}; {remedy}",
+            )
+    reference = os.path.join(out, "reference.gpkg")
+    if os.path.normpath(data["inputs"]["reference"]) != reference:
+        raise PipelineError(
+            source,
+            f"invalid config at 'inputs/reference': the demo writes its reference as {reference}, "
+            f"not {data['inputs']['reference']}; {remedy}",
+        )
 
 
 def load_config(path: str | os.PathLike[str]) -> Config:

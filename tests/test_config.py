@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import copy
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import yaml
 
-from pipeline.config import load_config, validate
+from pipeline.config import Config, load_config, validate
 from pipeline.errors import PipelineError
 from tests.conftest import REPO
 
@@ -120,3 +126,74 @@ def test_overlays_validate_and_stay_in_their_workdir(raw, overlay):
         *(t["path"] for t in cfg["inputs"]["tiles"].values()),
     ]
     assert all(p.startswith(work + "/") for p in paths), paths
+
+
+def _demo_with(raw, **inputs):
+    """The default (demo) config with its inputs section changed."""
+    raw = copy.deepcopy(raw)
+    raw["inputs"].update(inputs)
+    return raw
+
+
+def test_a_demo_config_refuses_tiles_the_demo_does_not_write(raw):
+    """The demo section plus a user's tile is the merged `--configfile config.yaml my.yaml`: refused
+    before any work, naming the tile and the remedy, rather than mapping the demo beside it."""
+    own = {"T32ULU": {"format": "sen2cor", "path": "/data/T32ULU"}}
+    with pytest.raises(PipelineError) as err:
+        validate(_demo_with(raw, tiles={**raw["inputs"]["tiles"], **own}), "my.yaml")
+    assert str(err.value) == (
+        "my.yaml: invalid config at 'inputs/tiles': T32ULU not in the demo: section's tiles "
+        "(T31TCJ, T31TDJ), which would be generated and mapped beside them; drop the demo: section "
+        "to map your own data, and give your config file alone (--configfile my.yaml, without config.yaml)"
+    )
+    moved = {**raw["inputs"]["tiles"], "T31TDJ": {"format": "theia", "path": "/data/T31TDJ"}}
+    want = "'inputs/tiles/T31TDJ': the demo writes this tile as theia products in "
+    with pytest.raises(PipelineError, match=want + "results/demo/inputs/T31TDJ, not theia in /data/T31TDJ"):
+        validate(_demo_with(raw, tiles=moved))
+    want = "'inputs/reference': the demo writes its reference as results/demo/inputs/reference.gpkg, "
+    with pytest.raises(PipelineError, match=want + "not /data/lpis.gpkg"):
+        validate(_demo_with(raw, reference="/data/lpis.gpkg"))
+    # a subset of the demo's tiles, or the same paths spelt differently, is still the demo
+    one = {"T31TCJ": {"format": "theia", "path": "./results/demo/inputs/T31TCJ/"}}
+    assert list(validate(_demo_with(raw, tiles=one))["inputs"]["tiles"]) == ["T31TCJ"]
+
+
+def _snakemake_dry_run(cwd, *args):
+    cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "-n", "--cores", "all"]
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    return subprocess.run([*cmd, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_the_readme_own_data_recipe_leaves_the_demo_out(raw, tmp_path):
+    """README "Your own data", literally: copy config.yaml, drop `demo:`, list your tiles and
+    reference, `snakemake --cores all --configfile my.yaml` from the folder that holds the
+    repository's config.yaml. Nothing of the demo is scheduled; only the user's tile is mapped."""
+    from pipeline.demo import generate
+
+    # the user's data: one small Theia tile and its reference, made by the generator elsewhere
+    maker = copy.deepcopy(raw)
+    maker["demo"].update(out=str(tmp_path / "own"), size=64, tiles=[{"name": "T31TEJ"}])
+    maker["inputs"].update(
+        tiles={"T31TEJ": {"format": "theia", "path": str(tmp_path / "own" / "T31TEJ")}},
+        reference=str(tmp_path / "own" / "reference.gpkg"),
+    )
+    generate(Config(validate(maker)))
+    shutil.copy(REPO / "config.yaml", tmp_path / "config.yaml")  # the repository root's default
+    mine = copy.deepcopy(raw)
+    del mine["demo"]
+    mine["run"]["workdir"] = "mine"
+    mine["inputs"] = {**maker["inputs"], "class_field": "code"}
+    (tmp_path / "my.yaml").write_text(yaml.safe_dump(mine, sort_keys=False))
+
+    proc = _snakemake_dry_run(tmp_path, "--configfile", "my.yaml")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    jobs = re.findall(r"^rule (\w+):", proc.stdout, flags=re.M)
+    assert "ingest" in jobs and "demo" not in jobs
+    assert "tile=T31TEJ" in proc.stdout
+    assert not re.search(r"T31TCJ|T31TDJ|results/demo", proc.stdout + proc.stderr)
+    assert "extended by additional config" not in proc.stdout + proc.stderr
+    # naming config.yaml before one's own file merges the demo in: refused in one line, nothing run
+    mixed = _snakemake_dry_run(tmp_path, "--configfile", "config.yaml", "my.yaml")
+    assert mixed.returncode != 0
+    assert "T31TEJ not in the demo: section's tiles (T31TCJ, T31TDJ)" in mixed.stdout + mixed.stderr
+    assert not (tmp_path / "mine").exists() and not (tmp_path / "results").exists()
