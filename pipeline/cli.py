@@ -198,6 +198,7 @@ def _qa(cfg: Config, args: argparse.Namespace) -> None:
         radius=q["match_radius"],
         min_angle=q["corner_min_angle"],
         min_length=q["corner_min_length"],
+        max_standard_error=q["max_standard_error"],
         codes=cfg.class_codes.tolist(),
         threads=cfg.threads(),
         tile=args.tile,

@@ -38,6 +38,7 @@ as those of the whole mask (checked: 99+ % of corners agree, see ``docs/qa.md``)
 from __future__ import annotations
 
 import functools
+import logging
 import math
 import os
 import threading
@@ -58,6 +59,8 @@ from scipy.spatial import cKDTree
 
 from pipeline.errors import PipelineError
 from pipeline.io.atomic import write_json
+
+log = logging.getLogger(__name__)
 
 WINDOW = 1000  # px; windows and boxes start on multiples of _LATTICE (module docstring)
 MARGIN = 25
@@ -498,6 +501,41 @@ def mean_std(values: Sequence[float | None]) -> dict[str, Any]:
     }
 
 
+MAX_STANDARD_ERROR = 0.05  # qa.max_standard_error's default
+
+
+def standard_error(scores: Sequence[float | None], counts: Sequence[int]) -> float | None:
+    """The sampling error of one corner score: the binomial standard error of a share of ``n``
+    reference corners, sqrt(p(1 - p) / n), at the Laplace estimate p = (k + 1) / (n + 2) (so that a
+    score of 0 or 1 from a handful of corners is not given an error of 0), as the root mean square
+    over the references. It is not divided by sqrt(R): the R references map the same corners of
+    the same tile, far from R independent samples. None when no reference has a corner."""
+    var = [
+        (k := s * n + 1) * (n + 2 - k) / (n + 2) ** 2 / n
+        for s, n in zip(scores, counts, strict=True)
+        if s is not None and n > 0
+    ]
+    return round(math.sqrt(sum(var) / len(var)), 6) if var else None
+
+
+def few_corners_warning(doc: Mapping[str, Any], tile: str, max_se: float) -> str | None:
+    """One line when the tile's scores rest on too few corners to tell maps apart, else None."""
+    errors = [doc["reference_vs_reference"].get("standard_error")]
+    errors += [m.get("standard_error") for m in doc["models"].values()]
+    known = [e for e in errors if e is not None]
+    if known and max(known) <= max_se:
+        return None
+    counts = [r["corners"] for r in doc["references"]]
+    need = math.ceil(0.25 / max_se**2)  # the worst case, p = 1/2
+    held = f"{min(counts)}-{max(counts)}" if min(counts) != max(counts) else f"{counts[0]}"
+    error = f"standard errors up to {max(known):.2f}" if known else "no score at all"
+    return (
+        f"{tile}: too few corners for the geometric QA to tell maps apart: the reference maps hold "
+        f"{held} corners, so {error} (qa.max_standard_error {max_se:g} needs about {need} corners per "
+        "reference map); a larger tile or area gives a meaningful score"
+    )
+
+
 def tile_qa(
     map_paths: Mapping[str, str | os.PathLike[str]],
     reference_paths: Sequence[str | os.PathLike[str]],
@@ -511,6 +549,7 @@ def tile_qa(
     merge_radius: float | None = None,
     codes: Iterable[int] | None = None,
     threads: int | None = None,
+    max_standard_error: float = MAX_STANDARD_ERROR,
     **extra: Any,
 ) -> dict[str, Any]:
     """Corner QA of one tile: each map of ``map_paths`` (name -> class-map COG) against R references.
@@ -523,7 +562,9 @@ def tile_qa(
     - ``reference_vs_reference``: the same over the R(R-1) ordered pairs (reference i evaluated
       against reference j, i != j): how well pixel-based maps agree with each other (the seed's
       Fig. 20 RF bar; None with a single reference);
-    - ``references``: each reference's corner count; ``params``: the rule and radius.
+    - ``references``: each reference's corner count; ``params``: the rule and radius;
+    - each record's ``standard_error`` (:func:`standard_error`), and ``warnings``: a line when any
+      exceeds ``max_standard_error`` (a small tile: too few corners for the score to mean anything).
 
     A score is None when its reference has no corner; means and stds skip those. ``extra`` is copied
     into the document (tile name, config digest, ...).
@@ -536,12 +577,18 @@ def tile_qa(
     kw: dict[str, Any] = {"codes": codes, "threads": threads or len(os.sched_getaffinity(0))}
     ref_corners = [map_corners(p, rule, **kw) for p in refs]
     pairs = [(i, j) for j in range(len(refs)) for i in range(len(refs)) if i != j]
+    counts = [len(c) for c in ref_corners]
     rr = [match_score(ref_corners[i], ref_corners[j], radius) for i, j in pairs]
+    rr_se = standard_error(rr, [counts[j] for _, j in pairs])
     models: dict[str, Any] = {}
     for name, path in map_paths.items():
         corners = map_corners(path, rule, **kw)
         scores = [match_score(corners, rc, radius) for rc in ref_corners]
-        models[name] = {"map": str(path), "corners": int(len(corners))} | mean_std(scores)
+        models[name] = (
+            {"map": str(path), "corners": int(len(corners))}
+            | mean_std(scores)
+            | {"standard_error": standard_error(scores, counts)}
+        )
     doc = {
         **extra,
         "score": "reference corners with a corner of the evaluated map within match_radius"
@@ -550,8 +597,13 @@ def tile_qa(
         "references": [
             {"map": str(p), "corners": int(len(c))} for p, c in zip(refs, ref_corners, strict=True)
         ],
-        "reference_vs_reference": mean_std(rr) | {"pairs": [list(p) for p in pairs]},
+        "reference_vs_reference": mean_std(rr) | {"standard_error": rr_se, "pairs": [list(p) for p in pairs]},
         "models": models,
+        "max_standard_error": max_standard_error,
     }
+    warning = few_corners_warning(doc, str(extra.get("tile", Path(out).stem)), max_standard_error)
+    doc["warnings"] = [warning] if warning else []
+    if warning:
+        log.warning(warning)
     write_json(out, doc)
     return doc

@@ -20,6 +20,7 @@ from pipeline.qa import (
     extract_corners,
     match_score,
     segments,
+    standard_error,
     tile_qa,
 )
 from tests.conftest import make_grid
@@ -279,6 +280,52 @@ def test_tile_qa_end_to_end(tmp_path):
     assert sharp["mean"] >= 0.9
     assert fgunet["mean"] <= 0.1 and fgunet["corners"] < sharp["corners"]
     assert fgunet["std"] == pytest.approx(np.std(fgunet["scores"], ddof=1), abs=1e-6)
+    # the sampling error of a share of ~31 corners, at the Laplace estimate, as computed by hand
+    n = np.array([r["corners"] for r in doc["references"]], float)
+    p = (np.array(sharp["scores"]) * n + 1) / (n + 2)
+    assert sharp["standard_error"] == pytest.approx(np.sqrt(np.mean(p * (1 - p) / n)), abs=1e-6)
+    assert 0.03 < sharp["standard_error"] < 0.06
+    assert doc["max_standard_error"] == 0.05
+
+
+def test_standard_error_of_a_corner_score_by_hand():
+    # 2 of 4 corners: p = 3/6, p(1-p)/n = 0.0625; 2 of 2: p = 3/4, 0.1875 / 2 = 0.09375; RMS
+    assert standard_error([0.5, 1.0], [4, 2]) == pytest.approx(np.sqrt((0.0625 + 0.09375) / 2), abs=1e-6)
+    # a perfect score on one corner is not certain: p = 2/3, sqrt(2/9)
+    assert standard_error([1.0], [1]) == pytest.approx(np.sqrt(2 / 9), abs=1e-6)
+    # references without a corner (no score) are left out; none at all: no error either
+    assert standard_error([None, 0.5], [0, 4]) == pytest.approx(0.25, abs=1e-6)
+    assert standard_error([None], [0]) is None
+    # 100 corners at p = 1/2 meet the default limit of 0.05
+    assert standard_error([0.5], [100]) == pytest.approx(0.05, abs=1e-6)
+
+
+def test_a_tile_with_too_few_corners_is_flagged(tmp_path, caplog):
+    """A small map holds a few corners: every score is noise (issue 12: 0.250 +- 0.186 on a 64 px
+    tile), so the QA says so in the JSON and the log, with the counts and the limit."""
+    grid = make_grid(64, 64)
+    for k in range(2):
+        m = np.full((64, 64), 1, np.uint8)
+        draw_box(m, (30 + k, 30), (30, 20), 0, 2)
+        write_class_map(tmp_path / f"rf{k}.tif", grid, CLASSES, m)
+    with caplog.at_level("WARNING", logger="pipeline.qa"):
+        doc = tile_qa({"m": tmp_path / "rf0.tif"}, [tmp_path / "rf0.tif", tmp_path / "rf1.tif"],
+                      tmp_path / "q.json", tile="T31TEJ")  # fmt: skip
+    counts = [r["corners"] for r in doc["references"]]
+    assert counts == [4, 4]
+    se = doc["models"]["m"]["standard_error"]
+    assert se > 0.05
+    want = (
+        "T31TEJ: too few corners for the geometric QA to tell maps apart: the reference maps hold 4 "
+        f"corners, so standard errors up to {se:.2f} (qa.max_standard_error 0.05 needs about 100 "
+        "corners per reference map); a larger tile or area gives a meaningful score"
+    )
+    assert doc["warnings"] == [want] and want in caplog.text
+    assert json.loads((tmp_path / "q.json").read_text())["warnings"] == [want]
+    # a looser limit accepts the same tile
+    relaxed = tile_qa({"m": tmp_path / "rf0.tif"}, [tmp_path / "rf0.tif", tmp_path / "rf1.tif"],
+                      tmp_path / "q.json", max_standard_error=0.3)  # fmt: skip
+    assert relaxed["warnings"] == []
 
 
 def test_tile_qa_with_references_without_corners(tmp_path):

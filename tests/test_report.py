@@ -8,6 +8,7 @@ import os
 import re
 import subprocess
 import sys
+from html import escape
 from pathlib import Path
 
 import geopandas as gpd
@@ -32,7 +33,7 @@ from pipeline.qa import tile_qa
 from pipeline.reference import rasterise_tile
 from pipeline.report import build_report, collect, figures, provenance, rasters, tables
 from tests.conftest import REPO, make_grid
-from tests.report_page import check_page, table
+from tests.report_page import check_page, parse, table
 
 H, W = 96, 128
 
@@ -339,6 +340,31 @@ def test_report_of_a_tiny_run_marks_what_is_missing(tiny_run):
     assert "Variability over seeds" not in html  # one seed only
     # the crops are where fgunet and rf disagree
     assert "where the classifiers disagree most" in html
+
+
+def test_small_run_scores_are_flagged(tiny_run, tmp_path):
+    """Per-class scores on fewer than report.min_class_pixels validation pixels, and a geometric QA
+    on too few corners, are shown with a mark and a warning that says why (issue 12 item 6)."""
+    cfg = Config({**tiny_run.data, "report": {**tiny_run.data["report"], "min_class_pixels": 1600}})
+    html = build_report(cfg, tmp_path / "small.html").read_text()
+    names = [c.name for c in cfg.classes]
+    page = check_page(html, ["rf", "fgunet"], names, cfg.tiles)
+    rows = {r[0]: r for r in table(page, "per-class", "T31TCJ")["rows"]}
+    # CUF: 1,500 validation pixels < 1,600, flagged with its scores; ASC: 2,000, plain
+    assert rows["CUF"][1] == "1,500 †" and all(c.endswith(" †") for c in rows["CUF"][3:])
+    assert rows["ASC"][1] == "2,000" and not any("†" in c for c in rows["ASC"])
+    assert rows["BLF"][1] == "0 †"  # no validation pixel at all
+    assert "† T31TCJ: CUF, DUF, ICU" in html and "fewer than 1,600 validation pixels" in html
+    # the QA compared maps with a handful of corners: its standard error is flagged, and the warning
+    qa = json.loads(Layout(cfg.workdir).qa("T31TCJ").read_text())
+    assert qa["warnings"] and qa["warnings"][0].startswith("T31TCJ: too few corners")
+    assert escape(qa["warnings"][0]) in html
+    rf_row = table(page, "qa", "T31TCJ")["rows"][1]
+    assert rf_row[3] == f"{qa['models']['rf']['standard_error']:.3f} †"
+    # the default threshold (200) leaves both classes of the tile unflagged
+    default = build_report(tiny_run, tmp_path / "default.html").read_text()
+    rows = {r[0]: r for r in table(parse(default), "per-class", "T31TCJ")["rows"]}
+    assert rows["CUF"][1] == "1,500" and rows["ASC"][1] == "2,000"
 
 
 def test_report_shows_kappa_over_seeds(tiny_run, tmp_path):

@@ -33,6 +33,7 @@ th { background: var(--band); text-align: center; }
 td:first-child, th:first-child { text-align: left; }
 tbody tr:nth-child(even) td { background: #fafbfc; }
 td.nodata, span.nodata { color: var(--warn); font-style: italic; }
+td.few { color: var(--warn); }
 tr.total td { font-weight: 600; border-top: 2px solid var(--ink); }
 figure { margin: 1rem 0 1.6rem; }
 figure img { max-width: 100%; height: auto; border: 1px solid var(--line); border-radius: 4px; }

@@ -53,16 +53,39 @@ def _confusion_ha(docs: RunDocs, rasters: Mapping[str, TileRasters], model: str)
     return total
 
 
+def thin_classes(docs: Mapping[str, Mapping[str, Any] | None], names: Sequence[str], least: int) -> list[str]:
+    """The classes with fewer than ``least`` validation pixels in this scope (the same for every
+    classifier: they share the validation polygons)."""
+    doc = next((d for d in docs.values() if has_scores(d)), None)
+    if doc is None:
+        return []
+    return [n for n in names if doc["per_class"][n]["support_pixels"] < least]
+
+
 def scores_block(
     cfg: Config, docs: Mapping[str, Mapping[str, Any] | None], scope: str, ha: Mapping[str, np.ndarray | None]
 ) -> list[str]:
     """Per-class table, F-score bars and the confusion heatmaps of every classifier for one scope."""
     names = [c.name for c in cfg.classes]
-    out = ["<h4>Precision, recall and F-score per class</h4>", tables.per_class(docs, names, scope)]
+    least = cfg["report"]["min_class_pixels"]
+    out = [
+        "<h4>Precision, recall and F-score per class</h4>",
+        tables.per_class(docs, names, scope, least),
+    ]
     if not any(has_scores(d) for d in docs.values()):
         return out + [
             note(f"{scope}: no validation data, so no per-class scores or confusion matrices.", True)
         ]
+    if thin := thin_classes(docs, names, least):
+        out.append(
+            note(
+                f"{tables.FEW} {scope}: {', '.join(thin)} have fewer than {least:,} validation pixels "
+                "(report.min_class_pixels): their precision, recall and F-score rest on a few polygons "
+                "and can swing widely with another split, so they cannot rank classifiers; more "
+                "reference polygons of these classes (or the run-wide table) give firmer figures.",
+                True,
+            )
+        )
     png = figures.grouped_bars(
         names,
         {m: _f1(d, names) for m, d in docs.items()},
@@ -230,6 +253,8 @@ def geometric_qa(cfg: Config, docs: RunDocs) -> Section:
         sec.add(
             tables.qa(d, t) if d else note(f"{t}: no geometric QA file ({Layout(cfg.workdir).qa(t)}).", True)
         )
+        for warning in (d or {}).get("warnings", []):
+            sec.add(note(warning, True))
     return sec
 
 

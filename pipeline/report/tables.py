@@ -106,9 +106,20 @@ def summary(docs: Mapping[str, Mapping[str, Any] | None], tiles: Sequence[str], 
     return table(head, rows, kind="summary", scope=scope)
 
 
-def per_class(docs: Mapping[str, Mapping[str, Any] | None], names: Sequence[str], scope: str) -> str:
+FEW = "†"  # marks a score resting on too few validation pixels
+
+
+def few(text: str, why: str) -> Cell:
+    """A number kept but flagged: shown with :data:`FEW`, its reason as the tooltip."""
+    return Cell(f'<td class="few" title="{escape(why)}">{escape(text)} {FEW}</td>')
+
+
+def per_class(
+    docs: Mapping[str, Mapping[str, Any] | None], names: Sequence[str], scope: str, min_pixels: int = 0
+) -> str:
     """Per-class precision, recall and F-score, one column group per classifier, and the reference
-    support (validation pixels and hectares, the same for every classifier)."""
+    support (validation pixels and hectares, the same for every classifier). A class with fewer
+    than ``min_pixels`` validation pixels has its support and scores flagged (:func:`few`)."""
     models = list(docs)
     top = [("", 1), ("reference", 2)] + [
         (m if has_scores(docs[m]) else f"{m} ({status_marker(docs[m])})", 3) for m in models
@@ -119,14 +130,17 @@ def per_class(docs: Mapping[str, Mapping[str, Any] | None], names: Sequence[str]
     for name in names:
         support = any_doc["per_class"][name]["support_pixels"] if any_doc else 0
         area = any_doc["pixel_area_m2"] * support / 1e4 if any_doc else None
-        row = [name, f"{support:,}", hectares(area)]
+        thin = any_doc is not None and support < min_pixels
+        why = f"{support:,} validation pixels (< report.min_class_pixels {min_pixels:,})"
+        row = [name, few(f"{support:,}", why) if thin else f"{support:,}", hectares(area)]
         for m in models:
             d = docs[m]
             if not has_scores(d):
                 row += [DASH] * 3
                 continue
             pc = d["per_class"][name]
-            row += [num(pc["precision"]), num(pc["recall"]), num(pc["f1"])]
+            values = [num(pc["precision"]), num(pc["recall"]), num(pc["f1"])]
+            row += [few(v, why) if thin and v != DASH else v for v in values]
         rows.append(row)
     return table([top, second], rows, kind="per-class", scope=scope)
 
@@ -168,15 +182,20 @@ def clear(stats: Mapping[str, Mapping[str, Any] | None]) -> str:
 def qa(doc: Mapping[str, Any], scope: str) -> str:
     """Geometric QA of one tile: the reference-vs-reference agreement and each model's, mean +- std."""
 
+    limit = doc.get("max_standard_error")
+
     def row(name: str, rec: Mapping[str, Any], corners: str) -> list[str]:
-        mean = rec.get("mean")
+        mean, se = rec.get("mean"), rec.get("standard_error")
         word = marker("no reference corner") if mean is None else num(mean)
-        return [name, word, num(rec.get("std")), str(rec.get("n", 0)), corners]
+        error = num(se)
+        if se is not None and limit is not None and se > limit:
+            error = few(error, f"above qa.max_standard_error {limit:g}: too few corners")
+        return [name, word, num(rec.get("std")), error, str(rec.get("n", 0)), corners]
 
     ref_corners = ", ".join(str(r["corners"]) for r in doc.get("references", []))
     rows = [row("RF references vs each other", doc["reference_vs_reference"], ref_corners)]
     rows += [row(m, rec, str(rec.get("corners", DASH))) for m, rec in doc.get("models", {}).items()]
-    head = ["map", "matched reference corners (mean)", "std", "n", "corners"]
+    head = ["map", "matched reference corners (mean)", "std", "standard error", "n", "corners"]
     return table(head, rows, kind="qa", scope=scope)
 
 
