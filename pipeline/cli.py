@@ -38,6 +38,20 @@ def _ingest(cfg: Config, args: argparse.Namespace) -> None:
     )
 
 
+def _import(cfg: Config, args: argparse.Namespace) -> None:
+    from pipeline.ingest import import_cube
+
+    spec = _tile_spec(cfg, args.tile)
+    if spec["format"] != "cube":
+        raise PipelineError(
+            None, f"tile {args.tile} is {spec['format']} products, not a cube: landcover ingest reads it"
+        )
+    out = args.out or Layout(cfg.workdir).ingest(args.tile)
+    import_cube(
+        Path(spec["path"]), args.tile, out, spec.get("cube"), threads=cfg.threads(), dask=cfg.get("dask")
+    )
+
+
 def _gapfill(cfg: Config, args: argparse.Namespace) -> None:
     from pipeline.gapfill import gapfill_tile
 
@@ -254,6 +268,7 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, Stage]]:
 
     add("demo", _demo, "write the synthetic demo country (L2A products + reference polygons)")
     add("ingest", _ingest, "L2A products of one tile -> 10 m cube + validity in a zarr store", tile=True)
+    add("import", _import, "a netCDF/zarr datacube of one tile -> the same zarr store as ingest", tile=True)
     add(
         "gapfill", _gapfill, "gapfill and resample one tile to the regular date grid", tile=True
     ).add_argument("--src", type=Path)

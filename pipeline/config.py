@@ -86,6 +86,12 @@ def _check_semantics(data: dict[str, Any], source: str) -> None:
         raise PipelineError(
             source, "invalid config at 'normalisation': low_percentile must be < high_percentile"
         )
+    for name, spec in data["inputs"]["tiles"].items():
+        if "cube" in spec and spec["format"] != "cube":
+            raise PipelineError(
+                source,
+                f"invalid config at 'inputs/tiles/{name}/cube': only for format: cube, not {spec['format']}",
+            )
     if "demo" in data:
         _check_demo(data, source)
     from pipeline.nets.settings import check_config  # torch-free

@@ -30,7 +30,7 @@ from pipeline.models import HYBRIDS, is_network
 # features + RF. Files a stage reads (products, label stores, models) are Snakemake inputs, not here.
 STAGE_SETTINGS: dict[str, tuple[str, ...]] = {
     "demo": ("demo", "nomenclature"),
-    "ingest": ("inputs.tiles.{tile}.format",),
+    "ingest": ("inputs.tiles.{tile}.format", "inputs.tiles.{tile}.cube"),
     "gapfill": ("date_grid",),
     "histogram": (),
     "percentiles": ("normalisation",),

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import numpy as np
+from rasterio.windows import Window
 
 from pipeline.io.l2a import NODATA, Acquisition, WindowMasks, open_writer
 from pipeline.io.tilestore import Grid, iter_windows
@@ -82,3 +83,64 @@ def up2(m: np.ndarray) -> np.ndarray:
 def any2(m: np.ndarray) -> np.ndarray:
     h, w = m.shape
     return m.reshape(h // 2, 2, w // 2, 2).any(axis=(1, 3))
+
+
+# ------------------------------------------------------------------------- real WorldCereal patch
+
+WORLDCEREAL = "worldcereal_0000280849BAC91C"
+
+
+def read_worldcereal(real: Path, dates: int | None = None) -> dict:
+    """The real WorldCereal S2 patch (64 x 64 px, 72 dates) as arrays: DN, SCL, grid and dates;
+    ``dates`` of them evenly spread, or all. Read with h5py, independently of xarray and of the
+    chain's cube reader."""
+    import h5py
+    from affine import Affine
+    from rasterio.crs import CRS
+
+    folder = real / WORLDCEREAL
+    f10 = folder / "S2_L2A_10m_0000280849BAC91C_32631_2018-08-01_2019-11-30.nc"
+    f20 = folder / "S2_L2A_20m_0000280849BAC91C_32631_2018-08-01_2019-11-30.nc"
+    with h5py.File(f10) as h10, h5py.File(f20) as h20:
+        x, y = h10["x"][:], h10["y"][:]
+        x20, y20 = h20["x"][:], h20["y"][:]
+        ts = h10["timestamp"][:]
+        units = h10["timestamp"].attrs["units"]
+        units = units.decode() if isinstance(units, bytes) else units
+        wkt = h10["spatial_ref"].attrs["crs_wkt"]
+        wkt = wkt.decode() if isinstance(wkt, bytes) else wkt
+        sel = np.arange(len(ts)) if dates is None else np.linspace(0, len(ts) - 1, dates).astype(int)
+        r10 = np.stack([h10[b][sel] for b in ("B02", "B03", "B04", "B08")], axis=1)
+        r20 = np.stack([h20[b][sel] for b in ("B05", "B06", "B07", "B8A", "B11", "B12")], axis=1)
+        scl = h20["SCL"][sel]
+        assert (h20["timestamp"][:] == ts).all()
+    epoch = datetime.fromisoformat(units.removeprefix("seconds since ")).replace(tzinfo=UTC)
+    # pixel-centre coordinates -> upper-left corner of the 10 m grid; the 20 m grid must share it
+    t10 = Affine(10, 0, x[0] - 5, 0, -10, y[0] + 5)
+    assert (x20[0] - 10, y20[0] + 10) == (t10.c, t10.f)
+    return {
+        "folder": folder,
+        "grid": Grid(CRS.from_wkt(wkt), t10, len(x), len(y)),
+        "dates": [epoch + timedelta(seconds=int(s)) for s in ts[sel]],
+        "r10": r10,
+        "r20": r20,
+        "scl": scl,
+    }
+
+
+def write_worldcereal_products(src: Path, fmt: str, wc: dict, tile: str = "T31UES") -> None:
+    """The patch in a product layout, by hand: DN 0 -> no data, SCL -> the format's masks (cloud
+    8-10, shadow 3, saturated 1, edge 0, snow 11, water 6), written in two windows, bottom first."""
+    r10 = np.where(wc["r10"] == 0, NODATA, wc["r10"]).astype(np.int16)
+    r20 = np.where(wc["r20"] == 0, NODATA, wc["r20"]).astype(np.int16)
+    scl10 = up2(wc["scl"])
+    for t, when in enumerate(wc["dates"]):
+        s = scl10[t]
+        masks = {"cloud": np.isin(s, (8, 9, 10)), "shadow": s == 3, "saturated": s == 1, "edge": s == 0,
+                 "snow": s == 11, "water": s == 6}  # fmt: skip
+        acq = Acquisition(tile, when, "SENTINEL2A", 51, wc["grid"])
+        with open_writer(fmt, src, acq) as wr:
+            for r0 in (0, 32):
+                ys, ys2 = slice(32 - r0, 64 - r0), slice((32 - r0) // 2, (64 - r0) // 2)
+                wr.write(Window(0, 32 - r0, 64, 32), r10[t][:, ys], r20[t][:, ys2],
+                         WindowMasks(**{k: m[ys] for k, m in masks.items()}))  # fmt: skip

@@ -6,10 +6,9 @@ import dataclasses
 import os
 import re
 import shutil
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 
-import h5py
 import numpy as np
 import pytest
 import rasterio
@@ -35,7 +34,7 @@ from pipeline.io.sen2cor import SCL_INVALID
 from pipeline.io.tilestore import Grid, open_store
 from pipeline.resample import upsample2x
 from tests.conftest import make_grid
-from tests.l2a_synth import up2, write_series
+from tests.l2a_synth import read_worldcereal, up2, write_series, write_worldcereal_products
 
 FORMATS = ("theia", "sen2cor")
 
@@ -207,80 +206,21 @@ def test_existing_output_kept_on_failure(tmp_path: Path) -> None:
 
 # ------------------------------------------------------------------------- real WorldCereal patch
 
-WC = "worldcereal_0000280849BAC91C"
-
-
-def _read_worldcereal(real: Path) -> dict:
-    f10 = real / WC / "S2_L2A_10m_0000280849BAC91C_32631_2018-08-01_2019-11-30.nc"
-    f20 = real / WC / "S2_L2A_20m_0000280849BAC91C_32631_2018-08-01_2019-11-30.nc"
-    with h5py.File(f10) as h10, h5py.File(f20) as h20:
-        x, y = h10["x"][:], h10["y"][:]
-        x20, y20 = h20["x"][:], h20["y"][:]
-        ts = h10["timestamp"][:]
-        units = h10["timestamp"].attrs["units"]
-        units = units.decode() if isinstance(units, bytes) else units
-        wkt = h10["spatial_ref"].attrs["crs_wkt"]
-        wkt = wkt.decode() if isinstance(wkt, bytes) else wkt
-        sel = np.linspace(0, len(ts) - 1, 8).astype(int)
-        r10 = np.stack([h10[b][sel] for b in ("B02", "B03", "B04", "B08")], axis=1)
-        r20 = np.stack([h20[b][sel] for b in ("B05", "B06", "B07", "B8A", "B11", "B12")], axis=1)
-        scl = h20["SCL"][sel]
-        assert (h20["timestamp"][:] == ts).all()
-    epoch = datetime.fromisoformat(units.removeprefix("seconds since ")).replace(tzinfo=UTC)
-    # pixel-centre coordinates -> upper-left corner of the 10 m grid; the 20 m grid must share it
-    t10 = Affine(10, 0, x[0] - 5, 0, -10, y[0] + 5)
-    assert (x20[0] - 10, y20[0] + 10) == (t10.c, t10.f)
-    return {
-        "grid": Grid(CRS.from_wkt(wkt), t10, len(x), len(y)),
-        "dates": [epoch + timedelta(seconds=int(s)) for s in ts[sel]],
-        "r10": r10,
-        "r20": r20,
-        "scl": scl,
-    }
-
 
 @pytest.mark.real
 def test_worldcereal_round_trip_both_layouts(real_data: Path, tmp_path: Path) -> None:
-    wc = _read_worldcereal(real_data)
-    grid, dates = wc["grid"], wc["dates"]
+    wc = read_worldcereal(real_data, dates=8)
+    grid, dates, scl10 = wc["grid"], wc["dates"], up2(wc["scl"])
     assert grid.crs.to_epsg() == 32631
     assert max(wc["r10"].max(), wc["r20"].max()) < 32767  # DN fits int16 x10000 as is
-    r10 = np.where(wc["r10"] == 0, NODATA, wc["r10"]).astype(np.int16)  # DN 0 = fill
-    r20 = np.where(wc["r20"] == 0, NODATA, wc["r20"]).astype(np.int16)
-    scl10 = up2(wc["scl"])
     stores = {}
     for fmt in FORMATS:
-        src = tmp_path / fmt
-        for t, when in enumerate(dates):
-            s = scl10[t]
-            masks = WindowMasks(
-                cloud=np.isin(s, (8, 9, 10)),
-                shadow=s == 3,
-                saturated=s == 1,
-                edge=s == 0,
-                snow=s == 11,
-                water=s == 6,
-            )
-            acq = Acquisition("T31UES", when, "SENTINEL2A", 51, grid)
-            with open_writer(fmt, src, acq) as wr:
-                for r0 in (0, 32):  # two windows, written bottom first
-                    win = Window(0, 32 - r0, 64, 32)
-                    ys = slice(32 - r0, 64 - r0)
-                    ys2 = slice((32 - r0) // 2, (64 - r0) // 2)
-                    wr.write(
-                        win,
-                        r10[t][:, ys],
-                        r20[t][:, ys2],
-                        WindowMasks(
-                            **{
-                                k: getattr(masks, k)[ys]
-                                for k in ("cloud", "shadow", "saturated", "edge", "snow", "water")
-                            }
-                        ),
-                    )
+        write_worldcereal_products(tmp_path / fmt, fmt, wc)
         out = tmp_path / f"{fmt}.zarr"
-        ingest_tile(src, fmt, "31UES", out)
+        ingest_tile(tmp_path / fmt, fmt, "31UES", out)
         stores[fmt] = open_store(out, "ingest", ("reflectance", "valid"))
+    r10 = np.where(wc["r10"] == 0, NODATA, wc["r10"]).astype(np.int16)  # DN 0 = fill
+    r20 = np.where(wc["r20"] == 0, NODATA, wc["r20"]).astype(np.int16)
     expected_valid = ~np.isin(scl10, SCL_INVALID)
     for fmt, g in stores.items():
         assert g.attrs["dates"] == [d.date().isoformat() for d in dates]

@@ -12,6 +12,7 @@ import json
 import os
 import re
 import shutil
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,6 +26,23 @@ def _remove(path: Path) -> None:
         shutil.rmtree(path, ignore_errors=True)
     elif path.exists() or path.is_symlink():
         path.unlink()
+
+
+def _discard(tmp: Path, settle: float = 0.2, limit: float = 5.0) -> None:
+    """Remove a failed writer's temporary for good. zarr writes chunks as concurrent tasks on its own
+    event loop, and when one fails (a full disk) the others still run after the exception has
+    reached us, re-creating chunk folders under a temporary already removed. So remove it again
+    until it has stayed away for ``settle`` seconds (at most ``limit`` seconds, failure path only)."""
+    deadline = time.monotonic() + limit
+    _remove(tmp)
+    gone_since = time.monotonic()
+    while time.monotonic() < deadline:
+        time.sleep(0.02)
+        if tmp.exists() or tmp.is_symlink():
+            _remove(tmp)
+            gone_since = time.monotonic()
+        elif time.monotonic() - gone_since >= settle:
+            return
 
 
 def leftovers(final: str | os.PathLike[str]) -> list[Path]:
@@ -158,16 +176,16 @@ def atomic_path(final: str | os.PathLike[str]) -> Iterator[Path]:
         else:
             os.replace(tmp, final)
     except PipelineError:
-        _remove(tmp)
+        _discard(tmp)
         raise
     except Exception as exc:
         fault = write_fault(exc, final.parent)  # while the temporary still holds the space
-        _remove(tmp)
+        _discard(tmp)
         if fault is None:
             raise
         raise PipelineError(final, fault) from exc
     except BaseException:
-        _remove(tmp)
+        _discard(tmp)
         raise
 
 

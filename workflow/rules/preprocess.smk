@@ -14,8 +14,10 @@ rule ingest:
         **job_resources("ingest"),
     params:
         settings=settings("ingest"),
+        # product folders are ingested, netCDF/zarr cubes imported: the same store either way
+        stage=lambda wc: "import" if RUN_CONFIG["inputs"]["tiles"][wc.tile]["format"] == "cube" else "ingest",
     shell:
-        "{LANDCOVER} ingest --tile {wildcards.tile} --out {output} 2> {log}"
+        "{LANDCOVER} {params.stage} --tile {wildcards.tile} --out {output} 2> {log}"
 
 
 rule gapfill:
