@@ -86,6 +86,16 @@ def _check_semantics(data: dict[str, Any], source: str) -> None:
         raise PipelineError(
             source, "invalid config at 'normalisation': low_percentile must be < high_percentile"
         )
+    ref = data["reference"]
+    remap = {int(k): v for k, v in ref["remap"].items()}
+    if off := sorted({v for v in remap.values()} - set(codes)):
+        raise PipelineError(
+            source, f"invalid config at 'reference/remap': target codes {off} are not in the nomenclature"
+        )
+    if both := sorted(set(remap) & set(ref["ignore_codes"])):
+        raise PipelineError(
+            source, f"invalid config at 'reference': codes {both} are both in ignore_codes and remapped"
+        )
     for name, spec in data["inputs"]["tiles"].items():
         if "cube" in spec and spec["format"] != "cube":
             raise PipelineError(

@@ -14,8 +14,9 @@ no epoch to choose, trains on every training polygon.
 
 from __future__ import annotations
 
+import json
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -67,8 +68,17 @@ def training_labels(group: Any) -> HeldOut:
     return HeldOut(group["train"], group[SELECTION])
 
 
-def read_polygons(path: Path, class_field: str, codes: np.ndarray) -> gpd.GeoDataFrame:
-    """Read and check the reference layer: non-empty, valid polygons, known class codes."""
+def read_polygons(
+    path: Path,
+    class_field: str,
+    codes: np.ndarray,
+    ignore: Iterable[int] = (),
+    remap: Mapping[int, int] | None = None,
+    counts: dict[str, Any] | None = None,
+) -> gpd.GeoDataFrame:
+    """Read and check the reference layer: non-empty, valid polygons, known class codes. Polygons
+    of the ``ignore`` codes are left out and ``remap`` codes replaced (the layer's codes -> the
+    nomenclature's) before the codes are checked; ``counts`` receives what each did, per code."""
     path = Path(path)
     if not path.exists():
         raise PipelineError(path, "reference polygon file not found")
@@ -112,10 +122,31 @@ def read_polygons(path: Path, class_field: str, codes: np.ndarray) -> gpd.GeoDat
         raise PipelineError(path, f"class field '{class_field}' is not integer ({exc})") from exc
     if field.dtype.kind == "f" and (off := field[field != code]).size:  # 11.5 would pass as 11
         raise PipelineError(path, f"class field '{class_field}' holds non-integer codes (e.g. {off.iloc[0]})")
-    unknown = sorted({int(c) for c in code.unique()} - {int(c) for c in codes})
+    code = code.to_numpy()
+    dropped = np.isin(code, list(ignore))
+    remap = {int(k): int(v) for k, v in (remap or {}).items()}
+    moved = np.isin(code, list(remap))
+    if counts is not None:
+        gone, n_gone = np.unique(code[dropped], return_counts=True)
+        counts["ignored"] = {str(c): int(n) for c, n in zip(gone, n_gone, strict=True)}
+        src, n_src = np.unique(code[moved], return_counts=True)
+        counts["remapped"] = {f"{c}->{remap[int(c)]}": int(n) for c, n in zip(src, n_src, strict=True)}
+    if dropped.any():
+        log.info("%s: %d polygons of reference.ignore_codes left out", path, int(dropped.sum()))
+    if moved.any():
+        log.info("%s: %d polygons' codes replaced by reference.remap", path, int(moved.sum()))
+    if dropped.all():
+        raise PipelineError(path, f"every polygon's code is in reference.ignore_codes {sorted(ignore)}")
+    code = np.array([remap.get(int(c), int(c)) for c in code], dtype=np.int64)
+    unknown = sorted({int(c) for c in code[~dropped]} - {int(c) for c in codes})
     if unknown:
-        raise PipelineError(path, f"class codes {unknown} are not in the config nomenclature")
-    return gpd.GeoDataFrame({"id": ids, "code": code.to_numpy()}, geometry=geom, crs=gdf.crs)
+        raise PipelineError(
+            path,
+            f"class codes {unknown} are not in the config nomenclature (add them, map them to a class with "
+            "reference.remap, or leave them out with reference.ignore_codes)",
+        )
+    keep = ~dropped
+    return gpd.GeoDataFrame({"id": ids[keep], "code": code[keep]}, geometry=geom[keep].values, crs=gdf.crs)
 
 
 def split_table(tile: np.ndarray, code: np.ndarray, train_ratio: float, seed: int) -> np.ndarray:
@@ -181,7 +212,11 @@ def fold_table(tile: np.ndarray, code: np.ndarray, split: np.ndarray, n_folds: i
 def split_polygons(cfg: Config, grids: Mapping[str, Path], out: Path) -> None:
     """Check the reference layer, erode it, give each polygon a home tile and a split, write ``out``."""
     src = Path(cfg["inputs"]["reference"])
-    gdf = read_polygons(src, cfg["inputs"]["class_field"], cfg.class_codes)
+    ref = cfg["reference"]
+    counts: dict[str, Any] = {}
+    gdf = read_polygons(
+        src, cfg["inputs"]["class_field"], cfg.class_codes, ref["ignore_codes"], ref["remap"], counts
+    )
     erosion = float(cfg["reference"]["erosion_m"])
     tiles = list(grids)
     # A polygon's home tile (its split stratum) is the tile holding its centroid, else the one it
@@ -212,8 +247,9 @@ def split_polygons(cfg: Config, grids: Mapping[str, Path], out: Path) -> None:
     outside = home == ""
     if outside.all():
         raise PipelineError(src, f"none of the {len(gdf)} polygons falls inside the tiles {', '.join(tiles)}")
+    eroded = int((outside & touches).sum())
+    counts |= {"outside": int(outside.sum()) - eroded, "eroded": eroded, "kept": int((~outside).sum())}
     if outside.any():
-        eroded = int((outside & touches).sum())
         log.warning(
             "%s: %d polygons ignored: %d outside every tile, %d eroded away by reference.erosion_m %g",
             src, int(outside.sum()), int(outside.sum()) - eroded, eroded, erosion,
@@ -237,7 +273,20 @@ def split_polygons(cfg: Config, grids: Mapping[str, Path], out: Path) -> None:
             tmp,
             layer="reference",
             driver="GPKG",
+            # what was left out or recoded, and why: the QA report reads it (split_counts)
+            layer_metadata={"landcover_counts": json.dumps(counts, sort_keys=True)},
         )
+
+
+def split_counts(split: Path) -> dict[str, Any] | None:
+    """What the split left out or recoded (``ignored`` / ``remapped`` per code, polygons
+    ``outside`` every tile or ``eroded`` away, ``kept``); None for a split written without it."""
+    try:
+        meta = pyogrio.read_info(split, layer="reference").get("layer_metadata") or {}
+    except Exception:  # a missing or foreign file: the report says what it lacks elsewhere
+        return None
+    text = meta.get("landcover_counts")
+    return json.loads(text) if text else None
 
 
 def _log_split(gdf: gpd.GeoDataFrame, cfg: Config) -> None:

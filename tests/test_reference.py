@@ -12,7 +12,7 @@ from shapely.geometry import Polygon, box
 from pipeline.config import Config, validate
 from pipeline.errors import PipelineError
 from pipeline.io.tilestore import create_store, open_store
-from pipeline.reference import fold_table, rasterise_tile, split_polygons, split_table
+from pipeline.reference import fold_table, rasterise_tile, split_counts, split_polygons, split_table
 from tests.conftest import REPO, make_grid
 
 ULX, ULY = 399960.0, 4800000.0
@@ -250,3 +250,49 @@ def test_polygons_across_tile_edges_are_kept_and_burnt_on_every_tile_with_one_sp
     with caplog.at_level("WARNING"):
         split_polygons(_config(tmp_path, ref, erosion=20.0), grids, tmp_path / "s2.gpkg")
     assert "2 polygons ignored: 1 outside every tile, 1 eroded away by reference.erosion_m 20" in caplog.text
+
+
+def test_ignored_and_remapped_codes_are_applied_and_counted(tmp_path):
+    """A crop-type layer (codes above the nomenclature's) recoded by reference.remap, its
+    'unknown' code left out by reference.ignore_codes: the split holds nomenclature codes only,
+    and records what it did per code, with the polygons dropped outside the tiles."""
+    grids = _grids(tmp_path)
+    rows = [{"id": i + 1, "code": 1110, "geometry": _square(2 + 8 * i, 2)} for i in range(4)]
+    rows += [{"id": 10 + i, "code": 9120, "geometry": _square(2 + 8 * i, 20)} for i in range(3)]
+    rows += [{"id": 20 + i, "code": 99, "geometry": _square(2 + 8 * i, 40)} for i in range(2)]
+    rows += [{"id": 30, "code": 11, "geometry": _square(2, 60)}]
+    rows += [{"id": 40, "code": 1110, "geometry": box(ULX - 5000, ULY - 5000, ULX - 4000, ULY - 4000)}]
+    path = _write(tmp_path, rows)
+    cfg = _config(tmp_path, path)
+    cfg = Config(validate({**cfg.data, "reference": {**cfg["reference"], "ignore_codes": [99],
+                                                     "remap": {"1110": 11, "9120": 211}}}))  # fmt: skip
+    split = tmp_path / "split.gpkg"
+    split_polygons(cfg, grids, split)
+    table = gpd.read_file(split).set_index("id")
+    assert sorted(table.index) == [1, 2, 3, 4, 10, 11, 12, 30]  # 99s left out, id 40 outside
+    assert (table.loc[[1, 2, 3, 4, 30], "code"] == 11).all()
+    assert (table.loc[[10, 11, 12], "code"] == 211).all()
+    assert split_counts(split) == {
+        "ignored": {"99": 2},
+        "remapped": {"1110->11": 5, "9120->211": 3},
+        "outside": 1,
+        "eroded": 0,
+        "kept": 8,
+    }
+    # without the remap, the unknown codes are named with the two ways out
+    with pytest.raises(PipelineError) as err:
+        split_polygons(_config(tmp_path, path), grids, tmp_path / "other.gpkg")
+    assert str(err.value) == (
+        f"{path}: class codes [99, 1110, 9120] are not in the config nomenclature (add them, map them "
+        "to a class with reference.remap, or leave them out with reference.ignore_codes)"
+    )
+
+
+def test_remap_and_ignore_settings_are_checked(tmp_path):
+    raw = _config(tmp_path, tmp_path / "ref.gpkg").data
+    bad = {**raw, "reference": {**raw["reference"], "remap": {"1110": 7}}}
+    with pytest.raises(PipelineError, match=r"'reference/remap': target codes \[7\] are not in the nomencl"):
+        validate(bad)
+    both = {**raw, "reference": {**raw["reference"], "remap": {"99": 11}, "ignore_codes": [99]}}
+    with pytest.raises(PipelineError, match=r"codes \[99\] are both in ignore_codes and remapped"):
+        validate(both)

@@ -529,3 +529,16 @@ def test_extra_seeds_are_wired_through_snakemake(tmp_path):
     compare_job = re.search(r"rule compare:\n\s+input: (.*)\n", out).group(1)
     assert "-s7" not in compare_job
     assert re.search(r"benchmark: results/benchmarks/train/rf-s7\.tsv", out)
+
+
+def test_the_run_summary_says_what_the_split_left_out_and_recoded(tiny_run, tmp_path):
+    from pipeline.report.sections import reference_line
+
+    counts = {"ignored": {"99": 2}, "remapped": {"1110->11": 5}, "outside": 1, "eroded": 0, "kept": 1234}
+    assert reference_line(counts) == (
+        "1,234 kept; left out: 2 of code 99 (reference.ignore_codes), 1 outside every tile; "
+        "recoded (reference.remap): 1110->11 (5)"
+    )
+    assert reference_line({"kept": 3, "outside": 0, "eroded": 0}) == "3 kept"
+    html = build_report(tiny_run, tmp_path / "r.html").read_text()
+    assert "not recorded (no split file, or one written by an older version)" in html

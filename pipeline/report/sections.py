@@ -12,6 +12,7 @@ import numpy as np
 
 from pipeline.config import Config
 from pipeline.layout import Layout
+from pipeline.reference import split_counts
 from pipeline.report import figures, tables
 from pipeline.report import provenance as prov
 from pipeline.report.collect import OVERALL, RunDocs, TileRasters, has_scores, seed_statistics
@@ -127,6 +128,23 @@ def scores_block(
     return out
 
 
+def reference_line(counts: Mapping[str, Any] | None) -> str:
+    """What the split kept of the reference layer, what it left out and why, what it recoded."""
+    if counts is None:
+        return "not recorded (no split file, or one written by an older version)"
+    out = [f"{counts['kept']:,} kept"]
+    gone = [f"{n:,} of code {c} (reference.ignore_codes)" for c, n in counts.get("ignored", {}).items()]
+    if counts.get("outside"):
+        gone.append(f"{counts['outside']:,} outside every tile")
+    if counts.get("eroded"):
+        gone.append(f"{counts['eroded']:,} eroded away (reference.erosion_m)")
+    if gone:
+        out.append("left out: " + ", ".join(gone))
+    if moved := counts.get("remapped"):
+        out.append("recoded (reference.remap): " + ", ".join(f"{k} ({n:,})" for k, n in moved.items()))
+    return "; ".join(out)
+
+
 def run_summary(cfg: Config, docs: RunDocs, built: str) -> Section:
     sec = Section("summary", "Run summary")
     sec.add(
@@ -137,6 +155,7 @@ def run_summary(cfg: Config, docs: RunDocs, built: str) -> Section:
                 ("classifiers", ", ".join(docs.classifiers)),
                 ("seeds", ", ".join(str(s) for s in [cfg.seed, *cfg.extra_seeds])),
                 ("config digest", cfg.digest),
+                ("reference polygons", reference_line(split_counts(Layout(cfg.workdir).split()))),
                 ("report built", built),
             ]
         ),
