@@ -103,6 +103,7 @@ def _rasterise(cfg: Config, args: argparse.Namespace) -> None:
         args.tile,
         args.grid or lay.ingest(args.tile),
         args.out or lay.labels(args.tile),
+        dtype=cfg.map_dtype,
     )
 
 

@@ -144,6 +144,13 @@ def _check_demo(data: dict[str, Any], source: str) -> None:
         )
 
 
+def map_dtype(codes: Any) -> np.dtype:
+    """uint8 when every class code fits (1-255, 0 = no data), else uint16 (crop-type nomenclatures):
+    the smallest type GDAL gives a colour table, so maps of the usual nomenclatures stay a byte."""
+    codes = np.asarray(codes)
+    return np.dtype(np.uint8) if codes.size == 0 or int(codes.max()) <= 255 else np.dtype(np.uint16)
+
+
 def load_config(path: str | os.PathLike[str]) -> Config:
     path = Path(path)
     try:
@@ -223,7 +230,12 @@ class Config:
 
     @cached_property
     def class_codes(self) -> np.ndarray:
-        return np.array([c.code for c in self.classes], dtype=np.uint8)
+        return np.array([c.code for c in self.classes], dtype=self.map_dtype)
+
+    @cached_property
+    def map_dtype(self) -> np.dtype:
+        """What class maps and label stores hold: :func:`map_dtype` of the nomenclature."""
+        return map_dtype([c.code for c in self.classes])
 
     @cached_property
     def date_grid(self) -> np.ndarray:

@@ -104,5 +104,5 @@ def predict_tile(
 
 
 def classify(model: Classifier, norm: Normalisation, cube: np.ndarray) -> np.ndarray:
-    """(T, C, H, W) raw cube -> (H, W) uint8 class codes; no-data pixels are 0 and never predicted."""
+    """(T, C, H, W) raw cube -> (H, W) class codes (the map type); no-data pixels are 0, never predicted."""
     return model.classify_window(cube, norm)[0]

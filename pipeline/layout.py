@@ -10,7 +10,7 @@ the Snakemake rules (which import it), so paths are defined once.
     <workdir>/patches/<tile>.<split>.npz    valid patch positions per class, train/validation (networks)
     <workdir>/models/<name>/model.*         trained classifier + model.json (schema, normalisation)
     <workdir>/models/<name>.checkpoints/    per-epoch network checkpoints (resume after a kill)
-    <workdir>/maps/<name>/<tile>.tif        class map COG (uint8, colour table, nodata 0)
+    <workdir>/maps/<name>/<tile>.tif        class map COG (uint8/uint16, colour table, nodata 0)
     <workdir>/maps/<name>/<tile>_confidence.tif  confidence COG (uint8 0-100, nodata 255)
     <workdir>/quality/<tile>_clear.tif      clear-observation count COG (validity layer)
     <workdir>/metrics/<name>/<tile>.json    confusion matrix and scores on validation polygons

@@ -33,10 +33,12 @@ def confusion(reference: np.ndarray, predicted: np.ndarray, codes: np.ndarray) -
     Pixels whose reference or prediction is not one of ``codes`` (0 = unlabelled / no-data) are
     not counted.
     """
-    lut = np.full(256, -1, dtype=np.int64)
+    codes = np.asarray(codes, dtype=np.int64)
+    size = max(int(codes.max(initial=0)), int(reference.max(initial=0)), int(predicted.max(initial=0))) + 1
+    lut = np.full(size, -1, dtype=np.int64)
     lut[codes] = np.arange(len(codes))
-    r = lut[reference.ravel()]
-    p = lut[predicted.ravel()]
+    r = lut[reference.ravel().astype(np.int64)]
+    p = lut[predicted.ravel().astype(np.int64)]
     keep = (r >= 0) & (p >= 0)
     k = len(codes)
     return np.bincount(r[keep] * k + p[keep], minlength=k * k).reshape(k, k)

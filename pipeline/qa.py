@@ -141,16 +141,17 @@ def class_crops(
     moved back onto the ``_LATTICE``). Absent classes, and classes that fill the window, give nothing.
     """
     h, w = window.shape
-    present = np.bincount(window.ravel(), minlength=256)
+    top = np.iinfo(window.dtype).max + 1  # 256 for uint8 maps, 65536 for uint16
+    present = np.bincount(window.ravel(), minlength=top)
     if codes is None:
         wanted = [int(c) for c in np.flatnonzero(present) if c != nodata]
     else:
-        wanted = [int(c) for c in codes if 0 <= c < 256 and present[c]]
+        wanted = [int(c) for c in codes if 0 <= c < top and present[c]]
     wanted = [c for c in wanted if present[c] < window.size]
     if not wanted:
         return []
     # per (cell, class) pixel counts, classes renumbered 1..k (0: any other value)
-    lut = np.zeros(256, np.int32)
+    lut = np.zeros(top, np.int32)
     lut[wanted] = np.arange(1, len(wanted) + 1, dtype=np.int32)
     k = len(wanted) + 1
     hc, wc = -(-h // _CELL), -(-w // _CELL)
@@ -338,8 +339,8 @@ def corners_windowed(
     def one(item: tuple[Window, tuple[int, ...]]) -> np.ndarray:
         win, (r0, r1, c0, c1) = item
         a = read(win)
-        if a.dtype != np.uint8:
-            a = a.astype(np.uint8)
+        if a.dtype not in (np.uint8, np.uint16):
+            a = a.astype(np.uint16)
         pts = corners_of_segments(class_segments(a, codes, nodata), rule)
         if len(pts) == 0:
             return pts
@@ -371,7 +372,7 @@ def extract_corners(
     margin: int = MARGIN,
     threads: int = 1,
 ) -> np.ndarray:
-    """Corners of an in-memory class map (uint8 codes): (m, 2) float64 ``x, y`` in pixel coordinates.
+    """Corners of an in-memory class map (codes 0-65535): (m, 2) float64 ``x, y`` in pixel coordinates.
 
     ``codes``: the classes to split the map into (default: every value present but ``nodata``); a
     class absent from the map contributes nothing. See the module docstring for the rule.
@@ -379,10 +380,10 @@ def extract_corners(
     class_map = np.asarray(class_map)
     if class_map.ndim != 2:
         raise ValueError(f"a class map is 2-D, got shape {class_map.shape}")
-    if class_map.dtype != np.uint8:
-        if class_map.size and (class_map.min() < 0 or class_map.max() > 255):
-            raise ValueError("class codes must fit in uint8")
-        class_map = class_map.astype(np.uint8)
+    if class_map.dtype not in (np.uint8, np.uint16):
+        if class_map.size and (class_map.min() < 0 or class_map.max() > 65535):
+            raise ValueError("class codes must fit in uint16")
+        class_map = class_map.astype(np.uint8 if class_map.size == 0 or class_map.max() <= 255 else np.uint16)
     rule = CornerRule(distance, max_angle, min_angle, min_length, merge_radius)
     return corners_windowed(
         lambda w: class_map[w.row_off : w.row_off + w.height, w.col_off : w.col_off + w.width],
@@ -455,8 +456,10 @@ def map_corners(
     path = Path(path)
     with _open(path) as src:
         height, width = src.height, src.width
-        if src.count != 1 or src.dtypes[0] != "uint8":
-            raise PipelineError(path, f"a class map has one uint8 band, this has {src.count} {src.dtypes[0]}")
+        if src.count != 1 or src.dtypes[0] not in ("uint8", "uint16"):
+            raise PipelineError(
+                path, f"a class map has one uint8 or uint16 band, this has {src.count} {src.dtypes[0]}"
+            )
         nodata = 0 if src.nodata is None else int(src.nodata)
     handles: list[rasterio.io.DatasetReader] = []
     local = threading.local()

@@ -29,7 +29,7 @@ from shapely import STRtree
 from shapely.geometry import box
 from tqdm import tqdm
 
-from pipeline.config import Config
+from pipeline.config import Config, map_dtype
 from pipeline.errors import PipelineError
 from pipeline.io.atomic import atomic_path
 from pipeline.io.tilestore import (
@@ -303,8 +303,10 @@ def _log_split(gdf: gpd.GeoDataFrame, cfg: Config) -> None:
         log.warning("classes without any reference polygon: %s", ", ".join(names[c] for c in missing))
 
 
-def rasterise_tile(split: Path, tile: str, grid_store: Path, out: Path) -> None:
-    """Burn the train and validation polygons intersecting ``tile`` onto its 10 m grid, window by window."""
+def rasterise_tile(split: Path, tile: str, grid_store: Path, out: Path, dtype: Any = None) -> None:
+    """Burn the train and validation polygons intersecting ``tile`` onto its 10 m grid, window by window,
+    as ``dtype`` codes (the run's map type, :func:`~pipeline.config.map_dtype`; default: what the
+    split's codes need)."""
     grid = store_grid(open_store(grid_store, "ingest"))
     try:
         gdf = gpd.read_file(split, engine="pyogrio")
@@ -314,7 +316,8 @@ def rasterise_tile(split: Path, tile: str, grid_store: Path, out: Path) -> None:
     gdf = gdf[gdf.intersects(box(*grid.bounds))]
     geoms = gdf.geometry.to_numpy()
     tree = STRtree(geoms)
-    codes = gdf["code"].to_numpy().astype(np.uint8)
+    dtype = np.dtype(dtype) if dtype is not None else map_dtype(gdf["code"].to_numpy())
+    codes = gdf["code"].to_numpy().astype(dtype)
     splits = gdf["split"].to_numpy()
     for field in ("fold", SELECTION):
         if field not in gdf.columns:
@@ -325,9 +328,9 @@ def rasterise_tile(split: Path, tile: str, grid_store: Path, out: Path) -> None:
     held = np.where((splits == "train") & (gdf[SELECTION].to_numpy() != 0), "train", "")
     with atomic_path(out) as tmp:
         group = create_store(tmp, "reference", grid, tile=tile, n_polygons=int(len(gdf)))
-        arrays = {name: add_array(group, name, (grid.height, grid.width), "uint8", 0) for name in SPLITS}
+        arrays = {name: add_array(group, name, (grid.height, grid.width), dtype.name, 0) for name in SPLITS}
         fold_arr = add_array(group, TRAIN_FOLD, (grid.height, grid.width), "uint8", 0)
-        sel_arr = add_array(group, SELECTION, (grid.height, grid.width), "uint8", 0)
+        sel_arr = add_array(group, SELECTION, (grid.height, grid.width), dtype.name, 0)
         for win in tqdm(list(iter_windows(grid.height, grid.width)), desc=f"rasterise {tile}", unit="win"):
             burnt = burn_window(grid, win, geoms, codes, splits, tree)
             rows, cols = win_slices(win)
@@ -353,8 +356,8 @@ def burn_window(grid: Grid, win, geoms, codes, splits, tree: STRtree) -> dict[st
                 out_shape=shape,
                 transform=win_transform(win, grid.transform),
                 fill=0,
-                dtype="uint8",
+                dtype=codes.dtype.name,
             )
         else:
-            out[name] = np.zeros(shape, np.uint8)
+            out[name] = np.zeros(shape, codes.dtype)
     return out

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import zarr
 
+from pipeline.config import map_dtype
 from pipeline.errors import PipelineError
 from pipeline.io.tilestore import SHARD, iter_windows, open_store, store_grid, win_slices
 from pipeline.models.features import NODATA, Normalisation, schema_mismatch
@@ -46,7 +47,7 @@ class PixelSample:
     """The drawn pixels: raw features, codes and provenance, grouped by class in code order."""
 
     features: np.ndarray  # (N, T*C) int16, t-major, not yet normalised
-    labels: np.ndarray  # (N,) uint8 class codes
+    labels: np.ndarray  # (N,) class codes (the map type: uint8, or uint16 above 255)
     tile: np.ndarray  # (N,) index into ``tiles``
     row: np.ndarray
     col: np.ndarray
@@ -71,8 +72,8 @@ def collect_candidates(
     tiles = sorted(labels)
     if missing := sorted(set(tiles) - set(gapfilled)):
         raise PipelineError(None, f"no gapfilled store given for tiles {', '.join(missing)}")
-    known = np.zeros(256, bool)
-    known[codes] = True
+    known = np.zeros(np.iinfo(map_dtype(codes)).max + 1, bool)  # every value such a label store holds
+    known[np.asarray(codes, dtype=np.int64)] = True
     cands = {int(c): Candidates() for c in codes}
     for ti, tile in enumerate(tiles):
         need = (split, TRAIN_FOLD) if exclude_fold is not None else (split,)
@@ -143,6 +144,7 @@ def balanced_sample(
     ``norm`` (when given) is only used to check each store's bands/dates before any read.
     """
     tiles, cands = collect_candidates(labels, gapfilled, codes, split, exclude_fold)
+    code_type = map_dtype(codes)
     stores = [open_store(gapfilled[t], "gapfilled", ("reflectance",)) for t in tiles]
     if norm is not None:
         for tile, grp in zip(tiles, stores, strict=True):
@@ -169,7 +171,7 @@ def balanced_sample(
                 cursor[code] = b
         if not batch:
             break
-        b_code = np.concatenate([np.full(t.size, c, np.uint8) for c, t, _, _ in batch])
+        b_code = np.concatenate([np.full(t.size, c, np.int64) for c, t, _, _ in batch])
         b_tile = np.concatenate([t for _, t, _, _ in batch])
         b_row = np.concatenate([r for _, _, r, _ in batch])
         b_col = np.concatenate([q for _, _, _, q in batch])
@@ -187,7 +189,7 @@ def balanced_sample(
     parts = [p for code in sorted(kept) for p in kept[code]]
     n_feat = len(norm.channels) if norm is not None else (parts[0][0].shape[1] if parts else 0)
     labels_out = np.concatenate(
-        [np.full(n_kept[c], c, np.uint8) for c in sorted(kept)] or [np.empty(0, np.uint8)]
+        [np.full(n_kept[c], c, code_type) for c in sorted(kept)] or [np.empty(0, code_type)]
     )
     if parts:
         feats_out = np.concatenate([p[0] for p in parts])

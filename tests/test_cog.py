@@ -51,6 +51,28 @@ def test_class_map_cog(tmp_path):
     assert [p.name for p in out.parent.iterdir()] == ["T31TCJ.tif"]  # no staging/temp left
 
 
+def test_codes_above_255_make_a_uint16_map_with_its_colour_table(tmp_path):
+    """A crop-type nomenclature: the map is uint16 (GDAL gives GTiff uint16 colour tables), with
+    every class's colour, MODE overviews of existing codes only; under 256 it stays a byte."""
+    crops = [ClassDef(1110, "WWH", "Winter wheat", "#ffd700"), ClassDef(9120, "GRA", "Grassland", "#55ff00"),
+             ClassDef(11, "ASC", "Annual summer crops", "#ff5500")]  # fmt: skip
+    grid = make_grid(1100, 900)
+    labels = np.random.default_rng(0).choice(np.array([0, 11, 1110, 9120], np.uint16), (900, 1100))
+    out = tmp_path / "crops.tif"
+    write_class_map(out, grid, crops, labels)
+    with rasterio.open(out) as src:
+        assert src.dtypes[0] == "uint16" and src.tags(ns="IMAGE_STRUCTURE")["LAYOUT"] == "COG"
+        cmap = src.colormap(1)
+        assert cmap[1110] == (0xFF, 0xD7, 0x00, 255) and cmap[9120] == (0x55, 0xFF, 0x00, 255)
+        assert cmap[0][3] == 0 and cmap[11] == (0xFF, 0x55, 0x00, 255)
+        np.testing.assert_array_equal(src.read(1), labels)
+        assert src.overviews(1)
+        assert set(np.unique(src.read(1, out_shape=(450, 550))).tolist()) <= {0, 11, 1110, 9120}
+    write_class_map(tmp_path / "small.tif", grid, CLASSES, labels.clip(0, 11).astype(np.uint8))
+    with rasterio.open(tmp_path / "small.tif") as src:
+        assert src.dtypes[0] == "uint8"
+
+
 def test_failed_write_leaves_nothing(tmp_path):
     grid = make_grid(64, 64)
     out = tmp_path / "m.tif"

@@ -41,6 +41,10 @@ def _cfg(tmp_path: Path, size: int = 128, fmts=("theia", "theia")) -> Config:
     raw["demo"]["out"] = str(tmp_path)
     raw["demo"]["size"] = size
     raw["demo"]["tiles"] = [{"name": n, "format": f} for n, f in zip(("T31TCJ", "T31TDJ"), fmts, strict=True)]
+    # the inputs are what the demo writes (checked at validation)
+    raw["inputs"]["tiles"] = {t["name"]: {"format": t["format"], "path": str(tmp_path / t["name"])}
+                              for t in raw["demo"]["tiles"]}  # fmt: skip
+    raw["inputs"]["reference"] = str(tmp_path / "reference.gpkg")
     return Config(validate(raw))
 
 

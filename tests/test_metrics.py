@@ -27,11 +27,16 @@ def test_hand_computed_two_classes():
     assert s["recall"] == pytest.approx([0.8, 0.9])
 
 
-def test_against_sklearn_with_unlabelled_and_nodata():
+@pytest.mark.parametrize(
+    ("codes", "dtype"),
+    [([11, 12, 31, 51], np.uint8), ([11, 1110, 1200, 9120], np.uint16)],
+    ids=["uint8", "uint16"],
+)
+def test_against_sklearn_with_unlabelled_and_nodata(codes, dtype):
     rng = np.random.default_rng(3)
-    codes = np.array([11, 12, 31, 51], dtype=np.uint8)
-    ref = rng.choice(np.r_[0, codes], size=5000).astype(np.uint8)
-    pred = np.where(rng.random(5000) < 0.7, ref, rng.choice(np.r_[0, codes], size=5000)).astype(np.uint8)
+    codes = np.array(codes, dtype=dtype)
+    ref = rng.choice(np.r_[0, codes], size=5000).astype(dtype)
+    pred = np.where(rng.random(5000) < 0.7, ref, rng.choice(np.r_[0, codes], size=5000)).astype(dtype)
     cm = confusion(ref, pred, codes)
     keep = (ref > 0) & (pred > 0)
     np.testing.assert_array_equal(cm, confusion_matrix(ref[keep], pred[keep], labels=codes))

@@ -182,7 +182,7 @@ def test_patch_positions_edge_cases():
     assert patch_positions(np.zeros((20, 20), np.uint8), 8, 1, 0.1, CODES).rows.size == 0
     with pytest.raises(ValueError, match="min_fraction"):
         patch_positions(lab, 2, 1, 0.0, CODES)
-    with pytest.raises(ValueError, match="1..255"):
+    with pytest.raises(ValueError, match="1..65535"):
         patch_positions(lab, 2, 1, 0.1, [0, 1])
 
 

@@ -288,6 +288,25 @@ def test_tile_qa_end_to_end(tmp_path):
     assert doc["max_standard_error"] == 0.05
 
 
+def test_a_uint16_map_has_the_corners_of_the_same_map_in_bytes(tmp_path):
+    """Crop-type codes above 255: the corners do not depend on the codes, only on the classes."""
+    small = scene()
+    big = np.select([small == k for k in (1, 2, 3, 4)], [1, 1110, 9120, 4000]).astype(np.uint16)
+    grid = make_grid(400, 400)
+    crops = [
+        ClassDef(1, "BG", "Background", "#202020"),
+        ClassDef(1110, "WWH", "Winter wheat", "#ffd700"),
+        ClassDef(9120, "GRA", "Grassland", "#55ff00"),
+        ClassDef(4000, "VIN", "Vineyards", "#8b1a4a"),
+    ]
+    write_class_map(tmp_path / "big.tif", grid, crops, big)
+    write_class_map(tmp_path / "small.tif", grid, CLASSES, small)
+    doc = tile_qa({"big": tmp_path / "big.tif"}, [tmp_path / "small.tif"], tmp_path / "q.json")
+    assert doc["models"]["big"]["corners"] == doc["references"][0]["corners"] > 20
+    assert doc["models"]["big"]["mean"] == 1.0
+    np.testing.assert_array_equal(extract_corners(big), extract_corners(small))
+
+
 def test_standard_error_of_a_corner_score_by_hand():
     # 2 of 4 corners: p = 3/6, p(1-p)/n = 0.0625; 2 of 2: p = 3/4, 0.1875 / 2 = 0.09375; RMS
     assert standard_error([0.5, 1.0], [4, 2]) == pytest.approx(np.sqrt((0.0625 + 0.09375) / 2), abs=1e-6)

@@ -54,30 +54,22 @@ def _polygons(ct: np.ndarray, transform: Affine, out: Path) -> Path:
     return out
 
 
-@pytest.fixture(scope="module")
-def run(tmp_path_factory, real_data_module) -> Path:
-    work = tmp_path_factory.mktemp("worldcereal")
-    ct, lc, transform = _labels(real_data_module)
-    assert (
-        (lc[np.isin(ct, CROPLAND)] == 11).all() and (lc[ct == 9120] == 13).all() and (lc[ct == 0] == 99).all()
-    )
+def _run(work: Path, real: Path, change) -> Path:
+    """The chain on the cube with the LPIS polygons, from a config with the demo dropped."""
+    ct, _, transform = _labels(real)
     raw = yaml.safe_load((REPO / "config.yaml").read_text())
     del raw["demo"]
     raw["run"]["workdir"] = "results"
     raw["inputs"] = {
-        "tiles": {"T31UES": {"format": "cube", "path": str(real_data_module / WORLDCEREAL)}},
+        "tiles": {"T31UES": {"format": "cube", "path": str(real / WORLDCEREAL)}},
         "reference": str(_polygons(ct, transform, work / "lpis.gpkg")),
         "class_field": "code",
     }
-    raw["nomenclature"] = [
-        {"code": 11, "name": "ACR", "label": "Annual cropland", "colour": "#ffaa00"},
-        {"code": 13, "name": "GRA", "label": "Grassland", "colour": "#55ff00"},
-    ]
-    raw["reference"].update(ignore_codes=[0], remap={str(c): 11 for c in CROPLAND} | {"9120": 13})
     raw["date_grid"] = {"start": "2018-10-01", "end": "2019-09-06", "step_days": 20}  # 18 dates
     raw["classifiers"] = ["rf"]
     raw["rf"]["n_estimators"] = 50
     raw["qa"]["references"] = 2
+    change(raw)
     (work / "my.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
     cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--cores", "2",
            "--configfile", "my.yaml"]  # fmt: skip
@@ -85,6 +77,44 @@ def run(tmp_path_factory, real_data_module) -> Path:
     proc = subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stderr[-5000:]
     return work
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, real_data_module) -> Path:
+    """Land cover: the crop types recoded to annual cropland and grassland, CT 0 left out."""
+    ct, lc, _ = _labels(real_data_module)
+    assert (lc[np.isin(ct, CROPLAND)] == 11).all() and (lc[ct == 9120] == 13).all()
+    assert (lc[ct == 0] == 99).all()
+
+    def land_cover(raw: dict) -> None:
+        raw["nomenclature"] = [
+            {"code": 11, "name": "ACR", "label": "Annual cropland", "colour": "#ffaa00"},
+            {"code": 13, "name": "GRA", "label": "Grassland", "colour": "#55ff00"},
+        ]
+        raw["reference"].update(ignore_codes=[0], remap={str(c): 11 for c in CROPLAND} | {"9120": 13})
+
+    return _run(tmp_path_factory.mktemp("worldcereal"), real_data_module, land_cover)
+
+
+@pytest.fixture(scope="module")
+def crops(tmp_path_factory, real_data_module) -> Path:
+    """The crop types themselves (codes 1110-9120: uint16 maps), mapped by RF and a small FG-UNET."""
+
+    def crop_types(raw: dict) -> None:
+        rng = np.random.default_rng(0)
+        raw["nomenclature"] = [
+            {"code": c, "name": f"C{c}", "label": f"WorldCereal crop type {c}",
+             "colour": "#" + "".join(f"{v:02x}" for v in rng.integers(0, 256, 3))}
+            for c in (*CROPLAND, 9120)
+        ]  # fmt: skip
+        raw["reference"]["ignore_codes"] = [0]
+        raw["classifiers"] = ["rf", "fgunet"]
+        raw["nets"].update(
+            groups=6, unet_filters=[8, 16, 32], patch_size=32, batch_size=4, epochs=1, steps_per_epoch=4,
+            warmup_epochs=1, selection_patches=4, min_class_positions=1, allow_undrawn_classes=True,
+        )  # fmt: skip
+
+    return _run(tmp_path_factory.mktemp("crops"), real_data_module, crop_types)
 
 
 @pytest.fixture(scope="module")
@@ -132,3 +162,28 @@ def test_the_chain_maps_the_cube_with_recoded_labels(run, real_data_module):
     assert "1110-&gt;11" in html and "9120-&gt;13" in html
     qa = json.loads(lay.qa("T31UES").read_text())
     assert qa["warnings"] and "too few corners" in qa["warnings"][0]
+
+
+def test_crop_type_codes_above_255_are_mapped_in_uint16(crops, real_data_module):
+    cfg = load_config(crops / "my.yaml")
+    lay = Layout(crops / cfg.workdir)
+    ct, _, _ = _labels(real_data_module)
+    labels = open_store(lay.labels("T31UES"), "reference", ("train", "validation"))
+    train, val = labels["train"][:], labels["validation"][:]
+    assert train.dtype == np.uint16
+    np.testing.assert_array_equal(np.maximum(train, val), ct)  # the codes as they are, CT 0 = none
+    for model in ("rf", "fgunet"):
+        with rasterio.open(lay.class_map(model, "T31UES")) as src:
+            assert src.dtypes[0] == "uint16"
+            values = set(np.unique(src.read(1)).tolist())
+            assert values <= {0, *CROPLAND, 9120} and values - {0}, (model, values)
+            if model == "rf":  # the two big classes are mapped (4 network steps only test the path)
+                assert {1110, 9120} <= values, values
+            cmap = src.colormap(1)
+            for c in cfg.classes:
+                assert cmap[c.code] == (*c.rgb, 255)
+        overall = json.loads(lay.overall_metrics(model).read_text())
+        assert set(overall["per_class"]) == {c.name for c in cfg.classes}
+        assert overall["n_pixels"] == int((val > 0).sum())
+    html = lay.report().read_text()
+    assert "C1110" in html and "C9120" in html

@@ -23,7 +23,7 @@ import rasterio.shutil
 from rasterio.windows import Window
 from tqdm import tqdm
 
-from pipeline.config import ClassDef
+from pipeline.config import ClassDef, map_dtype
 from pipeline.io.atomic import atomic_path
 from pipeline.io.tilestore import SHARD, Grid, iter_windows, open_store, store_grid, win_slices
 
@@ -110,12 +110,13 @@ def class_map_writer(
     extra_tags: dict[str, str] | None = None,
     threads: int = 1,
 ) -> Iterator[RasterSink]:
-    """A class-map COG (uint8, nodata 0, colour table, class names, MODE overviews) fed by windows."""
+    """A class-map COG (uint8, or uint16 for codes above 255; nodata 0, colour table, class names,
+    MODE overviews) fed by windows."""
     tags, band = class_tags(classes)
     with cog_writer(
         out,
         grid,
-        "uint8",
+        map_dtype([c.code for c in classes]).name,
         nodata=0,
         resampling="MODE",
         colormap=class_colormap(classes),
@@ -176,9 +177,10 @@ def write_class_map(
     """Write an in-memory class map (tests, small maps); tiles go through :func:`class_map_writer`."""
     if labels.shape != (grid.height, grid.width):
         raise ValueError(f"labels shape {labels.shape} does not match the grid {grid.height}x{grid.width}")
+    dtype = map_dtype([c.code for c in classes])
     with class_map_writer(out, grid, classes, extra_tags=extra_tags, threads=threads) as sink:
         for win in iter_windows(grid.height, grid.width, BLOCK):
-            sink.write(win, labels[win_slices(win)].astype(np.uint8))
+            sink.write(win, labels[win_slices(win)].astype(dtype))
 
 
 def write_validity(gapfilled: Path, out: Path) -> None:

@@ -18,6 +18,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from pipeline.config import map_dtype
 from pipeline.errors import PipelineError
 from pipeline.io.atomic import atomic_path
 from pipeline.models import MapSettings, derive_seed, refuse_options
@@ -151,7 +152,7 @@ def map_pixels(
     Pixels go in chunks, so the (n, F) features a model reads never exceed ``chunk`` rows.
     """
     h, w = valid.shape
-    codes = np.zeros(h * w, np.uint8)
+    codes = np.zeros(h * w, map_dtype(classes))
     conf = np.full(h * w, CONFIDENCE_NODATA, np.uint8)
     idx = np.flatnonzero(valid)
     for a in range(0, idx.size, chunk):

@@ -18,6 +18,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
+from pipeline.config import map_dtype
 from pipeline.errors import PipelineError
 from pipeline.models import MapSettings, refuse_options, register
 from pipeline.models.features import Normalisation, nodata_mask
@@ -43,7 +44,7 @@ class NetClassifier:
         # channels-last weights: oneDNN's convs use that layout natively (2x on CPU, same results;
         # docs/benchmarks/fgunet.md)
         self.net = net.to(device).eval().to(memory_format=torch.channels_last)
-        self.codes = np.asarray(codes, dtype=np.uint8)
+        self.codes = np.asarray(codes, dtype=map_dtype(codes))
         self.indices = tuple(indices)
         self.device = device
         self.precision = "fp32"

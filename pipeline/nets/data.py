@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from pipeline.config import Config
+from pipeline.config import Config, map_dtype
 from pipeline.errors import PipelineError
 from pipeline.io.tilestore import iter_windows, open_store, store_grid, win_slices
 from pipeline.models.features import NODATA, Normalisation, nodata_mask, schema_mismatch
@@ -44,6 +44,8 @@ class PatchData:
         self.labels: dict[str, Any] = {}
         self.train_index: dict[str, PatchIndex] = {}
         self.select_index: dict[str, PatchIndex] = {}
+        # label codes are uint8, or uint16 for a nomenclature above 255 (pipeline.config.map_dtype)
+        self.code_dtype = np.dtype(np.uint8)
         for tile, path in gapfilled.items():
             group = open_store(path, "gapfilled", ("reflectance",))
             if why := schema_mismatch(dict(group.attrs), norm.bands, norm.dates, against="the percentiles'"):
@@ -53,6 +55,7 @@ class PatchData:
                 raise PipelineError(labels[tile], f"label grid differs from the gapfilled store {path}")
             self.refl[tile] = group["reflectance"]
             self.labels[tile] = {"train": training_labels(ref), SELECTION: ref[SELECTION]}
+            self.code_dtype = np.promote_types(self.code_dtype, ref["train"].dtype)
             self.train_index[tile] = _load_index(patches[tile], size)
             self.select_index[tile] = _load_index(selection_index_path(patches[tile]), size)
 
@@ -73,13 +76,14 @@ class PatchData:
         """
         world = world or World()
         holders = tile_holders(list(self.labels), world.size)
-        counts = np.zeros(256, np.int64)
+        top = np.iinfo(map_dtype(codes)).max + 1  # every value a label store of these codes holds
+        counts = np.zeros(top, np.int64)
         for tile, ref in self.labels.items():
             if holders[tile][0] != world.rank:
                 continue
             arr = ref["train"]
             for win in iter_windows(*arr.shape):
-                counts += np.bincount(np.asarray(arr[win_slices(win)]).ravel(), minlength=256)
+                counts += np.bincount(np.asarray(arr[win_slices(win)]).ravel(), minlength=top)[:top]
         if world.size > 1:
             total = torch.from_numpy(counts)
             dist.all_reduce(total)
@@ -90,7 +94,7 @@ class PatchData:
         """(n, T, C, N, N) raw patches and (n, N, N) label codes, in the order of ``refs``."""
         t, c = self.refl[refs[0].tile].shape[:2]
         x = np.empty((len(refs), t, c, self.size, self.size), np.int16)
-        y = np.empty((len(refs), self.size, self.size), np.uint8)
+        y = np.empty((len(refs), self.size, self.size), self.code_dtype)
         for tile in dict.fromkeys(r.tile for r in refs):
             at = [i for i, r in enumerate(refs) if r.tile == tile]
             x[at], y[at] = read_patches(
@@ -118,7 +122,7 @@ class PatchData:
         r1, c1 = min(h, ref.row + self.size + margin), min(w, ref.col + self.size + margin)
         x = np.asarray(refl[:, :, r0:r1, c0:c1])
         rows, cols = slice(ref.row, ref.row + self.size), slice(ref.col, ref.col + self.size)
-        y = np.array(self.labels[ref.tile][split][rows, cols], dtype=np.uint8)
+        y = np.array(self.labels[ref.tile][split][rows, cols], dtype=self.code_dtype)
         off = (ref.row - r0, ref.col - c0)
         inner = x[:, :, off[0] : off[0] + self.size, off[1] : off[1] + self.size]
         y[nodata_mask(inner)] = 0  # no observation: nothing to score (as in read)
@@ -126,7 +130,7 @@ class PatchData:
 
     def read_labels(self, refs: Sequence[PatchRef], split: str = "train") -> np.ndarray:
         """(n, N, N) label codes of ``refs`` without their reflectance (for pixel statistics)."""
-        y = np.empty((len(refs), self.size, self.size), np.uint8)
+        y = np.empty((len(refs), self.size, self.size), self.code_dtype)
         for i, r in enumerate(refs):
             y[i] = self.labels[r.tile][split][r.row : r.row + self.size, r.col : r.col + self.size]
         return y
@@ -191,11 +195,13 @@ def sampled_pixels(
     Every process draws the same patches from ``seed``, so all get the same weights.
     """
     refs = sampler.draw(n, np.random.default_rng(seed))
-    seen = np.bincount(data.read_labels(refs).ravel(), minlength=256)
-    return seen[np.asarray(codes, dtype=np.int64)]
+    codes = np.asarray(codes, dtype=np.int64)
+    seen = np.bincount(data.read_labels(refs).ravel(), minlength=int(codes.max(initial=0)) + 1)
+    return seen[codes]
 
 
 def code_lut(codes: np.ndarray) -> np.ndarray:
-    lut = np.full(256, -1, np.int64)
+    """Class code -> class index (-1 elsewhere), over every value of the codes' map type."""
+    lut = np.full(np.iinfo(map_dtype(codes)).max + 1, -1, np.int64)
     lut[np.asarray(codes, dtype=np.int64)] = np.arange(len(codes))
     return lut

@@ -188,10 +188,12 @@ class BatchSource:
         t, c = refl.shape[:2]
         n = self.data.size
         x_bytes = t * c * n * n * np.dtype(refl.dtype).itemsize
-        size = x_bytes + n * n
+        code = self.data.code_dtype
+        size = x_bytes + n * n * code.itemsize
         reqs, bufs = [], {}
         for k, to in plan.sends(rank):
             x, y = own[k]
+            y = np.ascontiguousarray(y, dtype=code)
             msg = np.concatenate([np.ascontiguousarray(x).view(np.uint8).ravel(), y.ravel().view(np.uint8)])
             reqs.append(dist.isend(torch.from_numpy(msg), dst=to, tag=k))
             self.sent_bytes += msg.nbytes
@@ -204,5 +206,5 @@ class BatchSource:
         for k, buf in bufs.items():
             raw = buf.numpy()
             x = raw[:x_bytes].view(refl.dtype).reshape(t, c, n, n)
-            out[k] = (x, raw[x_bytes:].reshape(n, n).copy())
+            out[k] = (x, raw[x_bytes:].view(code).reshape(n, n).copy())
         return out

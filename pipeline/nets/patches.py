@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import numpy as np
 import zarr
 
+from pipeline.config import map_dtype
 from pipeline.errors import PipelineError
 from pipeline.io.atomic import atomic_path
 from pipeline.io.tilestore import SHARD, open_store
@@ -111,8 +112,8 @@ def _check_params(size: int, stride: int, min_fraction: float, codes: Sequence[i
     if not 0 < min_fraction <= 1:
         raise ValueError(f"min_fraction must be in (0, 1], got {min_fraction}")
     codes = [int(c) for c in codes]
-    if bad := [c for c in codes if not 0 < c < 256]:
-        raise ValueError(f"class codes must be in 1..255, got {bad}")
+    if bad := [c for c in codes if not 0 < c < 65536]:
+        raise ValueError(f"class codes must be in 1..65535, got {bad}")
     return codes
 
 
@@ -309,7 +310,7 @@ class PatchIndex:
                     min_fraction=float(z["min_fraction"]),
                     rows=z["rows"].astype(np.int32, copy=False),
                     cols=z["cols"].astype(np.int32, copy=False),
-                    class_codes=z["class_codes"].astype(np.uint8, copy=False),
+                    class_codes=z["class_codes"].astype(map_dtype(z["class_codes"]), copy=False),
                     class_offsets=z["class_offsets"].astype(np.int64, copy=False),
                     class_members=z["class_members"].astype(np.int64, copy=False),
                     class_pixels=z["class_pixels"].astype(np.int32, copy=False),
@@ -412,7 +413,7 @@ def index_tile(
         min_fraction=float(min_fraction),
         rows=np.concatenate(rows) if rows else np.empty(0, np.int32),
         cols=np.concatenate(cols) if cols else np.empty(0, np.int32),
-        class_codes=np.array([codes[i] for i in keep], np.uint8),
+        class_codes=np.array([codes[i] for i in keep], map_dtype(codes)),
         class_offsets=np.concatenate([[0], np.cumsum([per_code[i].size for i in keep])]).astype(np.int64),
         class_members=np.concatenate([per_code[i] for i in keep] or [np.empty(0, np.int64)]).astype(np.int64),
         class_pixels=np.concatenate(
@@ -511,7 +512,7 @@ class ClassFirstSampler:
             )
         if not self._members:
             raise PipelineError(None, f"no tile among {self.tiles} has a valid patch position for any class")
-        self.classes = np.array(sorted(self._members), np.uint8)
+        self.classes = np.array(sorted(self._members), map_dtype(sorted(self._members)))
 
     @property
     def counts(self) -> dict[int, int]:

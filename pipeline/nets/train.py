@@ -361,7 +361,7 @@ def evaluate(
         loss_sum += weighted_sparse_ce(logits, yt, weights).item() * yt.numel()
         n_px += yt.numel()
         pred = np.asarray(codes)[logits[0].argmax(0).cpu().numpy()]
-        cm += confusion(labels, pred.astype(np.uint8), np.asarray(codes))
+        cm += confusion(labels, pred.astype(np.int64), np.asarray(codes))
     sc = scores(cm)
     f1 = [f for f in sc["f1"] if f is not None]
     return {

@@ -42,8 +42,9 @@ def png(fig: Figure) -> bytes:
 def colourise(labels: np.ndarray, classes: Sequence[ClassDef]) -> np.ndarray:
     """(h, w, 4) uint8 RGBA of a class map with the nomenclature colours; no-data and unknown codes
     transparent."""
-    lut = np.zeros((256, 4), dtype=np.uint8)
-    for code, rgba in class_colormap(classes).items():
+    cmap = class_colormap(classes)
+    lut = np.zeros((max(256, max(cmap) + 1, int(labels.max(initial=0)) + 1), 4), dtype=np.uint8)
+    for code, rgba in cmap.items():
         lut[code] = rgba
     return lut[labels]
 
