@@ -78,9 +78,16 @@ def _open(path: Path) -> Any:
         raise PipelineError(path, f"cannot open as a netCDF/zarr cube ({type(exc).__name__}: {exc})") from exc
 
 
-@functools.lru_cache(maxsize=16)
 def _dataset(path: Path) -> Any:
-    """One open dataset per file and process (windows are read from many threads or workers)."""
+    """One open dataset per file and process (windows are read from many threads or workers); a
+    file rewritten since (another modification time or size) is opened again."""
+    st = path.stat()
+    return _cached(path, st.st_mtime_ns, st.st_size)
+
+
+@functools.lru_cache(maxsize=16)
+def _cached(path: Path, mtime_ns: int, size: int) -> Any:
+    del mtime_ns, size  # part of the cache key only
     return _open(path)
 
 
@@ -141,7 +148,7 @@ class Cube:
         self.path = Path(path)
         self.files = cube_files(self.path)
         self.epsg: int | None = s.get("epsg")
-        datasets = {f: _open(f) for f in self.files}
+        datasets = {f: _dataset(f) for f in self.files}  # the handles the windows read through
         named = s.get("bands") or {}
         if unknown := sorted(set(named) - set(BANDS)):
             raise PipelineError(self.path, f"cube.bands: {', '.join(unknown)} not among {', '.join(BANDS)}")
@@ -171,12 +178,9 @@ class Cube:
     def _mask(self, datasets: dict[Path, Any], s: Mapping[str, Any], key: str, default: str | None):
         if key in s:  # named (or explicitly null) in the config: must be there
             return None if s[key] is None else self._find(datasets, (s[key],), f"cube.{key}")
-        if default is None:
-            return None
-        try:
-            return self._find(datasets, (default,), key)
-        except PipelineError:
-            return None
+        if default is None or not any(default in ds.data_vars for ds in datasets.values()):
+            return None  # optional and absent; present but unusable is an error, as when named
+        return self._find(datasets, (default,), key)
 
     def _find(self, datasets: dict[Path, Any], names: tuple[str, ...], what: str) -> CubeVariable:
         hits = [(f, n) for n in names for f, ds in datasets.items() if n in ds.data_vars]
@@ -186,7 +190,7 @@ class Cube:
                 f"no variable {' or '.join(names)} for {what} in {', '.join(f.name for f in datasets)}"
                 " (cube.bands maps other names)",
             )
-        if len({f for f, _ in hits}) > 1 or len(hits) > 1:
+        if len(hits) > 1:
             raise PipelineError(
                 self.path, f"{what} found more than once: {', '.join(f'{f.name}:{n}' for f, n in hits)}"
             )
