@@ -135,6 +135,30 @@ def test_other_names_a_mask_and_a_scale_from_the_config(tmp_path):
     assert not (tmp_path / "b.zarr").exists()
 
 
+def test_lowercase_names_other_dim_order_and_float_reflectance(tmp_path):
+    """Another common writer: float32 reflectance 0-1 with NaN for no data, names in lower case,
+    dims (y, x, time). Same store."""
+    c = synthetic_cube()
+    out = []
+    for ds in to_datasets(c, scale=None):
+        conv = xr.Dataset(coords=ds.coords)
+        conv["spatial_ref"] = ds["spatial_ref"]
+        for name, var in ds.data_vars.items():
+            if name == "spatial_ref":
+                continue
+            if name != "SCL":
+                var = (var.where(var != 0) * 1e-4).astype(np.float32)
+                var.attrs = {"grid_mapping": "spatial_ref"}
+            conv[name.lower()] = var.transpose("y", "x", "t")
+        out.append(conv)
+    src = write_cube(tmp_path / "cube", out)
+    import_cube(src, "T31TCJ", tmp_path / "a.zarr")
+    g = open_store(tmp_path / "a.zarr", "ingest", ("reflectance", "valid"))
+    refl, valid = expected(c)
+    np.testing.assert_array_equal(g["reflectance"][:], refl)
+    np.testing.assert_array_equal(g["valid"][:].astype(bool), valid)
+
+
 def _broken(tmp_path, change) -> Path:
     c = synthetic_cube()
     datasets = to_datasets(c)

@@ -58,6 +58,7 @@ class CubeVariable:
 
     file: Path
     name: str
+    time: str  # its time dimension (any name; the dims may come in any order)
     level: int  # 1: 10 m grid, 2: 20 m grid
     scale: float
     offset: float
@@ -178,12 +179,15 @@ class Cube:
     def _mask(self, datasets: dict[Path, Any], s: Mapping[str, Any], key: str, default: str | None):
         if key in s:  # named (or explicitly null) in the config: must be there
             return None if s[key] is None else self._find(datasets, (s[key],), f"cube.{key}")
-        if default is None or not any(default in ds.data_vars for ds in datasets.values()):
+        names = [str(v).lower() for ds in datasets.values() for v in ds.data_vars]
+        if default is None or default.lower() not in names:
             return None  # optional and absent; present but unusable is an error, as when named
         return self._find(datasets, (default,), key)
 
     def _find(self, datasets: dict[Path, Any], names: tuple[str, ...], what: str) -> CubeVariable:
-        hits = [(f, n) for n in names for f, ds in datasets.items() if n in ds.data_vars]
+        # names match whatever their case (B02, b02)
+        hits = [(f, v) for n in names for f, ds in datasets.items() for v in ds.data_vars
+                if str(v).lower() == n.lower()]  # fmt: skip
         if not hits:
             raise PipelineError(
                 self.path,
@@ -197,8 +201,9 @@ class Cube:
         f, name = hits[0]
         ds = datasets[f]
         var = ds[name]
-        if var.ndim != 3 or var.dims[1:] != ("y", "x"):
+        if var.ndim != 3 or not {"y", "x"} <= set(var.dims):
             raise PipelineError(f, f"variable {name} has dims {var.dims}, expected (time, y, x)")
+        time = next(d for d in var.dims if d not in ("y", "x"))
         _, dx, _ = _axis(ds, "x", f)
         _, dy, _ = _axis(ds, "y", f)
         if dy >= 0 or dx <= 0:
@@ -216,6 +221,7 @@ class Cube:
         return CubeVariable(
             file=f,
             name=name,
+            time=str(time),
             level=level,
             scale=float(attrs.get("scale_factor", 1.0)),
             offset=float(attrs.get("add_offset", 0.0)),
@@ -229,9 +235,9 @@ class Cube:
         y0, dy, h = _axis(ds, "y", ref.file)
         crs = _crs(ds, ds[ref.name], ref.file, self.epsg)
         grid = Grid(crs, Affine(dx, 0.0, x0 - dx / 2, 0.0, dy, y0 - dy / 2), w, h)
-        times = ds[ds[ref.name].dims[0]].values
+        times = ds[ref.time].values
         if not np.issubdtype(times.dtype, np.datetime64):
-            raise PipelineError(ref.file, f"time coordinate '{ds[ref.name].dims[0]}' is not decoded as dates")
+            raise PipelineError(ref.file, f"time coordinate '{ref.time}' is not decoded as dates")
         stamps = [datetime.fromtimestamp(int(t.astype("datetime64[s]").astype(np.int64)), UTC) for t in times]
         return grid, stamps
 
@@ -253,7 +259,7 @@ class Cube:
                     f"does not cover the tile's 10 m grid ({self.grid.width}x{self.grid.height} px from "
                     f"({g.c:g}, {g.f:g}))",
                 )
-            times = ds[ds[v.name].dims[0]].values.astype("datetime64[s]")
+            times = ds[v.time].values.astype("datetime64[s]")
             if len(times) != len(t) or (times != t.astype("datetime64[s]")).any():
                 raise PipelineError(v.file, f"variable {v.name}: its time axis differs from the 10 m bands'")
         if any(v.level == 2 for v in self._variables()) and (self.grid.width % 2 or self.grid.height % 2):
@@ -267,8 +273,9 @@ class Cube:
 
     def _read(self, v: CubeVariable, win: Window) -> np.ndarray:
         r0, c0 = int(win.row_off), int(win.col_off)
-        raw = _dataset(v.file)[v.name][:, r0 : r0 + int(win.height), c0 : c0 + int(win.width)].values
-        return np.asarray(raw)
+        var = _dataset(v.file)[v.name]
+        part = var.isel(y=slice(r0, r0 + int(win.height)), x=slice(c0, c0 + int(win.width)))
+        return np.asarray(part.transpose(v.time, "y", "x").values)
 
     def _reflectance(self, v: CubeVariable, raw: np.ndarray) -> np.ndarray:
         nodata = np.zeros(raw.shape, bool)
