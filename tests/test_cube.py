@@ -135,6 +135,24 @@ def test_other_names_a_mask_and_a_scale_from_the_config(tmp_path):
     assert not (tmp_path / "b.zarr").exists()
 
 
+@pytest.mark.parametrize("engine", ["netcdf", "zarr"])
+def test_one_file_with_a_group_per_resolution(tmp_path, engine):
+    """The 10 m and 20 m bands as two groups of one file (netCDF4 groups, zarr groups)."""
+    c = synthetic_cube()
+    path = tmp_path / ("cube.nc" if engine == "netcdf" else "cube.zarr")
+    for k, (group, ds) in enumerate(zip(("r10m", "r20m"), to_datasets(c), strict=True)):
+        if engine == "netcdf":
+            ds.to_netcdf(path, engine="h5netcdf", group=group, mode="w" if k == 0 else "a")
+        else:
+            ds.to_zarr(path, group=group, mode="w" if k == 0 else "a", consolidated=False)
+    import_cube(path, "T31TCJ", tmp_path / "a.zarr")
+    g = open_store(tmp_path / "a.zarr", "ingest", ("reflectance", "valid"))
+    refl, valid = expected(c)
+    np.testing.assert_array_equal(g["reflectance"][:], refl)
+    np.testing.assert_array_equal(g["valid"][:].astype(bool), valid)
+    assert g.attrs["variables"]["B11"] == f"{path.name}/r20m:B11"
+
+
 def test_lowercase_names_other_dim_order_and_float_reflectance(tmp_path):
     """Another common writer: float32 reflectance 0-1 with NaN for no data, names in lower case,
     dims (y, x, time). Same store."""

@@ -53,10 +53,25 @@ IMPLAUSIBLE = 1.5
 
 
 @dataclass(frozen=True)
+class Source:
+    """One dataset: a file, or a group inside it (a netCDF/zarr group of 20 m bands, say)."""
+
+    path: Path
+    group: str | None = None
+
+    @property
+    def name(self) -> str:
+        return self.path.name + (f"/{self.group}" if self.group else "")
+
+    def __str__(self) -> str:
+        return str(self.path) + (f" (group {self.group})" if self.group else "")
+
+
+@dataclass(frozen=True)
 class CubeVariable:
     """Where one variable lives, and how its values become what the chain stores."""
 
-    file: Path
+    file: Source
     name: str
     time: str  # its time dimension (any name; the dims may come in any order)
     level: int  # 1: 10 m grid, 2: 20 m grid
@@ -66,30 +81,52 @@ class CubeVariable:
     saturated: int | None
 
 
-def _open(path: Path) -> Any:
+def _is_zarr(path: Path) -> bool:
+    return path.suffix == ".zarr" or (path / "zarr.json").exists() or (path / ".zgroup").exists()
+
+
+def _open(src: Source) -> Any:
     import xarray as xr
 
     try:
-        if path.suffix == ".zarr" or (path / "zarr.json").exists() or (path / ".zgroup").exists():
-            with warnings.catch_warnings():  # a store without consolidated metadata reads fine
-                warnings.filterwarnings("ignore", "Failed to open Zarr store with consolidated")
-                return xr.open_dataset(path, engine="zarr", mask_and_scale=False, chunks=None)
-        return xr.open_dataset(path, engine="h5netcdf", mask_and_scale=False, chunks=None)
+        engine = "zarr" if _is_zarr(src.path) else "h5netcdf"
+        with warnings.catch_warnings():  # a zarr store without consolidated metadata reads fine
+            warnings.filterwarnings("ignore", "Failed to open Zarr store with consolidated")
+            kw = {"engine": engine, "group": src.group, "mask_and_scale": False, "chunks": None}
+            return xr.open_dataset(src.path, **kw)
     except Exception as exc:  # xarray raises many types for a damaged or foreign file
-        raise PipelineError(path, f"cannot open as a netCDF/zarr cube ({type(exc).__name__}: {exc})") from exc
+        raise PipelineError(src, f"cannot open as a netCDF/zarr cube ({type(exc).__name__}: {exc})") from exc
 
 
-def _dataset(path: Path) -> Any:
-    """One open dataset per file and process (windows are read from many threads or workers); a
-    file rewritten since (another modification time or size) is opened again."""
-    st = path.stat()
-    return _cached(path, st.st_mtime_ns, st.st_size)
+def sources(path: Path) -> list[Source]:
+    """The file's root and every group below it (netCDF4/HDF5 or zarr)."""
+    groups: list[str] = []
+    try:
+        if _is_zarr(path):
+            import zarr
+
+            groups = [name for name, _ in zarr.open_group(str(path), mode="r").groups()]
+        else:
+            import h5py
+
+            with h5py.File(path, "r") as f:
+                f.visititems(lambda name, obj: groups.append(name) if isinstance(obj, h5py.Group) else None)
+    except Exception:  # not readable as such: _open says why
+        groups = []
+    return [Source(path), *(Source(path, g) for g in sorted(groups))]
 
 
-@functools.lru_cache(maxsize=16)
-def _cached(path: Path, mtime_ns: int, size: int) -> Any:
+def _dataset(src: Source) -> Any:
+    """One open dataset per file (or group) and process (windows are read from many threads or
+    workers); a file rewritten since (another modification time or size) is opened again."""
+    st = src.path.stat()
+    return _cached(src, st.st_mtime_ns, st.st_size)
+
+
+@functools.lru_cache(maxsize=32)
+def _cached(src: Source, mtime_ns: int, size: int) -> Any:
     del mtime_ns, size  # part of the cache key only
-    return _open(path)
+    return _open(src)
 
 
 def cube_files(path: Path) -> list[Path]:
@@ -149,7 +186,8 @@ class Cube:
         self.path = Path(path)
         self.files = cube_files(self.path)
         self.epsg: int | None = s.get("epsg")
-        datasets = {f: _dataset(f) for f in self.files}  # the handles the windows read through
+        # the handles the windows read through, one per file and group
+        datasets = {src: _dataset(src) for f in self.files for src in sources(f)}
         named = s.get("bands") or {}
         if unknown := sorted(set(named) - set(BANDS)):
             raise PipelineError(self.path, f"cube.bands: {', '.join(unknown)} not among {', '.join(BANDS)}")
@@ -176,7 +214,7 @@ class Cube:
     def _variables(self) -> list[CubeVariable]:
         return [v for v in (*self.bands.values(), self.scl, self.cloud) if v is not None]
 
-    def _mask(self, datasets: dict[Path, Any], s: Mapping[str, Any], key: str, default: str | None):
+    def _mask(self, datasets: dict[Source, Any], s: Mapping[str, Any], key: str, default: str | None):
         if key in s:  # named (or explicitly null) in the config: must be there
             return None if s[key] is None else self._find(datasets, (s[key],), f"cube.{key}")
         names = [str(v).lower() for ds in datasets.values() for v in ds.data_vars]
@@ -184,7 +222,7 @@ class Cube:
             return None  # optional and absent; present but unusable is an error, as when named
         return self._find(datasets, (default,), key)
 
-    def _find(self, datasets: dict[Path, Any], names: tuple[str, ...], what: str) -> CubeVariable:
+    def _find(self, datasets: dict[Source, Any], names: tuple[str, ...], what: str) -> CubeVariable:
         # names match whatever their case (B02, b02)
         hits = [(f, v) for n in names for f, ds in datasets.items() for v in ds.data_vars
                 if str(v).lower() == n.lower()]  # fmt: skip
@@ -229,7 +267,7 @@ class Cube:
             saturated=int(np.iinfo(kind).max) if kind.kind == "u" else None,
         )
 
-    def _grid(self, datasets: dict[Path, Any], ref: CubeVariable) -> tuple[Grid, list[datetime]]:
+    def _grid(self, datasets: dict[Source, Any], ref: CubeVariable) -> tuple[Grid, list[datetime]]:
         ds = datasets[ref.file]
         x0, dx, w = _axis(ds, "x", ref.file)
         y0, dy, h = _axis(ds, "y", ref.file)
@@ -241,7 +279,7 @@ class Cube:
         stamps = [datetime.fromtimestamp(int(t.astype("datetime64[s]").astype(np.int64)), UTC) for t in times]
         return grid, stamps
 
-    def _check(self, datasets: dict[Path, Any]) -> None:
+    def _check(self, datasets: dict[Source, Any]) -> None:
         g, t = self.grid.transform, np.array([np.datetime64(x.replace(tzinfo=None)) for x in self.times])
         for v in self._variables():
             ds = datasets[v.file]
