@@ -45,7 +45,7 @@ STAGE_SETTINGS: dict[str, tuple[str, ...]] = {
         "qa.references",
         "run.seed",
     ),  # fmt: skip
-    "rasterise": (),
+    "rasterise": ("nomenclature",),  # the label stores' type (uint8, or uint16 above code 255)
     "patches": (
         "nets.patch_size",
         "nets.patch_stride",

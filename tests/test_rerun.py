@@ -128,7 +128,9 @@ def test_an_extra_seed_model_depends_on_its_own_seed(cfg):
 
 
 def test_a_tile_depends_on_its_own_entry(cfg):
-    other = _changed(cfg, "inputs.tiles.T31TDJ.format", "sen2cor")
+    data = copy.deepcopy(cfg.data)
+    data["demo"]["tiles"][1]["format"] = "sen2cor"  # the demo writes what the inputs say
+    other = _changed(Config(data), "inputs.tiles.T31TDJ.format", "sen2cor")
     assert settings_digest(cfg, "ingest", "T31TCJ") == settings_digest(other, "ingest", "T31TCJ")
     assert settings_digest(cfg, "ingest", "T31TDJ") != settings_digest(other, "ingest", "T31TDJ")
     with pytest.raises(ValueError, match="needs its tile"):
