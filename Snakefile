@@ -27,6 +27,7 @@ include: "workflow/rules/preprocess.smk"
 include: "workflow/rules/reference.smk"
 include: "workflow/rules/classify.smk"
 include: "workflow/rules/qa.smk"
+include: "workflow/rules/mosaic.smk"
 include: "workflow/rules/report.smk"
 
 
@@ -38,5 +39,7 @@ rule all:
         expand(str(LAYOUT.confidence("{model}", "{tile}")), model=MODELS, tile=TILES),
         expand(str(LAYOUT.overall_metrics("{model}")), model=MODELS),
         str(LAYOUT.comparison("md")),
+        expand(str(LAYOUT.mosaic("{model}", "summary")), model=CLASSIFIERS),
+        expand(str(LAYOUT.mosaic("{model}", "regions")), model=CLASSIFIERS if REGIONS else []),
         expand(str(LAYOUT.qa("{tile}")), tile=TILES if REFERENCES else []),
         str(LAYOUT.report()),

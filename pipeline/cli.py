@@ -173,6 +173,23 @@ def _validity(cfg: Config, args: argparse.Namespace) -> None:
     write_validity(args.src or lay.gapfilled(args.tile), args.out or lay.validity(args.tile))
 
 
+def _mosaic(cfg: Config, args: argparse.Namespace) -> None:
+    from pipeline.mosaic import TileLayers, mosaic_classifier
+
+    lay = Layout(cfg.workdir)
+    m = args.model
+    tiles = [TileLayers(t, lay.class_map(m, t), lay.confidence(m, t), lay.validity(t)) for t in cfg.tiles]
+    mosaic_classifier(cfg, m, tiles, args.out or lay.mosaic_dir(m))
+
+
+def _regions(cfg: Config, args: argparse.Namespace) -> None:
+    from pipeline.regions import regions_stage
+
+    lay = Layout(cfg.workdir)
+    out = args.out or lay.mosaic_dir(args.model)
+    regions_stage(cfg, lay.mosaic_dir(args.model), out / "regions.csv", out / "regions.gpkg")
+
+
 def _validate(cfg: Config, args: argparse.Namespace) -> None:
     from pipeline.metrics import validate_tile
 
@@ -310,6 +327,13 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, Stage]]:
     add("validity", _validity, "clear-observation count of one tile as a COG", tile=True).add_argument(
         "--src", type=Path
     )
+    add(
+        "mosaic",
+        _mosaic,
+        "the national mosaic of one classifier: class map, confidence and validity COGs + class areas",
+        model=True,
+    )
+    add("regions", _regions, "per-region class areas and confidence of one classifier's mosaic", model=True)
     p = add("validate", _validate, "confusion matrix and scores of one tile's map", tile=True, model=True)
     p.add_argument("--map", type=Path)
     p.add_argument("--labels", type=Path)

@@ -135,13 +135,14 @@ def _check_demo(data: dict[str, Any], source: str) -> None:
                 f"invalid config at 'inputs/tiles/{name}': the demo writes this tile as "
                 f"{made[name]} products in {where}, not {spec['format']} in {spec['path']}; {remedy}",
             )
-    reference = os.path.join(out, "reference.gpkg")
-    if os.path.normpath(data["inputs"]["reference"]) != reference:
-        raise PipelineError(
-            source,
-            f"invalid config at 'inputs/reference': the demo writes its reference as {reference}, "
-            f"not {data['inputs']['reference']}; {remedy}",
-        )
+    for key, name in (("reference", "reference.gpkg"), ("regions", "regions.gpkg")):
+        made_path, given = os.path.join(out, name), data["inputs"].get(key)
+        if given is not None and os.path.normpath(given) != made_path:
+            raise PipelineError(
+                source,
+                f"invalid config at 'inputs/{key}': the demo writes its {key} as {made_path}, "
+                f"not {given}; {remedy}",
+            )
 
 
 def map_dtype(codes: Any) -> np.dtype:

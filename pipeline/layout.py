@@ -18,6 +18,12 @@ the Snakemake rules (which import it), so paths are defined once.
     <workdir>/metrics/comparison.{csv,md}   every classifier's run-wide scores side by side
     <workdir>/maps/rfref<i>/<tile>.tif      geometric-QA reference RF maps (fold i left out)
     <workdir>/qa/<tile>.json                corner-matching geometric QA of a tile
+    <workdir>/mosaic/<name>/classes.tif     national class map COG: every tile, overlaps counted once
+    <workdir>/mosaic/<name>/confidence.tif  ... its confidence, and clear.tif its clear-observation count
+    <workdir>/mosaic/<name>/areas.csv       class areas of the mosaic (true ellipsoidal ha) and shares
+    <workdir>/mosaic/<name>/mosaic.json     its grid, tiles, arbitration rule and totals
+    <workdir>/mosaic/<name>/regions.csv     per region and class: area, share, confidence, few-clear share
+    <workdir>/mosaic/<name>/regions.gpkg    the regions with their figures (inputs.regions)
     <workdir>/models/<name>-s<seed>/ ...    the same classifier trained with an extra seed (run.seeds):
                                             maps/, metrics/ alike, for the report's kappa +- std
     <workdir>/benchmarks/<rule>/<key>.tsv   Snakemake's time and memory of each job (key: wildcards)
@@ -106,6 +112,17 @@ class Layout:
 
     def qa(self, tile: str) -> Path:
         return self.workdir / "qa" / f"{tile}.json"
+
+    def mosaic_dir(self, name: str) -> Path:
+        return self.workdir / "mosaic" / name
+
+    def mosaic(self, name: str, layer: str = "classes") -> Path:
+        """A national mosaic layer of ``name``: classes, confidence, clear (COGs), areas (.csv),
+        summary (mosaic.json), regions (.csv), regions_layer (.gpkg)."""
+        files = {"classes": "classes.tif", "confidence": "confidence.tif", "clear": "clear.tif"}
+        files |= {"areas": "areas.csv", "summary": "mosaic.json"}
+        files |= {"regions": "regions.csv", "regions_layer": "regions.gpkg"}
+        return self.mosaic_dir(name) / files[layer]
 
     @staticmethod
     def seed_model(model: str, seed: int) -> str:

@@ -100,6 +100,14 @@ STAGE_SETTINGS: dict[str, tuple[str, ...]] = {
     "summarise": ("nomenclature",),
     "compare": ("classifiers", "nomenclature"),
     "qa": ("qa", "classifiers", "nomenclature"),
+    "mosaic": ("mosaic.crs", "mosaic.resolution", "nomenclature"),
+    "regions": (
+        "inputs.regions",
+        "inputs.region_id_field",
+        "inputs.region_name_field",
+        "mosaic.few_clear",
+        "nomenclature",
+    ),  # fmt: skip
     "report": ("",),  # the whole config: the report shows it
 }
 

@@ -44,5 +44,6 @@ def tiny_demo_config(size: int = 192) -> dict:
         t["name"]: {"format": t["format"], "path": f"inputs/{t['name']}"} for t in tiles
     }
     raw["inputs"]["reference"] = "inputs/reference.gpkg"
+    raw["inputs"]["regions"] = "inputs/regions.gpkg"
     raw["rf"]["n_estimators"] = 50
     return raw

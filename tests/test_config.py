@@ -123,6 +123,7 @@ def test_overlays_validate_and_stay_in_their_workdir(raw, overlay):
     paths = [
         cfg["demo"]["out"],
         cfg["inputs"]["reference"],
+        cfg["inputs"]["regions"],
         *(t["path"] for t in cfg["inputs"]["tiles"].values()),
     ]
     assert all(p.startswith(work + "/") for p in paths), paths
@@ -153,6 +154,10 @@ def test_a_demo_config_refuses_tiles_the_demo_does_not_write(raw):
     want = "'inputs/reference': the demo writes its reference as results/demo/inputs/reference.gpkg, "
     with pytest.raises(PipelineError, match=want + "not /data/lpis.gpkg"):
         validate(_demo_with(raw, reference="/data/lpis.gpkg"))
+    want = "'inputs/regions': the demo writes its regions as results/demo/inputs/regions.gpkg, "
+    with pytest.raises(PipelineError, match=want + "not /data/departements.gpkg"):
+        validate(_demo_with(raw, regions="/data/departements.gpkg"))
+    assert validate(_demo_with(raw, regions=None))["inputs"]["regions"] is None  # no regions: fine
     # a subset of the demo's tiles, or the same paths spelt differently, is still the demo
     one = {"T31TCJ": {"format": "theia", "path": "./results/demo/inputs/T31TCJ/"}}
     assert list(validate(_demo_with(raw, tiles=one))["inputs"]["tiles"]) == ["T31TCJ"]
@@ -176,6 +181,7 @@ def test_the_readme_own_data_recipe_leaves_the_demo_out(raw, tmp_path):
     maker["inputs"].update(
         tiles={"T31TEJ": {"format": "theia", "path": str(tmp_path / "own" / "T31TEJ")}},
         reference=str(tmp_path / "own" / "reference.gpkg"),
+        regions=str(tmp_path / "own" / "regions.gpkg"),
     )
     generate(Config(validate(maker)))
     shutil.copy(REPO / "config.yaml", tmp_path / "config.yaml")  # the repository root's default

@@ -45,6 +45,7 @@ def _cfg(tmp_path: Path, size: int = 128, fmts=("theia", "theia")) -> Config:
     raw["inputs"]["tiles"] = {t["name"]: {"format": t["format"], "path": str(tmp_path / t["name"])}
                               for t in raw["demo"]["tiles"]}  # fmt: skip
     raw["inputs"]["reference"] = str(tmp_path / "reference.gpkg")
+    raw["inputs"]["regions"] = str(tmp_path / "regions.gpkg")
     return Config(validate(raw))
 
 

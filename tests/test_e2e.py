@@ -153,6 +153,46 @@ def _browse(chromium: str, home: Path, *args: str) -> subprocess.CompletedProces
     )
 
 
+def test_the_national_mosaic_holds_every_place_once(run):
+    """Each classifier's mosaic against an independent reassembly of its tile maps: every pixel
+    from the nearest tile centre that has data; areas counted once; the report shows them."""
+    cfg = load_config(run / "config.yaml")
+    lay = Layout(run / cfg.workdir)
+    page = parse(lay.report().read_text())
+    national = table(page, "areas", "national")
+    for m in cfg["classifiers"]:
+        with rasterio.open(lay.mosaic(m)) as src:
+            mosaic, tr = src.read(1), src.transform
+            assert src.tags(ns="IMAGE_STRUCTURE").get("LAYOUT") == "COG" and src.nodata == 0
+            assert src.colormap(1)[cfg.classes[0].code][:3] == cfg.classes[0].rgb
+        expect = np.zeros_like(mosaic)
+        best = np.full(mosaic.shape, np.inf)
+        rows, cols = np.mgrid[0 : mosaic.shape[0], 0 : mosaic.shape[1]]
+        for t in cfg.tiles:
+            with rasterio.open(lay.class_map(m, t)) as src:
+                tile, ttr = src.read(1), src.transform
+            r0, c0 = round((tr.f - ttr.f) / tr.a), round((ttr.c - tr.c) / tr.a)
+            h, w = tile.shape
+            cy, cx = r0 + h / 2, c0 + w / 2
+            d = (rows + 0.5 - cy) ** 2 + (cols + 0.5 - cx) ** 2
+            inside = (rows >= r0) & (rows < r0 + h) & (cols >= c0) & (cols < c0 + w)
+            vals = np.zeros_like(mosaic)
+            vals[inside] = tile[(rows - r0)[inside], (cols - c0)[inside]]
+            take = inside & (vals > 0) & (d < best)
+            expect[take], best[take] = vals[take], d[take]
+        np.testing.assert_array_equal(mosaic, expect)
+        summary = json.loads(lay.mosaic(m, "summary").read_text())
+        tile_px = 0
+        for t in cfg.tiles:
+            with rasterio.open(lay.class_map(m, t)) as src:
+                tile_px += int((src.read(1) > 0).sum())
+        assert summary["mapped_pixels"] == int((mosaic > 0).sum()) < tile_px  # the overlap once
+        header = national["head"][0]
+        col = header.index(f"{m} (ha)")
+        total = float(national["rows"][-1][col].replace(",", "").split()[0])
+        assert total == pytest.approx(summary["mapped_area_ha"], rel=0.01)
+
+
 def test_qa_report_opens_in_a_headless_browser(run, tmp_path):
     """The demo run's report: self-contained, every table with its classifiers and classes, every
     image decoded by a real browser, stage times recorded; a screenshot kept in test-artifacts/."""
@@ -300,6 +340,8 @@ def test_a_dry_run_lists_exactly_the_jobs_a_change_affects_and_writes_nothing(
                 want.append(f"{rule}[model={net}]")
             else:
                 want += [f"{rule}[model={net}, tile={t}]" for t in tiles]
+            if rule == "predict":  # new tile maps: a new national mosaic of that network
+                want.append(f"mosaic[model={net}]")
     want += [f"qa[tile={t}]" for t in tiles] + ["report"] + (["compare"] if expected else [])
     before = _snapshot(run)
     changed = _with_change(run, path, value, tmp_path / "changed.yaml")

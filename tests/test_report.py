@@ -505,6 +505,7 @@ def test_extra_seeds_are_wired_through_snakemake(tmp_path):
     raw["demo"]["out"] = "inputs"
     raw["inputs"]["tiles"] = {t: {"format": "theia", "path": f"inputs/{t}"} for t in raw["inputs"]["tiles"]}
     raw["inputs"]["reference"] = "inputs/reference.gpkg"
+    raw["inputs"]["regions"] = "inputs/regions.gpkg"
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
     cmd = [
         sys.executable,
@@ -542,3 +543,47 @@ def test_the_run_summary_says_what_the_split_left_out_and_recoded(tiny_run, tmp_
     assert reference_line({"kept": 3, "outside": 0, "eroded": 0}) == "3 kept"
     html = build_report(tiny_run, tmp_path / "r.html").read_text()
     assert "not recorded (no split file, or one written by an older version)" in html
+
+
+def test_the_national_section_counts_areas_once_and_shows_the_regions(tiny_run, tmp_path):
+    """Both tiles of the tiny run lie on one grid: the mosaic maps each place once (half the tile
+    sum), the report shows its areas, and the regions' rows add up to them."""
+    from pipeline.mosaic import TileLayers, mosaic_classifier
+    from pipeline.regions import regions_stage
+
+    regions = tmp_path / "regions.gpkg"
+    left, top = 399960.0, 4800000.0
+    halves = [box(left, top - H * 10, left + 600, top), box(left + 600, top - H * 10, left + W * 10, top)]
+    gpd.GeoDataFrame({"code": ["W", "E"], "label": ["West", "East"]}, geometry=halves, crs=32631).to_file(
+        regions
+    )
+    raw = yaml.safe_load(Path(tmp_path / "config.yaml").read_text())
+    raw["inputs"].update(regions=str(regions), region_id_field="code", region_name_field="label")
+    del raw["demo"]
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    cfg = load_config(tmp_path / "config.yaml")
+    lay = Layout(cfg.workdir)
+    layers = [
+        TileLayers(t, lay.class_map("rf", t), lay.confidence("rf", t), lay.validity(t)) for t in cfg.tiles
+    ]
+    summary = mosaic_classifier(cfg, "rf", layers, lay.mosaic_dir("rf"))
+    assert summary["mapped_pixels"] == H * W  # not 2 x H x W: the tiles coincide
+    rows = regions_stage(
+        cfg, lay.mosaic_dir("rf"), lay.mosaic("rf", "regions"), lay.mosaic("rf", "regions_layer")
+    )
+    assert sum(r["pixels"] for r in rows) == H * W
+    assert sum(r["area_ha"] for r in rows) == pytest.approx(summary["mapped_area_ha"], rel=1e-9)
+    assert sum(r["pixels"] for r in rows if r["region_id"] == "W") == 60 * H
+
+    html = build_report(cfg).read_text()
+    page = check_page(html, ["rf", "fgunet"], [c.name for c in cfg.classes], cfg.tiles)
+    national = table(page, "areas", "national")
+    assert national["head"][0] == ["class", "rf (ha)", "fgunet (ha)"]
+    assert national["rows"][-1][1:] == [f"{summary['mapped_area_ha']:,.2f}", "no mosaic"]
+    # a conformal CRS away from its central meridian: the true area is not the nominal 122.88 ha
+    assert summary["mapped_area_ha"] != pytest.approx(122.88, rel=1e-4)
+    assert f"rf would map {245.76 - summary['mapped_area_ha']:,.1f} ha more" in html
+    assert "No complete mosaic for fgunet" in html  # its T31TDJ confidence layer is missing
+    reg = table(page, "regions")
+    assert [r[0] for r in reg["rows"]] == ["East (E)", "West (W)"]  # the larger first
+    assert "class shares per region" in html

@@ -252,6 +252,10 @@ STAGES: list[tuple[str, str, list[str]]] = [
     ("summarise", "summarise", ["--model", "rf", "results/metrics/rf/T31TCJ.json"]),
     ("compare", "compare", ["results/metrics/rf/overall.json"]),
     ("qa", "qa", ["--tile", "T31TCJ"]),
+    ("predict:pixel", "predict", ["--model", "rf", "--tile", "T31TDJ"]),
+    ("validity", "validity", ["--tile", "T31TDJ"]),
+    ("mosaic", "mosaic", ["--model", "rf"]),
+    ("regions", "regions", ["--model", "rf"]),
 ]
 
 

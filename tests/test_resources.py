@@ -61,6 +61,7 @@ def _dry_run(work: Path, resources: dict, *args: str) -> dict[str, str]:
     raw["demo"]["out"] = "inputs"
     raw["inputs"]["tiles"] = {t: {"format": "theia", "path": f"inputs/{t}"} for t in raw["inputs"]["tiles"]}
     raw["inputs"]["reference"] = "inputs/reference.gpkg"
+    raw["inputs"]["regions"] = "inputs/regions.gpkg"
     raw["classifiers"] = ["rf", "fgunet"]
     raw["resources"] = resources
     (work / "config.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))

@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from pipeline.demo.landscape import Country, TileSpec
 from pipeline.demo.reference import write_reference
+from pipeline.demo.regions import write_regions
 from pipeline.demo.render import render_window, static_for
 from pipeline.demo.sensor import Pass, tile_passes
 from pipeline.io.atomic import atomic_path
@@ -110,6 +111,7 @@ def generate(cfg) -> None:
     for tile in c.tiles:
         write_tile(c, tile, out / tile.name)
     write_reference(c, out / "reference.gpkg")
+    write_regions(c, out / "regions.gpkg")
     for stale in out.glob(".demo-static-*"):  # a killed run's cache
         shutil.rmtree(stale, ignore_errors=True)
     log.info("demo country written in %.1f s", time.perf_counter() - t0)

@@ -23,7 +23,7 @@ from pipeline.config import Config
 from pipeline.io.atomic import atomic_path
 from pipeline.layout import Layout
 from pipeline.report import sections
-from pipeline.report.collect import load_docs, tile_rasters
+from pipeline.report.collect import load_docs, load_mosaics, tile_rasters
 from pipeline.report.html import Section, page
 
 log = logging.getLogger(__name__)
@@ -41,10 +41,12 @@ def build_report(cfg: Config, out: str | Path | None = None) -> Path:
         t: tile_rasters(cfg, lay, t, docs.classifiers)
         for t in tqdm(docs.tiles, desc="report: rasters", unit="tile", disable=None)
     }
+    mosaics = load_mosaics(lay, docs.classifiers)
     built = sections.built_at()
     parts = [
         sections.run_summary(cfg, docs, built),
-        sections.run_scores(cfg, docs, rasters),
+        sections.national(cfg, docs, rasters, mosaics),
+        sections.run_scores(cfg, docs, rasters, national=bool(mosaics)),
         sections.geometric_qa(cfg, docs),
     ]
     if cfg.extra_seeds:

@@ -168,6 +168,44 @@ def load_docs(cfg: Config, lay: Layout) -> RunDocs:
     )
 
 
+@dataclass
+class NationalMosaic:
+    """One classifier's national mosaic: its class areas (counted once), summary and a quicklook."""
+
+    model: str
+    areas: list[dict[str, Any]]
+    summary: dict[str, Any]
+    look: np.ndarray
+    pixel_size_m: float
+    regions: list[dict[str, Any]] | None = None  # rows of regions.csv (inputs.regions)
+
+    def hectares(self, codes: Sequence[int]) -> np.ndarray:
+        by_code = {r["code"]: r["area_ha"] for r in self.areas}
+        return np.array([by_code.get(c, 0.0) for c in codes])
+
+
+def load_mosaics(lay: Layout, models: Sequence[str]) -> dict[str, NationalMosaic]:
+    """The classifiers whose mosaic is complete (its summary is written last)."""
+    from pipeline.mosaic import read_areas
+    from pipeline.regions import read_rows
+
+    out = {}
+    for m in models:
+        summary = _json(lay.mosaic(m, "summary"), "mosaic summary")
+        if summary is None or not lay.mosaic(m, "areas").exists() or not lay.mosaic(m).exists():
+            continue
+        regions = lay.mosaic(m, "regions")
+        out[m] = NationalMosaic(
+            m,
+            read_areas(lay.mosaic(m, "areas")),
+            summary,
+            quicklook(lay.mosaic(m)),
+            summary["transform"][0],
+            read_rows(regions) if regions.exists() else None,
+        )
+    return out
+
+
 def seed_statistics(
     docs: Sequence[dict[str, Any] | None], tiles: Sequence[str], names: Sequence[str]
 ) -> dict[str, Any]:

@@ -123,6 +123,31 @@ def grouped_bars(
     return png(fig)
 
 
+def region_shares(
+    regions: Sequence[str], shares: Mapping[str, np.ndarray], classes: Sequence[ClassDef], title: str
+) -> bytes:
+    """Each region's class shares as one stacked horizontal bar, one panel per classifier
+    (``shares[model]``: regions x classes, rows summing to 1), in the nomenclature's colours."""
+    models = list(shares)
+    height = 0.8 + 0.28 * len(regions) + legend_height(len(classes), 4.2 * len(models) + 1.5)
+    fig = figure(4.2 * len(models) + 1.5, max(2.5, height))
+    axes = fig.subplots(1, len(models), squeeze=False, sharey=True)[0]
+    y = np.arange(len(regions))
+    for ax, m in zip(axes, models, strict=True):
+        left = np.zeros(len(regions))
+        for j, c in enumerate(classes):
+            ax.barh(y, shares[m][:, j], left=left, color=c.colour, edgecolor="none", height=0.8)
+            left += shares[m][:, j]
+        ax.set_title(m, fontsize=10)
+        ax.set_xlim(0, 1)
+        ax.set_xlabel("share of the region's mapped area")
+    axes[0].set_yticks(y, regions, fontsize=8)
+    axes[0].invert_yaxis()  # the largest region on top (axes share y)
+    _legend(fig, classes)
+    fig.suptitle(title)
+    return png(fig)
+
+
 def row_percent(cm: np.ndarray) -> np.ndarray:
     """Confusion matrix as % of each reference row (rows sum to 100; NaN for a class without support)."""
     cm = np.asarray(cm, dtype=np.float64)

@@ -15,7 +15,14 @@ from pipeline.layout import Layout
 from pipeline.reference import split_counts
 from pipeline.report import figures, tables
 from pipeline.report import provenance as prov
-from pipeline.report.collect import OVERALL, RunDocs, TileRasters, has_scores, seed_statistics
+from pipeline.report.collect import (
+    OVERALL,
+    NationalMosaic,
+    RunDocs,
+    TileRasters,
+    has_scores,
+    seed_statistics,
+)
 from pipeline.report.html import Section, facts, figure, note, para, pre
 from pipeline.report.rasters import clear_summary, decimation, low_confidence_share
 
@@ -186,21 +193,176 @@ def run_summary(cfg: Config, docs: RunDocs, built: str) -> Section:
     return sec
 
 
-def run_scores(cfg: Config, docs: RunDocs, rasters: Mapping[str, TileRasters]) -> Section:
-    sec = Section("all-tiles", "All tiles together")
-    ha = {m: _confusion_ha(docs, rasters, m) for m in docs.classifiers}
-    sec.add(*scores_block(cfg, docs.tile_docs(OVERALL), OVERALL, ha))
-    names = [c.name for c in cfg.classes]
+def _tile_sums(cfg: Config, docs: RunDocs, rasters: Mapping[str, TileRasters]) -> dict[str, np.ndarray]:
+    """Each classifier's class areas (ha) summed over its tile maps (overlaps counted per tile)."""
     areas = {}
     for m in docs.classifiers:
         per_tile = [r.areas[m].hectares(cfg.class_codes.tolist()) for r in rasters.values() if m in r.areas]
         if per_tile:
             areas[m] = np.sum(per_tile, axis=0)
+    return areas
+
+
+def national(
+    cfg: Config, docs: RunDocs, rasters: Mapping[str, TileRasters], mosaics: Mapping[str, NationalMosaic]
+) -> Section:
+    """The national product: each classifier's mosaic and its class areas, every pixel once."""
+    sec = Section("national", "National map")
+    missing = [m for m in docs.classifiers if m not in mosaics]
+    if not mosaics:
+        sec.add(
+            note("No national mosaic in this run yet (mosaic/<classifier>/): the rule `mosaic` makes it.")
+        )
+        return sec
+    first = next(iter(mosaics.values())).summary
+    reproj = first["reprojected"]
+    sec.add(
+        facts(
+            [
+                ("grid", f"{first['width']:,} x {first['height']:,} px of {first['transform'][0]:g} m"),
+                ("CRS", first["crs"]),
+                ("tiles", ", ".join(first["tiles"])),
+                ("reprojected", ", ".join(reproj) + " (nearest neighbour)" if reproj else "none"),
+                ("overlaps", first["arbitration"]),
+            ]
+        )
+    )
+    looks = {m: mz.look for m, mz in mosaics.items()}
+    h, w = next(iter(looks.values())).shape
+    f = max(1, round(first["width"] / max(w, 1)))
+    sec.add(
+        figure(
+            figures.class_maps(looks, cfg.classes, "national mosaic"),
+            f"<b>The national map</b> of each classifier (1 px = {f}×{f} mosaic pixels, from the COG"
+            " overviews). Look for seams along tile edges: a class that changes at a straight line"
+            " between two tiles points at a tile whose map or inputs differ (another date set, a"
+            " failed job rerun with other settings).",
+            "national mosaic",
+        )
+    )
+    names = [c.name for c in cfg.classes]
+    codes = cfg.class_codes.tolist()
+    areas = {m: (mosaics[m].hectares(codes) if m in mosaics else None) for m in docs.classifiers}
+    sums = _tile_sums(cfg, docs, rasters)
+    twice = {m: float(np.sum(sums[m]) - np.sum(a)) for m, a in areas.items() if a is not None and m in sums}
+    extra = ""
+    if twice:
+        m, v = next(iter(twice.items()))
+        extra = (
+            f" Summed over the tile maps instead, {m} would map {v:,.1f} ha more (the tile overlaps"
+            " counted once per tile, and each pixel at the grid's nominal area)."
+        )
+    sec.add(
+        "<h4>Class areas, counted once</h4>",
+        tables.class_areas(areas, names, "national", missing="no mosaic"),
+        para(
+            "From each classifier's national mosaic (<code>mosaic/&lt;classifier&gt;/areas.csv</code>):"
+            " every pixel once, the overlap of neighbouring tiles going to the nearest tile centre, and"
+            " each pixel at its true area on the ellipsoid (the CRS's areal scale), not the grid's"
+            f" nominal one.{extra} These are pixel counts of the map: its errors are in them."
+        ),
+    )
+    if missing:
+        sec.add(note(f"No complete mosaic for {', '.join(missing)}.", True))
+    if cfg["inputs"]["regions"]:
+        sec.children.append(_regions(cfg, mosaics))
+    return sec
+
+
+MAX_REGION_BARS = 30
+
+
+def _regions(cfg: Config, mosaics: Mapping[str, NationalMosaic]) -> Section:
+    """Per region: the mapped area, each classifier's largest class, confidence and few-clear share,
+    and a chart of the class shares (the largest regions first)."""
+    sec = Section("regions", "Regions")
+    tables_ = {m: mz.regions for m, mz in mosaics.items() if mz.regions}
+    if not tables_:
+        sec.add(note("No regional statistics yet (mosaic/<classifier>/regions.csv, rule regions).", True))
+        return sec
+    models = list(tables_)
+    names = [c.name for c in cfg.classes]
+    by_region: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    labels: dict[str, str] = {}
+    for m, rows in tables_.items():
+        for r in rows:
+            by_region.setdefault(r["region_id"], {}).setdefault(m, []).append(r)
+            labels[r["region_id"]] = r["region_name"] if r["region_id"] else "outside every region"
+    area = {
+        rid: sum(r["area_ha"] for r in per[models[0]]) for rid, per in by_region.items() if models[0] in per
+    }
+    order = sorted(area, key=lambda rid: (rid == "", -area[rid]))
+    few = cfg["mosaic"]["few_clear"]
+    rows_html = []
+    for rid in order:
+        cells = [f"{labels[rid]} ({rid})" if rid else labels[rid], tables.hectares(area[rid])]
+        for m in models:
+            rs = by_region[rid].get(m, [])
+            px = sum(r["pixels"] for r in rs)
+            if not px:
+                cells += [tables.DASH] * 3
+                continue
+            top = max(rs, key=lambda r: r["area_ha"])
+            conf_n = [(r["mean_confidence"], r["pixels"]) for r in rs if r["mean_confidence"] is not None]
+            conf = sum(c * n for c, n in conf_n) / max(1, sum(n for _, n in conf_n))
+            few_share = sum((r["few_clear_share"] or 0) * r["pixels"] for r in rs) / px
+            cells += [f"{top['class']} {100 * top['share']:.0f} %", f"{conf:.1f}", f"{100 * few_share:.1f} %"]
+        rows_html.append(cells)
+    sec.add(
+        tables.regions(rows_html, models, few),
+        para(
+            f"From <code>mosaic/&lt;classifier&gt;/regions.csv</code> (per region and class) and"
+            f" <code>regions.gpkg</code> (the regions with their figures, for QGIS); regions from"
+            f" <code>{escape(str(cfg['inputs']['regions']))}</code>. A pixel belongs to the region that"
+            " holds its centre; the regions' areas add up to the national table. A high share of pixels"
+            f" seen clear fewer than {few} times marks a region whose map rests on little data."
+        ),
+    )
+    shown = [rid for rid in order if rid][:MAX_REGION_BARS]
+    if shown:
+        shares = {}
+        for m in models:
+            mat = np.zeros((len(shown), len(names)))
+            for i, rid in enumerate(shown):
+                for r in by_region[rid].get(m, []):
+                    mat[i, names.index(r["class"])] = r["share"]
+            shares[m] = mat
+        more = (
+            f" (the {MAX_REGION_BARS} largest of {len(order)})"
+            if len([o for o in order if o]) > MAX_REGION_BARS
+            else ""
+        )
+        sec.add(
+            figure(
+                figures.region_shares(
+                    [labels[r] for r in shown], shares, cfg.classes, "class shares per region"
+                ),
+                f"<b>Class shares per region</b>{more}, one panel per classifier. Regions whose mix"
+                " differs between classifiers are where the choice of classifier changes the figures.",
+                "class shares per region",
+            )
+        )
+    return sec
+
+
+def run_scores(
+    cfg: Config, docs: RunDocs, rasters: Mapping[str, TileRasters], *, national: bool = False
+) -> Section:
+    sec = Section("all-tiles", "All tiles together")
+    ha = {m: _confusion_ha(docs, rasters, m) for m in docs.classifiers}
+    sec.add(*scores_block(cfg, docs.tile_docs(OVERALL), OVERALL, ha))
+    names = [c.name for c in cfg.classes]
+    areas = _tile_sums(cfg, docs, rasters)
     sec.add("<h4>Class areas</h4>")
-    if areas:
+    if national:
+        sec.add(para("Counted once, from the national mosaic: see <a href='#national'>National map</a>."))
+    elif areas:
         sec.add(
             tables.class_areas(areas, names, OVERALL),
-            para("Summed over the tiles: land in the overlap of neighbouring tiles counts once per tile."),
+            para(
+                "Summed over the tiles (no national mosaic yet): land in the overlap of neighbouring"
+                " tiles counts once per tile."
+            ),
         )
     sec.add(
         "<h4>Low-confidence pixels</h4>", _confidence_table(cfg, rasters.values(), docs.classifiers, OVERALL)

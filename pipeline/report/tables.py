@@ -145,12 +145,33 @@ def per_class(
     return table([top, second], rows, kind="per-class", scope=scope)
 
 
-def class_areas(areas: Mapping[str, np.ndarray], names: Sequence[str], scope: str) -> str:
-    """Mapped area (ha) of every class per classifier, and the total mapped area."""
+def class_areas(
+    areas: Mapping[str, np.ndarray | None], names: Sequence[str], scope: str, missing: str = "missing"
+) -> str:
+    """Mapped area (ha) of every class per classifier, and the total mapped area (``None``: the
+    classifier's column says ``missing``)."""
     models = list(areas)
-    rows = [[n, *(hectares(float(areas[m][i])) for m in models)] for i, n in enumerate(names)]
-    footer = ["total mapped", *(hectares(float(np.sum(areas[m]))) for m in models)]
+
+    def ha(m: str, i: int | None) -> str:
+        a = areas[m]
+        if a is None:
+            return marker(missing)
+        return hectares(float(np.sum(a) if i is None else a[i]))
+
+    rows = [[n, *(ha(m, i) for m in models)] for i, n in enumerate(names)]
+    footer = ["total mapped", *(ha(m, None) for m in models)]
     return table(["class", *(f"{m} (ha)" for m in models)], rows, kind="areas", scope=scope, footer=footer)
+
+
+def regions(rows: Sequence[Sequence[str]], models: Sequence[str], few_clear: int) -> str:
+    """Per region: mapped area, and per classifier its largest class, mean confidence and the share
+    of pixels seen clear fewer than ``few_clear`` times."""
+    head = [
+        [("region", 1), ("mapped (ha)", 1), *((m, 3) for m in models)],
+        [("", 1), ("", 1), *(h for _ in models for h in (("largest class", 1), ("mean conf. (%)", 1),
+                                                          (f"< {few_clear} clear obs.", 1)))],
+    ]  # fmt: skip
+    return table(head, rows, kind="regions")
 
 
 def confidence(stats: Mapping[str, Mapping[str, Any] | None], threshold: int, scope: str) -> str:

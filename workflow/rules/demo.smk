@@ -6,6 +6,7 @@ if "demo" in RUN_CONFIG:
         output:
             tiles=[directory(RUN_CONFIG["inputs"]["tiles"][t]["path"]) for t in TILES],
             reference=RUN_CONFIG["inputs"]["reference"],
+            regions=[RUN_CONFIG["inputs"]["regions"]] if RUN_CONFIG["inputs"]["regions"] else [],
         log:
             str(LAYOUT.workdir / "logs" / "demo.log"),
         benchmark:

@@ -11,6 +11,8 @@ rule report:
         metrics=expand(str(LAYOUT.metrics("{model}", "{tile}")), model=MODELS, tile=TILES),
         overall=expand(str(LAYOUT.overall_metrics("{model}")), model=MODELS),
         qa=expand(str(LAYOUT.qa("{tile}")), tile=TILES if REFERENCES else []),
+        mosaics=expand(str(LAYOUT.mosaic("{model}", "summary")), model=CLASSIFIERS),
+        regions=expand(str(LAYOUT.mosaic("{model}", "regions")), model=CLASSIFIERS if REGIONS else []),
     output:
         report(str(LAYOUT.report()), caption="../report/qa_report.rst", category="QA report"),
     log:

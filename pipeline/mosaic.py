@@ -1,0 +1,538 @@
+"""The national map: every tile's class map, confidence and validity on one grid, each pixel once.
+
+**Arbitration.** Where tiles overlap (MGRS: 984 px; the demo: 16 px), a mosaic pixel comes from the
+tile, among those with data there, whose centre is nearest (iota2's tile-priority envelopes). The
+seam then runs down the middle of each overlap, where both tiles are furthest from their edges
+(the networks' edge margins, the reprojection's border). The choice rests on geometry only, never
+on confidence: a confidence-driven seam would follow each classifier's noise, differ from one
+classifier to the next and cut objects in two. One choice per pixel feeds all three layers, so the
+confidence and clear-observation counts of a pixel always describe the class shown there.
+
+**One national CRS.** Tiles in the national CRS (``mosaic.crs``; by default the tiles' own, when
+they share one) must lie on its pixel grid and are copied as they are. Tiles in another CRS (France
+spans UTM 30, 31 and 32) are reprojected by GDAL's warper with nearest neighbour, block by block:
+class codes and counts are never averaged.
+
+**Areas counted once**, from each pixel's true area on the ellipsoid (the CRS's areal scale from
+pyproj): a conformal national CRS (UTM, Lambert-93) would otherwise bias every class's area by its
+scale error (up to 0.1 % at the edge of a UTM zone).
+
+The mosaic is streamed in blocks of :data:`BLOCK` px; a country of 100 tiles never sits in memory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import json
+import logging
+import math
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import rasterio
+from affine import Affine
+from pyproj import CRS as ProjCRS
+from pyproj import Proj, Transformer
+from rasterio.crs import CRS
+from rasterio.enums import Resampling
+from rasterio.vrt import WarpedVRT
+from rasterio.warp import transform_bounds
+from rasterio.windows import Window
+from tqdm import tqdm
+
+from pipeline.config import ClassDef, Config, map_dtype
+from pipeline.errors import PipelineError
+from pipeline.io.atomic import atomic_path
+from pipeline.io.cog import CONFIDENCE_NODATA, class_map_writer, cog_writer, confidence_writer
+from pipeline.io.tilestore import Grid, iter_windows
+
+log = logging.getLogger(__name__)
+
+BLOCK = 1024  # px: a multiple of the COG block (512), so windows land on whole COG blocks
+AREA_STEP = 16  # px: the areal scale is evaluated once per 16x16 px (it varies by < 1e-6 over 160 m)
+CLEAR_NODATA = 65535  # the validity mosaic's no-data (0 clear observations is a real value)
+ARBITRATION = "nearest tile centre among the tiles with data"
+
+
+# --------------------------------------------------------------------------------------------
+# the national grid
+# --------------------------------------------------------------------------------------------
+
+
+def _pixel_size(grid: Grid, where: str) -> float:
+    t = grid.transform
+    if t.b != 0 or t.d != 0 or t.e >= 0:
+        raise PipelineError(where, "the map is not north-up (rotated or flipped grid): cannot be mosaicked")
+    if not math.isclose(t.a, -t.e, rel_tol=1e-9):
+        raise PipelineError(where, f"pixels are not square ({t.a} x {-t.e} m)")
+    return float(t.a)
+
+
+def national_grid(
+    grids: Mapping[str, Grid],
+    crs: str | None = None,
+    resolution: float | None = None,
+    *,
+    sources: Mapping[str, str] | None = None,
+) -> Grid:
+    """The grid that holds every tile: the tiles' union, snapped outward onto whole pixels.
+
+    ``crs`` None: the tiles' common CRS (tiles in several CRSs must name one). Tiles already in the
+    national CRS must lie on its grid (one pixel size, origins whole pixels apart); a grid off by a
+    fraction of a pixel would be resampled silently, so it is refused. ``sources`` names each tile's
+    file for the messages.
+    """
+    if not grids:
+        raise PipelineError(None, "no tile maps to mosaic")
+    where = dict(sources or {})
+    names = sorted(grids)
+    by_crs: dict[str, list[str]] = {}
+    for t in names:
+        by_crs.setdefault(grids[t].crs.to_string(), []).append(t)
+    if crs is None:
+        if len(by_crs) > 1:
+            spread = "; ".join(f"{c}: {', '.join(ts)}" for c, ts in by_crs.items())
+            raise PipelineError(
+                None,
+                f"the tiles are in {len(by_crs)} CRSs ({spread}): set mosaic.crs to one national CRS"
+                " (e.g. EPSG:2154 for France, EPSG:3035 for Europe); the other tiles are reprojected",
+            )
+        dst = grids[names[0]].crs
+    else:
+        try:
+            dst = CRS.from_user_input(crs)
+        except Exception as exc:  # rasterio's CRSError, or pyproj's for an odd string
+            raise PipelineError(None, f"mosaic.crs {crs!r} is not a CRS GDAL knows: {exc}") from None
+    proj = ProjCRS.from_wkt(dst.to_wkt())
+    if not proj.is_projected or any(a.unit_name not in ("metre", "meter") for a in proj.axis_info):
+        raise PipelineError(None, f"mosaic.crs {dst.to_string()} must be a projected CRS in metres")
+
+    native = [t for t in names if grids[t].crs == dst]
+    sizes = {t: _pixel_size(grids[t], where.get(t, t)) for t in names}
+    res = float(resolution) if resolution else (sizes[native[0]] if native else min(sizes.values()))
+    # the grid's anchor: a native tile's origin modulo the pixel (MGRS origins are whole 10 m)
+    if native:
+        first = grids[native[0]].transform
+        anchor = (first.c % res, first.f % res)
+    else:
+        anchor = (0.0, 0.0)
+    for t in native:
+        tr = grids[t].transform
+        if not math.isclose(sizes[t], res, rel_tol=1e-9):
+            raise PipelineError(
+                where.get(t, t),
+                f"tile {t} has {sizes[t]:g} m pixels in the national CRS, whose grid has {res:g} m:"
+                " map every tile at the mosaic's resolution",
+            )
+        dx, dy = [_off_grid((v - a) / res) * res for v, a in ((tr.c, anchor[0]), (tr.f, anchor[1]))]
+        if abs(dx) > 1e-6 * res or abs(dy) > 1e-6 * res:
+            raise PipelineError(
+                where.get(t, t),
+                f"tile {t}'s grid is offset by ({dx:.3f}, {dy:.3f}) m from the national {res:g} m grid"
+                f" (anchored on tile {native[0]}): tiles in one CRS must share one pixel grid",
+            )
+    lefts, bottoms, rights, tops = [], [], [], []
+    for t in names:
+        g = grids[t]
+        b = g.bounds if g.crs == dst else transform_bounds(g.crs, dst, *g.bounds, densify_pts=21)
+        lefts.append(b[0])
+        bottoms.append(b[1])
+        rights.append(b[2])
+        tops.append(b[3])
+    eps = 1e-6
+    left = anchor[0] + math.floor((min(lefts) - anchor[0]) / res + eps) * res
+    top = anchor[1] + math.ceil((max(tops) - anchor[1]) / res - eps) * res
+    width = math.ceil((max(rights) - left) / res - eps)
+    height = math.ceil((top - min(bottoms)) / res - eps)
+    return Grid(dst, Affine(res, 0.0, left, 0.0, -res, top), int(width), int(height))
+
+
+def _off_grid(v: float) -> float:
+    """Signed distance of ``v`` (in pixels) from the nearest whole pixel."""
+    return v - round(v)
+
+
+# --------------------------------------------------------------------------------------------
+# arrays: arbitration and areas
+# --------------------------------------------------------------------------------------------
+
+
+def arbitrate(has_data: np.ndarray, dist2: np.ndarray) -> np.ndarray:
+    """Index (along axis 0) of the tile that supplies each pixel, -1 where no tile has data.
+
+    ``has_data`` (k, h, w) bool, ``dist2`` (k, h, w) or broadcastable: squared distance of each
+    pixel to each tile's centre. Ties go to the first tile (tiles are sorted by name: reproducible).
+    """
+    d = np.where(has_data, dist2, np.inf)
+    idx = np.argmin(d, axis=0).astype(np.int16)
+    idx[~has_data.any(axis=0)] = -1
+    return idx
+
+
+def take(layers: np.ndarray, idx: np.ndarray, fill: int) -> np.ndarray:
+    """The value of the chosen tile's layer at each pixel (``fill`` where ``idx`` is -1)."""
+    out = np.take_along_axis(layers, np.maximum(idx, 0)[None].astype(np.intp), axis=0)[0]
+    out[idx < 0] = fill
+    return out
+
+
+def pixel_areas(grid: Grid, win: Window, step: int = AREA_STEP) -> np.ndarray:
+    """True area (m²) on the ellipsoid of each pixel of ``win``: the nominal pixel area divided by the
+    CRS's areal scale. The scale is evaluated at the centres of a fixed ``step`` x ``step`` px lattice
+    of the whole grid, so a pixel's area does not depend on how the grid is cut into blocks."""
+    h, w = int(win.height), int(win.width)
+    res_x, res_y = grid.transform.a, -grid.transform.e
+    rows = (int(win.row_off) + np.arange(h)) // step
+    cols = (int(win.col_off) + np.arange(w)) // step
+    ur, ri = np.unique(rows, return_inverse=True)
+    uc, ci = np.unique(cols, return_inverse=True)
+    cc, rr = np.meshgrid((uc + 0.5) * step, (ur + 0.5) * step)
+    x, y = grid.transform @ (cc, rr)
+    scale = _areal_scale(grid.crs.to_wkt(), np.asarray(x), np.asarray(y))
+    return (res_x * res_y / scale)[ri[:, None], ci[None, :]]
+
+
+def _areal_scale(wkt: str, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    crs = ProjCRS.from_wkt(wkt)
+    lon, lat = Transformer.from_crs(crs, crs.geodetic_crs, always_xy=True).transform(x, y)
+    return np.asarray(Proj(crs).get_factors(lon, lat).areal_scale, dtype=np.float64)
+
+
+@dataclass
+class AreaTally:
+    """Per-code pixel counts, true areas (m²) and confidence sums, accumulated block by block."""
+
+    size: int
+    pixels: np.ndarray = field(init=False)
+    area_m2: np.ndarray = field(init=False)
+    conf_sum: np.ndarray = field(init=False)
+    conf_n: np.ndarray = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.pixels = np.zeros(self.size, np.int64)
+        self.area_m2 = np.zeros(self.size, np.float64)
+        self.conf_sum = np.zeros(self.size, np.float64)
+        self.conf_n = np.zeros(self.size, np.int64)
+
+    def add(self, codes: np.ndarray, areas: np.ndarray, confidence: np.ndarray | None = None) -> None:
+        c = codes.ravel().astype(np.intp)
+        self.pixels += np.bincount(c, minlength=self.size)
+        self.area_m2 += np.bincount(c, weights=areas.ravel(), minlength=self.size)
+        if confidence is not None:
+            ok = confidence.ravel() != CONFIDENCE_NODATA
+            self.conf_sum += np.bincount(c[ok], weights=confidence.ravel()[ok], minlength=self.size)
+            self.conf_n += np.bincount(c[ok], minlength=self.size)
+
+
+# --------------------------------------------------------------------------------------------
+# I/O shell
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TileLayers:
+    """One tile's three rasters for the mosaic of one classifier."""
+
+    tile: str
+    classes: Path
+    confidence: Path
+    clear: Path
+
+
+class _Source:
+    """One tile's rasters read onto the national grid (copied when native, warped otherwise)."""
+
+    def __init__(self, layers: TileLayers, nat: Grid, stack: contextlib.ExitStack) -> None:
+        self.tile = layers.tile
+        for p in (layers.classes, layers.confidence, layers.clear):
+            if not Path(p).exists():
+                raise PipelineError(p, f"tile {layers.tile}: this map is missing (run its predict job first)")
+        self.paths = (Path(layers.classes), Path(layers.confidence), Path(layers.clear))
+        try:
+            srcs = [stack.enter_context(rasterio.open(p)) for p in self.paths]
+        except rasterio.errors.RasterioIOError as exc:
+            raise PipelineError(layers.classes, f"tile {layers.tile}: unreadable map ({exc})") from None
+        g0 = _grid_of(srcs[0])
+        for p, s in zip(self.paths[1:], srcs[1:], strict=True):
+            if not _grid_of(s).same_as(g0):
+                raise PipelineError(
+                    p, f"tile {layers.tile}: not on the grid of its class map {self.paths[0]}"
+                )
+        self.grid = g0
+        self.native = g0.crs == nat.crs
+        nodata = (0, CONFIDENCE_NODATA, CLEAR_NODATA)
+        if self.native:
+            self.readers = srcs
+            res = nat.transform.a
+            self.offset = (
+                round((g0.transform.c - nat.transform.c) / res),
+                round((nat.transform.f - g0.transform.f) / res),
+            )
+        else:
+            self.readers = [
+                stack.enter_context(
+                    WarpedVRT(
+                        s,
+                        crs=nat.crs,
+                        transform=nat.transform,
+                        width=nat.width,
+                        height=nat.height,
+                        resampling=Resampling.nearest,
+                        src_nodata=s.nodata if s.nodata is not None else None,
+                        nodata=nd,
+                    )
+                )
+                for s, nd in zip(srcs, nodata, strict=True)
+            ]
+        b = g0.bounds if self.native else transform_bounds(g0.crs, nat.crs, *g0.bounds, densify_pts=21)
+        self.bounds = b
+        cx, cy = g0.transform @ (g0.width / 2, g0.height / 2)
+        if not self.native:
+            xs, ys = Transformer.from_crs(
+                ProjCRS.from_wkt(g0.crs.to_wkt()), ProjCRS.from_wkt(nat.crs.to_wkt()), always_xy=True
+            ).transform([cx], [cy])
+            cx, cy = xs[0], ys[0]
+        self.centre = (float(cx), float(cy))
+        self.nodata = nodata
+
+    def touches(self, nat: Grid, win: Window) -> bool:
+        left, top = nat.transform @ (win.col_off, win.row_off)
+        right, bottom = nat.transform @ (win.col_off + win.width, win.row_off + win.height)
+        b = self.bounds
+        return left < b[2] and right > b[0] and bottom < b[3] and top > b[1]
+
+    def read(self, layer: int, win: Window, dtype: np.dtype) -> np.ndarray:
+        """Layer ``layer`` (0 classes, 1 confidence, 2 clear) over national window ``win``."""
+        h, w = int(win.height), int(win.width)
+        if not self.native:
+            return self.readers[layer].read(1, window=win).astype(dtype, copy=False)
+        out = np.full((h, w), self.nodata[layer], dtype=dtype)
+        col0, row0 = int(win.col_off) - self.offset[0], int(win.row_off) - self.offset[1]
+        c0, r0 = max(col0, 0), max(row0, 0)
+        c1, r1 = min(col0 + w, self.grid.width), min(row0 + h, self.grid.height)
+        if c1 > c0 and r1 > r0:
+            data = self.readers[layer].read(1, window=Window(c0, r0, c1 - c0, r1 - r0))
+            out[r0 - row0 : r1 - row0, c0 - col0 : c1 - col0] = data
+        return out
+
+
+def _grid_of(src: rasterio.io.DatasetReader) -> Grid:
+    return Grid(src.crs, src.transform, src.width, src.height)
+
+
+@dataclass
+class MosaicResult:
+    grid: Grid
+    tally: AreaTally
+    tiles: list[str]
+    reprojected: list[str]
+
+
+def build_mosaic(
+    tiles: Sequence[TileLayers],
+    classes: Sequence[ClassDef],
+    out_classes: Path,
+    out_confidence: Path,
+    out_clear: Path,
+    *,
+    crs: str | None = None,
+    resolution: float | None = None,
+    tags: dict[str, str] | None = None,
+    block: int = BLOCK,
+) -> MosaicResult:
+    """Stream every tile's layers onto the national grid, arbitrate overlaps, write three COGs and
+    tally each class's true area."""
+    codes = [c.code for c in classes]
+    dtype = map_dtype(codes)
+    tally = AreaTally(max(codes) + 1)
+    with contextlib.ExitStack() as stack:
+        grids = {}
+        for t in tiles:
+            if not Path(t.classes).exists():
+                raise PipelineError(
+                    t.classes, f"tile {t.tile}: its class map is missing (run its predict job)"
+                )
+            with rasterio.open(t.classes) as src:
+                grids[t.tile] = _grid_of(src)
+        nat = national_grid(grids, crs, resolution, sources={t.tile: str(t.classes) for t in tiles})
+        order = sorted(tiles, key=lambda t: t.tile)
+        sources = [_Source(t, nat, stack) for t in order]
+        reprojected = [s.tile for s in sources if not s.native]
+        if reprojected:
+            log.info("mosaic: tiles %s reprojected into %s (nearest neighbour)", reprojected, nat.crs)
+        meta = {
+            "TILES": ",".join(s.tile for s in sources),
+            "ARBITRATION": ARBITRATION,
+            "REPROJECTED": ",".join(reprojected) or "none",
+        } | (tags or {})
+        threads = min(4, len(os.sched_getaffinity(0)))
+        cls_sink = stack.enter_context(
+            class_map_writer(out_classes, nat, classes, extra_tags=meta, threads=threads)
+        )
+        conf_sink = stack.enter_context(
+            confidence_writer(out_confidence, nat, extra_tags=meta, threads=threads)
+        )
+        clear_sink = stack.enter_context(
+            cog_writer(
+                out_clear,
+                nat,
+                "uint16",
+                nodata=CLEAR_NODATA,
+                resampling="AVERAGE",
+                tags={"MEANING": "clear observations per pixel"} | meta,
+                description="clear observations per pixel",
+                predictor="STANDARD",
+                threads=threads,
+            )
+        )
+        wins = list(iter_windows(nat.height, nat.width, block))
+        for win in tqdm(wins, desc="mosaic", unit="block", leave=False):
+            here = [s for s in sources if s.touches(nat, win)]
+            h, w = int(win.height), int(win.width)
+            if not here:
+                cls = np.zeros((h, w), dtype)
+                conf = np.full((h, w), CONFIDENCE_NODATA, np.uint8)
+                clear = np.full((h, w), CLEAR_NODATA, np.uint16)
+            else:
+                stack_cls = np.stack([s.read(0, win, dtype) for s in here])
+                d2 = _dist2(nat, win, [s.centre for s in here])
+                idx = arbitrate(stack_cls != 0, d2)
+                cls = take(stack_cls, idx, 0)
+                del stack_cls
+                conf = take(np.stack([s.read(1, win, np.uint8) for s in here]), idx, CONFIDENCE_NODATA)
+                clear = take(np.stack([s.read(2, win, np.uint16) for s in here]), idx, CLEAR_NODATA)
+                tally.add(cls, pixel_areas(nat, win), conf)
+            cls_sink.write(win, cls)
+            conf_sink.write(win, conf)
+            clear_sink.write(win, clear)
+    return MosaicResult(nat, tally, [s.tile for s in sources], reprojected)
+
+
+def _dist2(nat: Grid, win: Window, centres: Sequence[tuple[float, float]]) -> np.ndarray:
+    """(k, h, w) squared distance of each pixel centre of ``win`` to each tile centre."""
+    res = nat.transform.a
+    x = nat.transform.c + (int(win.col_off) + np.arange(int(win.width)) + 0.5) * res
+    y = nat.transform.f - (int(win.row_off) + np.arange(int(win.height)) + 0.5) * res
+    cx = np.array([c[0] for c in centres])[:, None, None]
+    cy = np.array([c[1] for c in centres])[:, None, None]
+    return (x[None, None, :] - cx) ** 2 + (y[None, :, None] - cy) ** 2
+
+
+# --------------------------------------------------------------------------------------------
+# outputs: the area table and the summary
+# --------------------------------------------------------------------------------------------
+
+AREA_FIELDS = ("code", "name", "label", "pixels", "area_ha", "grid_area_ha", "share", "mean_confidence")
+
+
+def area_rows(tally: AreaTally, classes: Sequence[ClassDef], pixel_m2: float) -> list[dict[str, Any]]:
+    """One row per class: true area (ha), the grid's nominal area (pixels x pixel size) and the
+    class's share of the mapped area."""
+    total = float(sum(tally.area_m2[c.code] for c in classes))
+    rows = []
+    for c in classes:
+        n = int(tally.pixels[c.code])
+        a = float(tally.area_m2[c.code])
+        cn = int(tally.conf_n[c.code])
+        rows.append(
+            {
+                "code": c.code,
+                "name": c.name,
+                "label": c.label,
+                "pixels": n,
+                "area_ha": round(a / 1e4, 4),
+                "grid_area_ha": round(n * pixel_m2 / 1e4, 4),
+                "share": round(a / total, 6) if total else 0.0,
+                "mean_confidence": round(float(tally.conf_sum[c.code]) / cn, 2) if cn else None,
+            }
+        )
+    return rows
+
+
+def write_areas(rows: Sequence[Mapping[str, Any]], out: Path) -> None:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=AREA_FIELDS, lineterminator="\n")
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: ("" if r[k] is None else r[k]) for k in AREA_FIELDS})
+    with atomic_path(out) as tmp:
+        tmp.write_text(buf.getvalue())
+
+
+def read_areas(path: Path) -> list[dict[str, Any]]:
+    """The rows of an ``areas.csv`` (numbers parsed)."""
+    try:
+        with open(path, newline="") as f:
+            rows = list(csv.DictReader(f))
+        return [
+            {
+                "code": int(r["code"]),
+                "name": r["name"],
+                "label": r["label"],
+                "pixels": int(r["pixels"]),
+                "area_ha": float(r["area_ha"]),
+                "grid_area_ha": float(r["grid_area_ha"]),
+                "share": float(r["share"]),
+                "mean_confidence": float(r["mean_confidence"]) if r["mean_confidence"] else None,
+            }
+            for r in rows
+        ]
+    except (OSError, KeyError, ValueError) as exc:
+        raise PipelineError(path, f"not a mosaic area table ({exc})") from None
+
+
+def mosaic_classifier(
+    cfg: Config,
+    model: str,
+    tiles: Sequence[TileLayers],
+    out_dir: Path,
+) -> dict[str, Any]:
+    """The ``mosaic`` stage of one classifier: the three COGs, ``areas.csv`` and ``mosaic.json``."""
+    m = cfg["mosaic"]
+    outputs = [
+        out_dir / f for f in ("classes.tif", "confidence.tif", "clear.tif", "areas.csv", "mosaic.json")
+    ]
+    try:
+        res = build_mosaic(
+            tiles,
+            cfg.classes,
+            *outputs[:3],
+            crs=m["crs"],
+            resolution=m["resolution"],
+            tags={"MODEL": model, "CONFIG_DIGEST": cfg.digest},
+        )
+        pixel_m2 = res.grid.transform.a * -res.grid.transform.e
+        rows = area_rows(res.tally, cfg.classes, pixel_m2)
+        write_areas(rows, outputs[3])
+        summary = _summary(model, res, rows, cfg.digest)
+        with atomic_path(outputs[4]) as tmp:
+            tmp.write_text(json.dumps(summary, indent=1))
+    except BaseException:
+        # one layer finished and another failed: none of them may claim to be this run's mosaic
+        for p in outputs:
+            p.unlink(missing_ok=True)
+        raise
+    return summary
+
+
+def _summary(model: str, res: MosaicResult, rows: Sequence[Mapping[str, Any]], digest: str) -> dict[str, Any]:
+    return {
+        "model": model,
+        "crs": res.grid.crs.to_string(),
+        "transform": list(res.grid.transform)[:6],
+        "width": res.grid.width,
+        "height": res.grid.height,
+        "tiles": res.tiles,
+        "reprojected": res.reprojected,
+        "arbitration": ARBITRATION,
+        "mapped_pixels": int(sum(r["pixels"] for r in rows)),
+        "mapped_area_ha": round(sum(r["area_ha"] for r in rows), 4),
+        "grid_area_ha": round(sum(r["grid_area_ha"] for r in rows), 4),
+        "config_digest": digest,
+    }

@@ -1,0 +1,62 @@
+# The national product (pipeline/mosaic.py, docs/mosaic.md): each classifier's tile maps, confidence
+# and validity layers on one national grid, overlaps to the nearest tile centre, areas counted once.
+# One job per classifier; a rerun of one tile's map reruns its classifier's mosaic (a full pass over
+# the tiles: docs/mosaic.md gives its cost).
+
+
+rule mosaic:
+    input:
+        maps=expand(str(LAYOUT.class_map("{{model}}", "{tile}")), tile=TILES),
+        confidence=expand(str(LAYOUT.confidence("{{model}}", "{tile}")), tile=TILES),
+        validity=expand(str(LAYOUT.validity("{tile}")), tile=TILES),
+    output:
+        classes=str(LAYOUT.mosaic("{model}", "classes")),
+        confidence=str(LAYOUT.mosaic("{model}", "confidence")),
+        clear_count=str(LAYOUT.mosaic("{model}", "clear")),
+        areas=report(
+            str(LAYOUT.mosaic("{model}", "areas")),
+            caption="../report/mosaic.rst",
+            category="National mosaic",
+            labels={"classifier": "{model}", "table": "areas"},
+        ),
+        summary=str(LAYOUT.mosaic("{model}", "summary")),
+    log:
+        str(LAYOUT.workdir / "logs" / "mosaic_{model}.log"),
+    benchmark:
+        str(LAYOUT.benchmark("mosaic", "{model}"))
+    threads: 2
+    resources:
+        **job_resources("mosaic"),
+    params:
+        settings=settings("mosaic"),
+    shell:
+        "{LANDCOVER} mosaic --model {wildcards.model} 2> {log}"
+
+
+REGIONS = RUN_CONFIG["inputs"]["regions"]
+
+
+rule regions:
+    input:
+        classes=str(LAYOUT.mosaic("{model}", "classes")),
+        confidence=str(LAYOUT.mosaic("{model}", "confidence")),
+        clear_count=str(LAYOUT.mosaic("{model}", "clear")),
+        regions=REGIONS or [],
+    output:
+        table=report(
+            str(LAYOUT.mosaic("{model}", "regions")),
+            caption="../report/regions.rst",
+            category="National mosaic",
+            labels={"classifier": "{model}", "table": "regions"},
+        ),
+        layer=str(LAYOUT.mosaic("{model}", "regions_layer")),
+    log:
+        str(LAYOUT.workdir / "logs" / "regions_{model}.log"),
+    benchmark:
+        str(LAYOUT.benchmark("regions", "{model}"))
+    resources:
+        **job_resources("regions"),
+    params:
+        settings=settings("regions"),
+    shell:
+        "{LANDCOVER} regions --model {wildcards.model} 2> {log}"
