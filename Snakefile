@@ -41,5 +41,6 @@ rule all:
         str(LAYOUT.comparison("md")),
         expand(str(LAYOUT.mosaic("{model}", "summary")), model=CLASSIFIERS),
         expand(str(LAYOUT.mosaic("{model}", "regions")), model=CLASSIFIERS if REGIONS else []),
+        expand(str(LAYOUT.vector_dir("{model}")), model=CLASSIFIERS),
         expand(str(LAYOUT.qa("{tile}")), tile=TILES if REFERENCES else []),
         str(LAYOUT.report()),

@@ -190,6 +190,13 @@ def _regions(cfg: Config, args: argparse.Namespace) -> None:
     regions_stage(cfg, lay.mosaic_dir(args.model), out / "regions.csv", out / "regions.gpkg")
 
 
+def _vector(cfg: Config, args: argparse.Namespace) -> None:
+    from pipeline.vector import vector_product
+
+    lay = Layout(cfg.workdir)
+    vector_product(cfg, lay.mosaic_dir(args.model), args.out or lay.vector_dir(args.model))
+
+
 def _validate(cfg: Config, args: argparse.Namespace) -> None:
     from pipeline.metrics import validate_tile
 
@@ -334,6 +341,7 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, Stage]]:
         model=True,
     )
     add("regions", _regions, "per-region class areas and confidence of one classifier's mosaic", model=True)
+    add("vector", _vector, "the OSO-style vector product of one classifier's mosaic", model=True)
     p = add("validate", _validate, "confusion matrix and scores of one tile's map", tile=True, model=True)
     p.add_argument("--map", type=Path)
     p.add_argument("--labels", type=Path)

@@ -24,6 +24,8 @@ the Snakemake rules (which import it), so paths are defined once.
     <workdir>/mosaic/<name>/mosaic.json     its grid, tiles, arbitration rule and totals
     <workdir>/mosaic/<name>/regions.csv     per region and class: area, share, confidence, few-clear share
     <workdir>/mosaic/<name>/regions.gpkg    the regions with their figures (inputs.regions)
+    <workdir>/vector/<name>/<part>.gpkg     OSO-style vector product, one per region (or block) + .qml
+    <workdir>/vector/<name>/index.json      its parts and settings
     <workdir>/models/<name>-s<seed>/ ...    the same classifier trained with an extra seed (run.seeds):
                                             maps/, metrics/ alike, for the report's kappa +- std
     <workdir>/benchmarks/<rule>/<key>.tsv   Snakemake's time and memory of each job (key: wildcards)
@@ -115,6 +117,9 @@ class Layout:
 
     def mosaic_dir(self, name: str) -> Path:
         return self.workdir / "mosaic" / name
+
+    def vector_dir(self, name: str) -> Path:
+        return self.workdir / "vector" / name
 
     def mosaic(self, name: str, layer: str = "classes") -> Path:
         """A national mosaic layer of ``name``: classes, confidence, clear (COGs), areas (.csv),

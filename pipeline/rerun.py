@@ -101,6 +101,13 @@ STAGE_SETTINGS: dict[str, tuple[str, ...]] = {
     "compare": ("classifiers", "nomenclature"),
     "qa": ("qa", "classifiers", "nomenclature"),
     "mosaic": ("mosaic.crs", "mosaic.resolution", "nomenclature"),
+    "vector": (
+        "vector",
+        "inputs.regions",
+        "inputs.region_id_field",
+        "inputs.region_name_field",
+        "nomenclature",
+    ),  # fmt: skip
     "regions": (
         "inputs.regions",
         "inputs.region_id_field",

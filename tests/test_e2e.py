@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import html
 import json
 import os
@@ -12,6 +13,7 @@ import sys
 import zipfile
 from pathlib import Path
 
+import geopandas as gpd
 import numpy as np
 import pytest
 import rasterio
@@ -191,6 +193,13 @@ def test_the_national_mosaic_holds_every_place_once(run):
         col = header.index(f"{m} (ha)")
         total = float(national["rows"][-1][col].replace(",", "").split()[0])
         assert total == pytest.approx(summary["mapped_area_ha"], rel=0.01)
+        # the regions' areas add up to the nation's, and the vector product covers every mapped pixel
+        regions = list(csv.DictReader(lay.mosaic(m, "regions").open()))
+        assert sum(float(r["area_ha"]) for r in regions) == pytest.approx(summary["mapped_area_ha"], rel=1e-6)
+        index = json.loads((lay.vector_dir(m) / "index.json").read_text())
+        polygons = [gpd.read_file(lay.vector_dir(m) / p["file"]) for p in index["parts"]]
+        assert sum(int(p.pixels.sum()) for p in polygons) == summary["mapped_pixels"]
+    assert table(page, "regions")["rows"]
 
 
 def test_qa_report_opens_in_a_headless_browser(run, tmp_path):
@@ -340,8 +349,8 @@ def test_a_dry_run_lists_exactly_the_jobs_a_change_affects_and_writes_nothing(
                 want.append(f"{rule}[model={net}]")
             else:
                 want += [f"{rule}[model={net}, tile={t}]" for t in tiles]
-            if rule == "predict":  # new tile maps: a new national mosaic of that network
-                want.append(f"mosaic[model={net}]")
+            if rule == "predict":  # new tile maps: a new national mosaic of that network, and its products
+                want += [f"{r}[model={net}]" for r in ("mosaic", "regions", "vector")]
     want += [f"qa[tile={t}]" for t in tiles] + ["report"] + (["compare"] if expected else [])
     before = _snapshot(run)
     changed = _with_change(run, path, value, tmp_path / "changed.yaml")

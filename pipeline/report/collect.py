@@ -178,6 +178,7 @@ class NationalMosaic:
     look: np.ndarray
     pixel_size_m: float
     regions: list[dict[str, Any]] | None = None  # rows of regions.csv (inputs.regions)
+    vector: dict[str, Any] | None = None  # vector/<model>/index.json
 
     def hectares(self, codes: Sequence[int]) -> np.ndarray:
         by_code = {r["code"]: r["area_ha"] for r in self.areas}
@@ -202,6 +203,7 @@ def load_mosaics(lay: Layout, models: Sequence[str]) -> dict[str, NationalMosaic
             quicklook(lay.mosaic(m)),
             summary["transform"][0],
             read_rows(regions) if regions.exists() else None,
+            _json(lay.vector_dir(m) / "index.json", "vector product index"),
         )
     return out
 

@@ -264,6 +264,24 @@ def national(
     )
     if missing:
         sec.add(note(f"No complete mosaic for {', '.join(missing)}.", True))
+    vec = {m: mz.vector for m, mz in mosaics.items() if mz.vector}
+    if vec:
+        v = next(iter(vec.values()))
+        counts = "; ".join(
+            f"{m}: {len(x['parts'])} files, {sum(p['polygons'] for p in x['parts']):,} polygons"
+            for m, x in vec.items()
+        )
+        part = "region" if cfg["inputs"]["regions"] else "block"
+        sec.add(
+            "<h4>Vector product</h4>",
+            para(
+                f"<code>vector/&lt;classifier&gt;/</code>, one GeoPackage per {part}"
+                f" with its QGIS style ({escape(counts)}): the mosaic sieved to {v['mmu_ha']:g} ha"
+                f" ({v['mmu_pixels']} px, GDAL's sieve), polygonised, simplified within {v['simplify_m']:g} m"
+                " as one coverage (no gaps or overlaps), each polygon with its class, that class's share"
+                " of its pixels before the sieve, its mean confidence and its area."
+            ),
+        )
     if cfg["inputs"]["regions"]:
         sec.children.append(_regions(cfg, mosaics))
     return sec

@@ -60,3 +60,22 @@ rule regions:
         settings=settings("regions"),
     shell:
         "{LANDCOVER} regions --model {wildcards.model} 2> {log}"
+
+
+rule vector:
+    input:
+        classes=str(LAYOUT.mosaic("{model}", "classes")),
+        confidence=str(LAYOUT.mosaic("{model}", "confidence")),
+        regions=REGIONS or [],
+    output:
+        directory(str(LAYOUT.vector_dir("{model}"))),
+    log:
+        str(LAYOUT.workdir / "logs" / "vector_{model}.log"),
+    benchmark:
+        str(LAYOUT.benchmark("vector", "{model}"))
+    resources:
+        **job_resources("vector"),
+    params:
+        settings=settings("vector"),
+    shell:
+        "{LANDCOVER} vector --model {wildcards.model} 2> {log}"
