@@ -44,3 +44,4 @@ rule all:
         expand(str(LAYOUT.vector_dir("{model}")), model=CLASSIFIERS),
         expand(str(LAYOUT.qa("{tile}")), tile=TILES if REFERENCES else []),
         str(LAYOUT.report()),
+        str(LAYOUT.catalogue().parent),

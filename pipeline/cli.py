@@ -197,6 +197,13 @@ def _vector(cfg: Config, args: argparse.Namespace) -> None:
     vector_product(cfg, lay.mosaic_dir(args.model), args.out or lay.vector_dir(args.model))
 
 
+def _catalogue(cfg: Config, args: argparse.Namespace) -> None:
+    from pipeline.catalogue import build_catalogue
+
+    lay = Layout(cfg.workdir)
+    build_catalogue(cfg, args.out or lay.catalogue().parent)
+
+
 def _validate(cfg: Config, args: argparse.Namespace) -> None:
     from pipeline.metrics import validate_tile
 
@@ -342,6 +349,7 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, Stage]]:
     )
     add("regions", _regions, "per-region class areas and confidence of one classifier's mosaic", model=True)
     add("vector", _vector, "the OSO-style vector product of one classifier's mosaic", model=True)
+    add("catalogue", _catalogue, "the STAC catalogue of the run's products (--out: its folder)")
     p = add("validate", _validate, "confusion matrix and scores of one tile's map", tile=True, model=True)
     p.add_argument("--map", type=Path)
     p.add_argument("--labels", type=Path)

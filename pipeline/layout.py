@@ -30,6 +30,7 @@ the Snakemake rules (which import it), so paths are defined once.
                                             maps/, metrics/ alike, for the report's kappa +- std
     <workdir>/benchmarks/<rule>/<key>.tsv   Snakemake's time and memory of each job (key: wildcards)
     <workdir>/report/qa_report.html         the self-contained QA report of the run
+    <workdir>/catalog/collection.json       STAC catalogue of the products (relative: copy the workdir)
 """
 
 from __future__ import annotations
@@ -146,6 +147,9 @@ class Layout:
     def benchmark(self, rule: str, key: str = "run") -> Path:
         """Snakemake ``benchmark:`` file of one job; ``key``: its wildcards ("run" for run-wide rules)."""
         return self.benchmarks() / rule / f"{key}.tsv"
+
+    def catalogue(self) -> Path:
+        return self.workdir / "catalog" / "collection.json"
 
     def report(self) -> Path:
         return self.workdir / "report" / "qa_report.html"

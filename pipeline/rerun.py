@@ -116,6 +116,7 @@ STAGE_SETTINGS: dict[str, tuple[str, ...]] = {
         "nomenclature",
     ),  # fmt: skip
     "report": ("",),  # the whole config: the report shows it
+    "catalogue": ("",),  # the whole config: its digest is in every item
 }
 
 # Settings that change how a job runs, never what it writes: no job reruns for them.

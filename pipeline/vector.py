@@ -28,11 +28,8 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import re
-import shutil
 import sqlite3
-import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,6 +47,7 @@ from tqdm import tqdm
 
 from pipeline.config import ClassDef, Config
 from pipeline.errors import PipelineError
+from pipeline.io.atomic import atomic_path
 from pipeline.io.cog import CONFIDENCE_NODATA
 from pipeline.io.tilestore import Grid
 from pipeline.mosaic import pixel_areas
@@ -236,12 +234,10 @@ def vector_product(cfg: Config, mosaic_dir: Path, out_dir: Path) -> dict[str, An
     mmu = mmu_pixels(v["mmu_ha"], grid)
     style = qml(cfg.classes)
     names = {c.code: c.name for c in cfg.classes}
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     index: dict[str, Any] = {"parts": [], "mmu_ha": v["mmu_ha"], "mmu_pixels": mmu}
     index |= {"simplify_m": v["simplify_m"], "connectivity": v["connectivity"], "crs": grid.crs.to_string()}
-    try:
+    with atomic_path(out_dir) as stage:  # the folder appears whole, or the previous one stays
+        stage.mkdir()
         with rasterio.open(layers[0]) as cls_src, rasterio.open(layers[1]) as conf_src:
             parts = list(parts_of(grid, regions, v["block_px"]))
             for part in tqdm(parts, desc="vector", unit="part", leave=False):
@@ -249,10 +245,6 @@ def vector_product(cfg: Config, mosaic_dir: Path, out_dir: Path) -> dict[str, An
                 if rec:
                     index["parts"].append(rec)
         (stage / "index.json").write_text(json.dumps(index, indent=1))
-        _replace_dir(stage, out_dir)
-    except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
-        raise
     return index
 
 
@@ -309,14 +301,3 @@ def _write_part(
     add_layer_style(path, LAYER, style)
     (stage / f"{part.name}.qml").write_text(style)
     return {"name": part.name, "label": part.label, "file": path.name, "polygons": len(gdf)}
-
-
-def _replace_dir(new: Path, target: Path) -> None:
-    """Put the finished folder ``new`` at ``target`` (the previous one, if any, goes only then)."""
-    old = None
-    if target.exists():
-        old = target.with_name(f".{target.name}.old-{os.getpid()}")
-        os.replace(target, old)
-    os.replace(new, target)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)

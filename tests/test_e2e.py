@@ -15,6 +15,7 @@ from pathlib import Path
 
 import geopandas as gpd
 import numpy as np
+import pystac
 import pytest
 import rasterio
 import yaml
@@ -200,6 +201,11 @@ def test_the_national_mosaic_holds_every_place_once(run):
         polygons = [gpd.read_file(lay.vector_dir(m) / p["file"]) for p in index["parts"]]
         assert sum(int(p.pixels.sum()) for p in polygons) == summary["mapped_pixels"]
     assert table(page, "regions")["rows"]
+    # the STAC catalogue: an item per tile and the national one, every asset on disk
+    collection = pystac.Collection.from_file(str(lay.catalogue()))
+    items = list(collection.get_items())
+    assert sorted(i.id for i in items) == sorted(["national", *(f"tile-{t}" for t in cfg.tiles)])
+    assert all(os.path.exists(a.get_absolute_href()) for i in items for a in i.assets.values())
 
 
 def test_qa_report_opens_in_a_headless_browser(run, tmp_path):
@@ -297,7 +303,11 @@ def _jobs(proc: subprocess.CompletedProcess) -> list[str]:
             rule = None
     # rules without wildcards (compare, report, percentiles, split) show none
     text = proc.stdout + proc.stderr
-    out += [r for r in re.findall(r"^(?:local)?rule (\w+):", text, re.M) if r in {"compare", "report"}]
+    out += [
+        r
+        for r in re.findall(r"^(?:local)?rule (\w+):", text, re.M)
+        if r in {"compare", "report", "catalogue"}
+    ]
     return sorted(out)
 
 
@@ -351,7 +361,7 @@ def test_a_dry_run_lists_exactly_the_jobs_a_change_affects_and_writes_nothing(
                 want += [f"{rule}[model={net}, tile={t}]" for t in tiles]
             if rule == "predict":  # new tile maps: a new national mosaic of that network, and its products
                 want += [f"{r}[model={net}]" for r in ("mosaic", "regions", "vector")]
-    want += [f"qa[tile={t}]" for t in tiles] + ["report"] + (["compare"] if expected else [])
+    want += [f"qa[tile={t}]" for t in tiles] + ["report", "catalogue"] + (["compare"] if expected else [])
     before = _snapshot(run)
     changed = _with_change(run, path, value, tmp_path / "changed.yaml")
     proc = _snakemake(run, "-n", "--configfile", str(changed))

@@ -210,7 +210,7 @@ def test_a_failed_run_leaves_the_previous_product_and_no_partial_one(run, monkey
 
     real = vector._write_part
     monkeypatch.setattr(vector, "_write_part", flaky)
-    with pytest.raises(OSError):
+    with pytest.raises(PipelineError, match="vector/rf: disk full .* nothing was written"):
         vector_product(cfg, lay.mosaic_dir("rf"), lay.vector_dir("rf"))
     assert sorted(p.name for p in lay.vector_dir("rf").iterdir()) == before
     assert [p.name for p in lay.vector_dir("rf").parent.iterdir()] == ["rf"]  # no staging left

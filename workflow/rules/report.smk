@@ -25,3 +25,28 @@ rule report:
         settings=settings("report"),
     shell:
         "{LANDCOVER} report --out {output} 2> {log}"
+
+
+# The STAC catalogue (pipeline/catalogue.py, docs/mosaic.md): an item per tile and one for the
+# national product, relative hrefs, so the workdir can be copied to a web server as it is.
+rule catalogue:
+    input:
+        maps=expand(str(LAYOUT.class_map("{model}", "{tile}")), model=CLASSIFIERS, tile=TILES),
+        confidence=expand(str(LAYOUT.confidence("{model}", "{tile}")), model=CLASSIFIERS, tile=TILES),
+        validity=expand(str(LAYOUT.validity("{tile}")), tile=TILES),
+        mosaics=expand(str(LAYOUT.mosaic("{model}", "summary")), model=CLASSIFIERS),
+        regions=expand(str(LAYOUT.mosaic("{model}", "regions")), model=CLASSIFIERS if REGIONS else []),
+        vector=expand(str(LAYOUT.vector_dir("{model}")), model=CLASSIFIERS),
+        report=str(LAYOUT.report()),
+    output:
+        directory(str(LAYOUT.catalogue().parent)),
+    log:
+        str(LAYOUT.workdir / "logs" / "catalogue.log"),
+    benchmark:
+        str(LAYOUT.benchmark("catalogue"))
+    resources:
+        **job_resources("catalogue"),
+    params:
+        settings=settings("catalogue"),
+    shell:
+        "{LANDCOVER} catalogue 2> {log}"
