@@ -135,6 +135,14 @@ def _check_demo(data: dict[str, Any], source: str) -> None:
                 f"invalid config at 'inputs/tiles/{name}': the demo writes this tile as "
                 f"{made[name]} products in {where}, not {spec['format']} in {spec['path']}; {remedy}",
             )
+    zones = sorted({int(t.get("epsg") or demo.get("epsg", 32631)) for t in demo["tiles"]})
+    if len(zones) > 1 and not data.get("mosaic", {}).get("crs"):
+        raise PipelineError(
+            source,
+            f"invalid config at 'mosaic/crs': the demo's tiles are in {len(zones)} CRSs"
+            f" ({', '.join(f'EPSG:{z}' for z in zones)}); set mosaic.crs to the one national CRS the"
+            " mosaic reprojects them into",
+        )
     for key, name in (("reference", "reference.gpkg"), ("regions", "regions.gpkg")):
         made_path, given = os.path.join(out, name), data["inputs"].get(key)
         if given is not None and os.path.normpath(given) != made_path:

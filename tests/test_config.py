@@ -158,6 +158,17 @@ def test_a_demo_config_refuses_tiles_the_demo_does_not_write(raw):
     with pytest.raises(PipelineError, match=want + "not /data/departements.gpkg"):
         validate(_demo_with(raw, regions="/data/departements.gpkg"))
     assert validate(_demo_with(raw, regions=None))["inputs"]["regions"] is None  # no regions: fine
+
+
+def test_a_demo_straddling_two_zones_needs_the_national_crs(raw):
+    two = copy.deepcopy(raw)
+    two["demo"]["tiles"][0]["epsg"] = 32630
+    with pytest.raises(
+        PipelineError, match=r"'mosaic/crs': the demo's tiles are in 2 CRSs \(EPSG:32630, EPSG:32631\)"
+    ):
+        validate(two)
+    two["mosaic"] = {"crs": "EPSG:32631"}
+    assert validate(two)["mosaic"]["crs"] == "EPSG:32631"
     # a subset of the demo's tiles, or the same paths spelt differently, is still the demo
     one = {"T31TCJ": {"format": "theia", "path": "./results/demo/inputs/T31TCJ/"}}
     assert list(validate(_demo_with(raw, tiles=one))["inputs"]["tiles"]) == ["T31TCJ"]

@@ -24,6 +24,7 @@ from pipeline.demo.reference import write_reference
 from pipeline.demo.regions import write_regions
 from pipeline.demo.render import render_window, static_for
 from pipeline.demo.sensor import Pass, tile_passes
+from pipeline.demo.zones import render_zone_window
 from pipeline.io.atomic import atomic_path
 from pipeline.io.tilestore import iter_windows
 
@@ -65,7 +66,8 @@ def write_tile(c: Country, tile: TileSpec, root: Path, passes: list[Pass] | None
     from pipeline.io.l2a import Acquisition, WindowMasks, open_writer
 
     passes = tile_passes(c, tile) if passes is None else passes
-    grid = tile.grid
+    grid = tile.product_grid  # its own grid: the rendering grid, or another UTM zone's (zones.py)
+    zone = grid is not tile.grid
     windows = list(iter_windows(grid.height, grid.width, c.window))
     big = grid.width * grid.height > _IN_MEMORY_PX
     t0 = time.perf_counter()
@@ -79,7 +81,10 @@ def write_tile(c: Country, tile: TileSpec, root: Path, passes: list[Pass] | None
             acq = Acquisition(tile.name, p.acquired, p.platform, p.orbit, grid)
             with open_writer(tile.fmt, tmp, acq) as w:
                 for win in windows:
-                    rw = render_window(c, tile, p, win, cache.get(win))
+                    if zone:
+                        rw = render_zone_window(c, tile, p, win, cache.get)
+                    else:
+                        rw = render_window(c, tile, p, win, cache.get(win))
                     w.write(win, rw.r10, rw.r20, WindowMasks(**rw.masks()))
     log.info(
         "%s: %d %s products (%d orbits) in %.1f s -> %s",

@@ -82,10 +82,22 @@ _CUM = _cum_table()
 
 @dataclass(frozen=True)
 class TileSpec:
+    """A demo tile. ``grid`` is where its ground is rendered (the country's CRS); a tile given its
+    own ``epsg`` (another UTM zone) has its products written on :attr:`product_grid` instead."""
+
     name: str
     fmt: str
     index: int
     grid: Grid
+    epsg: int | None = None
+
+    @cached_property
+    def product_grid(self) -> Grid:
+        if self.epsg is None or CRS.from_epsg(self.epsg) == self.grid.crs:
+            return self.grid
+        from pipeline.demo.zones import zone_grid
+
+        return zone_grid(self.grid, self.epsg)
 
 
 @dataclass(frozen=True)
@@ -98,7 +110,7 @@ class Country:
     size: int
     overlap: int
     year: int
-    tile_specs: tuple[tuple[str, str], ...]
+    tile_specs: tuple[tuple[str, str] | tuple[str, str, int | None], ...]  # name, format[, epsg]
     cloud_cover: float = 0.25
     label_noise: float = 0.03
     reference_share: float = 0.45
@@ -123,7 +135,7 @@ class Country:
             size=int(demo.get("size", 320)),
             overlap=int(demo.get("overlap", 16)),
             year=int(demo.get("year", 2018)),
-            tile_specs=tuple((t["name"], t.get("format", "theia")) for t in demo["tiles"]),
+            tile_specs=tuple((t["name"], t.get("format", "theia"), t.get("epsg")) for t in demo["tiles"]),
             cloud_cover=float(demo.get("cloud_cover", 0.25)),
             label_noise=float(demo.get("label_noise", 0.03)),
             reference_share=float(demo.get("reference_share", 0.45)),
@@ -142,7 +154,7 @@ class Country:
             raise PipelineError(None, "demo.overlap must be smaller than demo.size")
         if self.window % 2 or self.window < 16:
             raise PipelineError(None, "demo.window must be even and >= 16")
-        names = [n for n, _ in self.tile_specs]
+        names = [n for n, *_ in self.tile_specs]
         if len(set(names)) != len(names):
             raise PipelineError(None, "demo.tiles has duplicate names")
 
@@ -169,10 +181,11 @@ class Country:
     def tiles(self) -> tuple[TileSpec, ...]:
         crs = CRS.from_epsg(self.epsg)
         out = []
-        for k, (name, fmt) in enumerate(self.tile_specs):
+        for k, (name, fmt, *zone) in enumerate(self.tile_specs):
+            epsg = zone[0] if zone else None
             ulx = self.origin[0] + k * (self.size - self.overlap) * 10
             grid = Grid(crs, Affine(10.0, 0.0, ulx, 0.0, -10.0, self.origin[1]), self.size, self.size)
-            out.append(TileSpec(name, fmt, k, grid))
+            out.append(TileSpec(name, fmt, k, grid, epsg))
         return tuple(out)
 
     @cached_property
