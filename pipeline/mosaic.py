@@ -399,6 +399,13 @@ def build_mosaic(
                 cls = np.zeros((h, w), dtype)
                 conf = np.full((h, w), CONFIDENCE_NODATA, np.uint8)
                 clear = np.full((h, w), CLEAR_NODATA, np.uint16)
+            elif len(here) == 1:  # most blocks: one tile, nothing to arbitrate
+                s = here[0]
+                cls = s.read(0, win, dtype)
+                empty = cls == 0
+                conf = np.where(empty, CONFIDENCE_NODATA, s.read(1, win, np.uint8)).astype(np.uint8)
+                clear = np.where(empty, CLEAR_NODATA, s.read(2, win, np.uint16)).astype(np.uint16)
+                tally.add(cls, pixel_areas(nat, win), conf)
             else:
                 stack_cls = np.stack([s.read(0, win, dtype) for s in here])
                 d2 = _dist2(nat, win, [s.centre for s in here])
