@@ -128,8 +128,9 @@ NO_EFFECT: tuple[str, ...] = (
     "dask",
     "nets.keep_checkpoints",
 )
-# Read by the QA report only, which depends on the whole config (it shows it).
-REPORT_ONLY: tuple[str, ...] = ("report",)
+# Read only by the stages that depend on the whole config: the QA report (it shows it) and the STAC
+# catalogue (its items record its digest).
+REPORT_ONLY: tuple[str, ...] = ("report", "catalogue")
 
 
 def family(model: str) -> str:

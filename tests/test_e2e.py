@@ -420,8 +420,9 @@ def test_a_dry_run_lists_exactly_the_jobs_a_change_affects_and_writes_nothing(
 
 
 def test_a_changed_setting_reruns_its_jobs_under_a_new_frozen_config(run, tmp_path):
-    """A real run after qa.corner_distance changed: only the QA and the report are remade, they
-    record the new config's digest, and that config is frozen under it; the rest stays as it was."""
+    """A real run after qa.corner_distance changed: only the QA, the report and the catalogue are
+    remade, they record the new config's digest, and that config is frozen under it; the rest stays
+    as it was."""
     work = tmp_path / "copy"
     shutil.copytree(run, work, symlinks=True)  # keeps mtimes and Snakemake's records
     cfg = load_config(work / "config.yaml")
@@ -430,7 +431,7 @@ def test_a_changed_setting_reruns_its_jobs_under_a_new_frozen_config(run, tmp_pa
     changed = _with_change(work, "qa.corner_distance", 4, tmp_path / "changed.yaml")
     proc = _snakemake(work, "--configfile", str(changed))
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert _jobs(proc) == sorted([f"qa[tile={t}]" for t in cfg.tiles] + ["report"])
+    assert _jobs(proc) == sorted([f"qa[tile={t}]" for t in cfg.tiles] + ["report", "catalogue"])
     new = load_config(lay.run_config())
     assert new["qa"]["corner_distance"] == 4 and new.digest != cfg.digest
     assert lay.frozen_config(new.digest).read_text() == lay.run_config().read_text()
@@ -440,7 +441,8 @@ def test_a_changed_setting_reruns_its_jobs_under_a_new_frozen_config(run, tmp_pa
     after = _snapshot(work)
     remade = {k for k in before.keys() & after.keys() if before[k] != after[k]}
     assert all(k.startswith(("results/qa/", "results/report/", "results/logs/qa", "results/logs/report",
-                             "results/benchmarks/qa", "results/benchmarks/report", "results/run-config"))
+                             "results/benchmarks/qa", "results/benchmarks/report", "results/run-config",
+                             "results/catalog/", "results/logs/catalogue", "results/benchmarks/catalogue"))
                for k in remade), sorted(remade)  # fmt: skip
     assert "Nothing to be done" in _snakemake(work, "-n", "--configfile", str(changed)).stdout
 
