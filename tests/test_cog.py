@@ -7,6 +7,8 @@ import json
 import numpy as np
 import pytest
 import rasterio
+from rasterio.enums import Resampling
+from rasterio.windows import Window
 
 from pipeline.config import ClassDef
 from pipeline.io.cog import class_map_writer, write_class_map, write_validity
@@ -98,3 +100,23 @@ def test_validity_cog(tmp_path):
         np.testing.assert_array_equal(src.read(1), counts)
         ov = src.read(1, out_shape=(300, 350)).astype(float)
         assert abs(ov.mean() - counts.mean()) < 0.5  # averaged overview
+
+
+def test_confidence_overviews_are_mean_confidences(tmp_path):
+    """The overviews of a paletted confidence COG average the values, not the palette's colours
+    (GDAL does the latter when the colour table is there before the overviews are built: off by up
+    to 24 points on this test before the fix)."""
+    from pipeline.io.cog import confidence_writer, overview_factors
+
+    rng = np.random.default_rng(1)
+    values = rng.integers(0, 101, (1100, 1100)).astype(np.uint8)
+    grid = make_grid(1100, 1100)
+    with confidence_writer(tmp_path / "conf.tif", grid) as sink:
+        sink.write(Window(0, 0, 1100, 1100), values)
+    with rasterio.open(tmp_path / "conf.tif") as src:
+        assert src.overviews(1) == overview_factors(1100, 1100) == [2, 4]
+        assert src.tags(ns="IMAGE_STRUCTURE")["LAYOUT"] == "COG"
+        assert src.colormap(1)[100][:3] == (0, 255, 0)  # the colour table is still there
+        ov = src.read(1, out_shape=(550, 550), resampling=Resampling.nearest)
+    mean = values.astype(float).reshape(550, 2, 550, 2).mean((1, 3))
+    assert np.abs(ov - mean).max() <= 0.5

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import rasterio
 import rasterio.shutil
+from rasterio.enums import Resampling
 from rasterio.windows import Window
 from tqdm import tqdm
 
@@ -62,8 +64,6 @@ def cog_writer(
         profile = grid.gtiff_profile(dtype, nodata, BLOCK, compress="zstd", zstd_level=1, bigtiff="if_safer")
         try:
             with rasterio.open(stage, "w", **profile) as dst:
-                if colormap is not None:
-                    dst.write_colormap(1, colormap)
                 if tags:
                     dst.update_tags(**tags)
                 if band_tags:
@@ -71,6 +71,13 @@ def cog_writer(
                 if description:
                     dst.set_band_description(1, description)
                 yield RasterSink(dst)
+                # overviews of the values, built before the colour table: with one, GDAL averages a
+                # paletted band in RGB and maps back to the nearest entry (8x slower, and a
+                # confidence overview would not be the mean confidence)
+                if factors := overview_factors(grid.width, grid.height):
+                    dst.build_overviews(factors, Resampling[resampling.lower()])
+                if colormap is not None:
+                    dst.write_colormap(1, colormap)
             rasterio.shutil.copy(
                 stage,
                 tmp,
@@ -78,13 +85,21 @@ def cog_writer(
                 COMPRESS="DEFLATE",
                 PREDICTOR=predictor,
                 BLOCKSIZE=str(BLOCK),
-                OVERVIEWS="IGNORE_EXISTING",
-                RESAMPLING=resampling,
+                OVERVIEWS="FORCE_USE_EXISTING",
                 NUM_THREADS=str(threads),
                 BIGTIFF="IF_SAFER",
             )
         finally:
             stage.unlink(missing_ok=True)
+
+
+def overview_factors(width: int, height: int, block: int = BLOCK) -> list[int]:
+    """Decimation factors 2, 4, ... until a level fits one block (the COG driver's own default)."""
+    out, f = [], 2
+    while math.ceil(max(width, height) / (f // 2)) > block:
+        out.append(f)
+        f *= 2
+    return out
 
 
 def class_colormap(classes: Sequence[ClassDef]) -> dict[int, tuple[int, int, int, int]]:
