@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import functools
 import io
 import json
 import logging
@@ -199,9 +200,16 @@ def pixel_areas(grid: Grid, win: Window, step: int = AREA_STEP) -> np.ndarray:
 
 
 def _areal_scale(wkt: str, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    to_lonlat, proj = _projection(wkt)
+    lon, lat = to_lonlat.transform(x, y)
+    return np.asarray(proj.get_factors(lon, lat).areal_scale, dtype=np.float64)
+
+
+@functools.lru_cache(maxsize=8)
+def _projection(wkt: str) -> tuple[Transformer, Proj]:
+    """The CRS's inverse transform and its Proj (built once per CRS: a few ms each, per block else)."""
     crs = ProjCRS.from_wkt(wkt)
-    lon, lat = Transformer.from_crs(crs, crs.geodetic_crs, always_xy=True).transform(x, y)
-    return np.asarray(Proj(crs).get_factors(lon, lat).areal_scale, dtype=np.float64)
+    return Transformer.from_crs(crs, crs.geodetic_crs, always_xy=True), Proj(crs)
 
 
 @dataclass
