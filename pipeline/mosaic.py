@@ -292,7 +292,7 @@ class _Source:
                         width=nat.width,
                         height=nat.height,
                         resampling=Resampling.nearest,
-                        src_nodata=s.nodata if s.nodata is not None else None,
+                        src_nodata=s.nodata,
                         nodata=nd,
                     )
                 )
