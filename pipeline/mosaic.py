@@ -23,9 +23,7 @@ The mosaic is streamed in blocks of :data:`BLOCK` px; a country of 100 tiles nev
 from __future__ import annotations
 
 import contextlib
-import csv
 import functools
-import io
 import json
 import logging
 import math
@@ -51,6 +49,7 @@ from pipeline.config import ClassDef, Config, map_dtype
 from pipeline.errors import PipelineError
 from pipeline.io.atomic import atomic_path
 from pipeline.io.cog import CONFIDENCE_NODATA, class_map_writer, cog_writer, confidence_writer
+from pipeline.io.tables import read_csv, write_csv
 from pipeline.io.tilestore import Grid, iter_windows
 
 log = logging.getLogger(__name__)
@@ -471,35 +470,14 @@ def area_rows(tally: AreaTally, classes: Sequence[ClassDef], pixel_m2: float) ->
 
 
 def write_areas(rows: Sequence[Mapping[str, Any]], out: Path) -> None:
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=AREA_FIELDS, lineterminator="\n")
-    w.writeheader()
-    for r in rows:
-        w.writerow({k: ("" if r[k] is None else r[k]) for k in AREA_FIELDS})
-    with atomic_path(out) as tmp:
-        tmp.write_text(buf.getvalue())
+    write_csv(rows, AREA_FIELDS, out)
 
 
 def read_areas(path: Path) -> list[dict[str, Any]]:
     """The rows of an ``areas.csv`` (numbers parsed)."""
-    try:
-        with open(path, newline="") as f:
-            rows = list(csv.DictReader(f))
-        return [
-            {
-                "code": int(r["code"]),
-                "name": r["name"],
-                "label": r["label"],
-                "pixels": int(r["pixels"]),
-                "area_ha": float(r["area_ha"]),
-                "grid_area_ha": float(r["grid_area_ha"]),
-                "share": float(r["share"]),
-                "mean_confidence": float(r["mean_confidence"]) if r["mean_confidence"] else None,
-            }
-            for r in rows
-        ]
-    except (OSError, KeyError, ValueError) as exc:
-        raise PipelineError(path, f"not a mosaic area table ({exc})") from None
+    types = {"code": int, "pixels": int, "area_ha": float, "grid_area_ha": float, "share": float}
+    types["mean_confidence"] = float
+    return read_csv(path, types, ("mean_confidence",), "a mosaic area table")
 
 
 def mosaic_classifier(

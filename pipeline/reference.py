@@ -68,6 +68,22 @@ def training_labels(group: Any) -> HeldOut:
     return HeldOut(group["train"], group[SELECTION])
 
 
+def check_polygons(path: Path, geom: gpd.GeoSeries, ids: Any, what: str, kind: str) -> None:
+    """Every feature a valid (multi)polygon, else one line naming the count and the first id:
+    "<n> <what> are not polygons", "<n> invalid <kind> geometries" (with GEOS's reason)."""
+    ids = np.asarray(ids)
+    bad = (geom.isna() | geom.is_empty | ~geom.geom_type.isin(["Polygon", "MultiPolygon"])).to_numpy()
+    if bad.any():
+        raise PipelineError(path, f"{int(bad.sum())} {what} are not polygons (first id {ids[bad][0]})")
+    invalid = (~geom.is_valid).to_numpy()
+    if invalid.any():
+        first = int(np.flatnonzero(invalid)[0])
+        reason = shapely.is_valid_reason(geom.iloc[first])
+        raise PipelineError(
+            path, f"{int(invalid.sum())} invalid {kind} geometries (first: id {ids[first]}, {reason})"
+        )
+
+
 def read_polygons(
     path: Path,
     class_field: str,
@@ -97,18 +113,7 @@ def read_polygons(
     ids = gdf["id"].to_numpy() if "id" in gdf.columns else np.arange(1, len(gdf) + 1)
     gdf = gdf.assign(id=ids)
     geom = gdf.geometry
-    bad = geom.isna() | geom.is_empty | ~geom.geom_type.isin(["Polygon", "MultiPolygon"])
-    if bad.any():
-        raise PipelineError(
-            path, f"{int(bad.sum())} feature(s) are not polygons (first id {ids[bad.to_numpy()][0]})"
-        )
-    invalid = ~geom.is_valid
-    if invalid.any():
-        first = int(np.flatnonzero(invalid.to_numpy())[0])
-        reason = shapely.is_valid_reason(geom.iloc[first])
-        raise PipelineError(
-            path, f"{int(invalid.sum())} invalid polygon geometries (first: id {ids[first]}, {reason})"
-        )
+    check_polygons(path, geom, ids, "feature(s)", "polygon")
     field = gdf[class_field]
     if field.isna().any():
         first = int(np.flatnonzero(field.isna().to_numpy())[0])

@@ -11,8 +11,6 @@ tallied apart; memory holds a block and the tally, whatever the number of region
 
 from __future__ import annotations
 
-import csv
-import io
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -32,8 +30,10 @@ from pipeline.config import ClassDef, Config
 from pipeline.errors import PipelineError
 from pipeline.io.atomic import atomic_path
 from pipeline.io.cog import CONFIDENCE_NODATA
+from pipeline.io.tables import read_csv, write_csv
 from pipeline.io.tilestore import Grid, iter_windows
 from pipeline.mosaic import BLOCK, CLEAR_NODATA, pixel_areas
+from pipeline.reference import check_polygons
 
 log = logging.getLogger(__name__)
 
@@ -74,18 +74,7 @@ def read_regions(path: Path, id_field: str, name_field: str | None, crs: Any) ->
             path, f"region ids in '{id_field}' are not unique (e.g. {ids[ids.duplicated()].iloc[0]})"
         )
     geom = gdf.geometry
-    bad = geom.isna() | geom.is_empty | ~geom.geom_type.isin(["Polygon", "MultiPolygon"])
-    if bad.any():
-        raise PipelineError(
-            path, f"{int(bad.sum())} region(s) are not polygons (first id {ids[bad].iloc[0]})"
-        )
-    invalid = ~geom.is_valid
-    if invalid.any():
-        first = int(np.flatnonzero(invalid.to_numpy())[0])
-        reason = shapely.is_valid_reason(geom.iloc[first])
-        raise PipelineError(
-            path, f"{int(invalid.sum())} invalid region geometries (first: id {ids.iloc[first]}, {reason})"
-        )
+    check_polygons(path, geom, ids, "region(s)", "region")
     names = gdf[name_field].astype(str) if name_field else ids
     out = gpd.GeoDataFrame(
         {"region_id": ids.to_numpy(), "region_name": names.to_numpy()}, geometry=geom, crs=gdf.crs
@@ -237,27 +226,14 @@ def region_rows(
 
 
 def write_rows(rows: Sequence[dict[str, Any]], out: Path) -> None:
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=FIELDS, lineterminator="\n")
-    w.writeheader()
-    for r in rows:
-        w.writerow({k: ("" if r[k] is None else r[k]) for k in FIELDS})
-    with atomic_path(out) as tmp:
-        tmp.write_text(buf.getvalue())
+    write_csv(rows, FIELDS, out)
 
 
 def read_rows(path: Path) -> list[dict[str, Any]]:
     """The rows of a ``regions.csv`` (numbers parsed)."""
-    num = {"code": int, "pixels": int, "area_ha": float, "share": float, "mean_confidence": float}
-    num["few_clear_share"] = float
-    try:
-        with open(path, newline="") as f:
-            return [
-                {k: (num[k](v) if k in num and v != "" else (None if k in num else v)) for k, v in r.items()}
-                for r in csv.DictReader(f)
-            ]
-    except (OSError, KeyError, ValueError) as exc:
-        raise PipelineError(path, f"not a regional statistics table ({exc})") from None
+    types = {"code": int, "pixels": int, "area_ha": float, "share": float, "mean_confidence": float}
+    types["few_clear_share"] = float
+    return read_csv(path, types, ("mean_confidence", "few_clear_share"), "a regional statistics table")
 
 
 def write_layer(
