@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -26,15 +27,13 @@ import numpy as np
 import torch
 from sklearn.metrics import cohen_kappa_score, f1_score
 
-from pipeline.config import load_config
-from pipeline.layout import Layout
-from pipeline.models import get
-from pipeline.models.features import Normalisation
 from pipeline.models.pixel import training_sample
 from pipeline.nets.features import network_features
 from pipeline.nets.headfit import C_REG, fit_linear_head
 from pipeline.sampling import balanced_sample
-from pipeline.train import load_meta
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from head_refit import load_network  # noqa: E402
 
 URBAN = ("CUF", "DUF", "ICU")
 
@@ -64,19 +63,9 @@ def main() -> None:
     ap.add_argument("--model", default="fgunet-s44")
     ap.add_argument("--hidden", type=int, nargs="+", default=[64, 128, 256])
     args = ap.parse_args()
-    run_config = args.workdir / "run-config.yaml"
-    cfg = load_config(run_config)
-    classifier, seed = Layout.split_seed_model(args.model)
-    if seed is not None:
-        cfg = cfg.with_seed(seed)
-    lay = Layout(args.workdir)
-    net_dir = lay.model_dir(args.model)
-    meta = load_meta(net_dir)
-    feats = meta["features"]
-    norm = Normalisation.from_json(meta["normalisation"], feats["bands"], feats["dates"])
-    net = get(classifier).load(net_dir)
-    gapfilled = {t: lay.gapfilled(t) for t in cfg.tiles}
-    labels = {t: lay.labels(t) for t in cfg.tiles}
+    t_net = load_network(args.workdir, args.model)
+    cfg, net_dir, net, norm = t_net.cfg, t_net.net_dir, t_net.net, t_net.norm
+    gapfilled, labels = t_net.gapfilled, t_net.labels
     margin = net.spec.pool_aligned(net.receptive_radius)
     window = int(cfg["inference"]["window"])
     train, *_ = training_sample(cfg, labels, gapfilled, norm)

@@ -21,13 +21,15 @@ import argparse
 import json
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 from pipeline.cli import main as landcover
-from pipeline.config import load_config
+from pipeline.config import Config, load_config
 from pipeline.layout import Layout
 from pipeline.models import get
 from pipeline.models.features import Normalisation
@@ -37,9 +39,23 @@ from pipeline.nets.headfit import fit_linear_head
 from pipeline.train import load_meta
 
 
-def refit(workdir: Path, model: str, c_reg: float) -> dict:
-    run_config = workdir / "run-config.yaml"
-    cfg = load_config(run_config)
+@dataclass
+class TrainedNet:
+    """A finished run's trained network with what reading its features needs."""
+
+    cfg: Config  # the run's config, with the model's own seed
+    lay: Layout
+    classifier: str
+    seed: int | None
+    net_dir: Path
+    net: Any
+    norm: Normalisation
+    gapfilled: dict[str, Path]
+    labels: dict[str, Path]
+
+
+def load_network(workdir: Path, model: str) -> TrainedNet:
+    cfg = load_config(workdir / "run-config.yaml")
     classifier, seed = Layout.split_seed_model(model)
     if seed is not None:
         cfg = cfg.with_seed(seed)  # the hybrid of this seed samples its pixels with it
@@ -48,9 +64,17 @@ def refit(workdir: Path, model: str, c_reg: float) -> dict:
     meta = load_meta(net_dir)
     feats = meta["features"]
     norm = Normalisation.from_json(meta["normalisation"], feats["bands"], feats["dates"])
-    net = get(classifier).load(net_dir)
     gapfilled = {t: lay.gapfilled(t) for t in cfg.tiles}
     labels = {t: lay.labels(t) for t in cfg.tiles}
+    net = get(classifier).load(net_dir)
+    return TrainedNet(cfg, lay, classifier, seed, net_dir, net, norm, gapfilled, labels)
+
+
+def refit(workdir: Path, model: str, c_reg: float) -> dict:
+    run_config = workdir / "run-config.yaml"
+    t_net = load_network(workdir, model)
+    cfg, lay, classifier, seed, net_dir = t_net.cfg, t_net.lay, t_net.classifier, t_net.seed, t_net.net_dir
+    net, norm, gapfilled, labels = t_net.net, t_net.norm, t_net.gapfilled, t_net.labels
 
     t0 = time.process_time()
     sample, *_ = training_sample(cfg, labels, gapfilled, norm)
