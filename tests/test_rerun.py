@@ -285,6 +285,7 @@ def test_a_newly_declared_setting_at_its_default_reruns_nothing(cfg, monkeypatch
     setting that keeps the old behaviour; a value away from (or back to) its default does count."""
     from pipeline import rerun
 
+    cfg = _changed(cfg, "nets.head_refit", False)  # its default (the demo's config.yaml turns it on)
     before = settings_digest(cfg, "train", model="fgunet")
     declared = tuple(p for p in STAGE_SETTINGS["train:network"] if p != "nets.head_refit")
     monkeypatch.setitem(rerun.STAGE_SETTINGS, "train:network", declared)
