@@ -587,3 +587,45 @@ def test_the_national_section_counts_areas_once_and_shows_the_regions(tiny_run, 
     reg = table(page, "regions")
     assert [r[0] for r in reg["rows"]] == ["East (E)", "West (W)"]  # the larger first
     assert "class shares per region" in html
+
+
+def test_the_training_section_says_how_each_model_was_trained(tiny_run):
+    """Hand-written model.json files (a forest, and a network with a refitted last layer whose
+    second epoch was kept) give the rows below; a model not trained yet is marked missing."""
+    cfg = tiny_run
+    lay = Layout(cfg.workdir)
+    lay.model_dir("rf").mkdir(parents=True)
+    lay.model_meta("rf").write_text(
+        json.dumps(
+            {
+                "params": {"n_estimators": 100, "max_depth": 20},
+                "samples": {"per_class_target": 50, "counts": {"11": 50, "12": 30}},
+                "timing_s": {"sampling": 1.25, "fit": 4.0},
+            }
+        )
+    )
+    history = [{"epoch": e, "sel_kappa": k} for e, k in ((1, 0.25), (2, 0.5), (3, 0.4))]
+    refit = {"pixels": 80, "features": 12, "cpu_s": 3.0}
+    training = {"epochs": 3, "steps_per_epoch": 25, "batch_size": 8, "patch_size": 64, "nodes": 1}
+    training |= {"history": history, "kept_epoch": 2, "precision_used": "fp32", "head_refit": refit}
+    meta = {"params": {"arch": "fgunet", "parameters": 1234}, "training": training}
+    meta["timing_s"] = {"training": 99.6}
+    lay.model_dir("fgunet").mkdir(parents=True)
+    lay.model_meta("fgunet").write_text(json.dumps(meta))
+    names = [c.name for c in cfg.classes]
+    page = check_page(build_report(cfg).read_text(), ["rf", "fgunet"], names, cfg.tiles)
+    rows = {r[0]: r for r in table(page, "training")["rows"]}
+    assert rows["rf"] == ["rf", "100 trees, depth <= 20", "80 px (<= 50 per class)", "–", "–", "–", "5 s"]
+    assert rows["fgunet"] == [
+        "fgunet",
+        "fgunet, 1,234 parameters",
+        "3 x 25 steps of 8 x 64-px patches x 1 process(es), fp32",
+        "epoch 2 of 3 (selection kappa 0.500)",
+        "refitted: logistic regression on 80 px x 12 features",
+        "scratch",
+        "100 s",
+    ]
+    # without its model.json the row says so instead of inventing figures
+    lay.model_meta("fgunet").unlink()
+    page = check_page(build_report(cfg).read_text(), ["rf", "fgunet"], names, cfg.tiles)
+    assert table(page, "training")["rows"][1] == ["fgunet", *["missing"] * 6]

@@ -51,6 +51,7 @@ def build_report(cfg: Config, out: str | Path | None = None) -> Path:
     ]
     if cfg.extra_seeds:
         parts.append(sections.seeds(cfg, docs))
+    parts.append(sections.training(cfg, lay, docs))
     tiles = Section("tiles", "Tiles")
     tiles.children = [
         sections.tile_section(cfg, docs, rasters[t])

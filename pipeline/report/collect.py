@@ -168,6 +168,11 @@ def load_docs(cfg: Config, lay: Layout) -> RunDocs:
     )
 
 
+def model_metas(lay: Layout, names: Sequence[str]) -> dict[str, dict[str, Any] | None]:
+    """Each model's ``model.json`` (None when the model is not trained yet)."""
+    return {n: _json(lay.model_meta(n), f"model {n}'s metadata") for n in names}
+
+
 @dataclass
 class NationalMosaic:
     """One classifier's national mosaic: its class areas (counted once), summary and a quicklook."""

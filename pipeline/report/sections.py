@@ -21,6 +21,7 @@ from pipeline.report.collect import (
     RunDocs,
     TileRasters,
     has_scores,
+    model_metas,
     seed_statistics,
 )
 from pipeline.report.html import Section, facts, figure, note, para, pre
@@ -503,6 +504,34 @@ def seeds(cfg: Config, docs: RunDocs) -> Section:
             "F-score over seeds",
         ),
     )
+    return sec
+
+
+def training(cfg: Config, lay: Layout, docs: RunDocs) -> Section:
+    """How each model was trained: a network's scores mean little without its steps, the epoch kept
+    and whether its last layer is its own (the README demo's is refitted: docs/networks.md)."""
+    sec = Section("training", "How each model was trained")
+    names = [name for group in docs.seeds.values() for _, name in group]
+    sec.add(
+        para(
+            "From each model's <code>model.json</code>. <i>kept</i>: the epoch scoring best on the"
+            " model-selection polygons (held out of training, never the validation polygons);"
+            " <i>last layer refitted</i>: <code>nets.head_refit</code>, a logistic regression on the"
+            " network's features of RF's balanced pixel sample, not the paper's recipe; <i>time</i>:"
+            " the training job's wall clock (sampling and fit for a forest)."
+        ),
+        tables.training(model_metas(lay, names)),
+    )
+    for name in names:
+        curves = lay.model_dir(name) / "training.png"
+        if curves.exists():
+            sec.add(
+                figure(
+                    curves.read_bytes(),
+                    f"<b>{escape(name)}</b>: training loss and model-selection scores per epoch.",
+                    f"{name} training curves",
+                )
+            )
     return sec
 
 

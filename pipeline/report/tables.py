@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from html import escape
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -231,6 +232,48 @@ def seeds(stats: Mapping[str, Mapping[str, Any]], seed_lists: Mapping[str, Seque
         )
     head = ["classifier", "seeds scored", "kappa mean", "kappa std", "OA mean", "OA std", "kappa per seed"]
     return table(head, rows, kind="seeds")
+
+
+def _trained(name: str, meta: Mapping[str, Any] | None) -> list[str]:
+    """One row of :func:`training`: what the model is, what it saw, what was kept, how it ended."""
+    if meta is None:
+        return [name, *[marker(MISSING)] * 6]
+    params, tr = meta.get("params") or {}, meta.get("training")
+    seconds = sum(float(v) for v in (meta.get("timing_s") or {}).values())
+    if tr is None:  # a pixel classifier (rf, fgunet_rf)
+        samples = meta.get("samples") or {}
+        what = f"{params.get('n_estimators', '?')} trees, depth <= {params.get('max_depth', '?')}"
+        if net := meta.get("network"):
+            what += f", on the features of {net.get('name')} (its epoch {net.get('kept_epoch')})"
+        counts = samples.get("counts") or {}
+        n = sum(counts.values() if isinstance(counts, Mapping) else counts)
+        seen = f"{n:,} px (<= {samples.get('per_class_target', '?')} per class)"
+        return [name, what, seen, DASH, DASH, DASH, f"{seconds:,.0f} s"]
+    hist = tr.get("history") or []
+    epochs, steps = int(tr.get("epochs") or len(hist)), int(tr.get("steps_per_epoch") or 0)
+    what = f"{params.get('arch', name)}, {params.get('parameters', 0):,} parameters"
+    seen = (
+        f"{epochs} x {steps} steps of {tr.get('batch_size')} x {tr.get('patch_size')}-px patches"
+        f" x {tr.get('nodes', 1)} process(es), {tr.get('precision_used', '?')}"
+    )
+    kept_at = tr.get("kept_epoch")
+    sel = next((h.get("sel_kappa") for h in hist if h.get("epoch") == kept_at), None)
+    kept = f"epoch {kept_at} of {epochs} (selection kappa {num(sel)})"
+    refit = tr.get("head_refit")
+    head = (
+        f"refitted: logistic regression on {refit['pixels']:,} px x {refit['features']} features"
+        if refit
+        else "trained end to end (the paper's)"
+    )
+    init = tr.get("init_from")
+    start = f"{Path(str(init.get('model'))).name}, trained {init.get('created')}" if init else "scratch"
+    return [name, what, seen, kept, head, start, f"{seconds:,.0f} s"]
+
+
+def training(metas: Mapping[str, Mapping[str, Any] | None]) -> str:
+    """How each model of the run was trained (``model.json``), classifiers side by side."""
+    head = ["model", "what", "trained on", "kept", "last layer", "started from", "time"]
+    return table(head, [_trained(n, m) for n, m in metas.items()], kind="training")
 
 
 def products(info: Mapping[str, Any]) -> str:
