@@ -40,12 +40,11 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from study_convergence import Scorer, seeded  # noqa: E402
+from study_convergence import Scorer, seeded, train_on_run  # noqa: E402
 
 from pipeline.config import load_config  # noqa: E402
-from pipeline.layout import Layout  # noqa: E402
 from pipeline.models import get  # noqa: E402
-from pipeline.train import load_meta, train  # noqa: E402
+from pipeline.train import load_meta  # noqa: E402
 
 FIELDS = [
     "recipe", "seed", "kept_epoch", "cpu_s", "wall_s", "kappa", "oa", "mean_f1", "f1_CUF", "f1_DUF", "f1_ICU",
@@ -65,7 +64,6 @@ def parse_recipe(text: str) -> tuple[str, dict[str, Any]]:
 
 
 def run(cfg: Any, model: str, recipe: str, over: dict[str, Any], seed: int, out: Path, score: Scorer) -> dict:
-    lay = Layout(cfg.workdir)
     over = dict(over)
     base = over.pop("from", None)
     c = seeded(cfg, seed, **over)
@@ -76,11 +74,7 @@ def run(cfg: Any, model: str, recipe: str, over: dict[str, Any], seed: int, out:
         shutil.copytree(out / str(base) / ckdir.name, ckdir)
     if not (model_dir / "model.json").exists():
         t0 = time.perf_counter()
-        train(
-            c, model, {t: lay.gapfilled(t) for t in c.tiles}, {t: lay.labels(t) for t in c.tiles},
-            lay.percentiles(), model_dir, patches={t: lay.patches(t) for t in c.tiles},
-            checkpoints=ckdir,
-        )  # fmt: skip
+        train_on_run(c, model, model_dir, with_patches=True, checkpoints=ckdir)
         wall = time.perf_counter() - t0
     meta = load_meta(model_dir)
     tr = meta["training"]

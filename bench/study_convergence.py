@@ -80,6 +80,16 @@ class Scorer:
         return out | {f"f1_{u}": sc["f1"][i] for u, i in self.urban.items()}
 
 
+def train_on_run(cfg: Config, name: str, model_dir: Path, with_patches: bool, **kw: Any) -> None:
+    """Train ``name`` on the finished run's stores as the ``train`` rule hands them over (a network
+    also gets the run's patch indexes)."""
+    lay = Layout(cfg.workdir)
+    if with_patches:
+        kw["patches"] = {t: lay.patches(t) for t in cfg.tiles}
+    gapfilled, labels = {t: lay.gapfilled(t) for t in cfg.tiles}, {t: lay.labels(t) for t in cfg.tiles}
+    train(cfg, name, gapfilled, labels, lay.percentiles(), model_dir, **kw)
+
+
 def seeded(cfg: Config, seed: int, **nets: Any) -> Config:
     data = copy.deepcopy(cfg.data)
     data["run"]["seed"] = int(seed)
@@ -91,15 +101,11 @@ def run_network(
     cfg: Config, name: str, seed: int, out: Path, score: Scorer, epochs: int, steps: int, **nets: Any
 ) -> list[dict[str, Any]]:
     """Train (unless done), then score every epoch's weights; rows with cumulative steps and CPU time."""
-    lay = Layout(cfg.workdir)
     c = seeded(cfg, seed, epochs=epochs, steps_per_epoch=steps, keep_checkpoints=epochs, **nets)
     model_dir = out / f"{name}-s{seed}"
     ckdir = model_dir.with_name(f"{model_dir.name}.checkpoints")
     if not (model_dir / "model.json").exists():
-        train(
-            c, name, {t: lay.gapfilled(t) for t in c.tiles}, {t: lay.labels(t) for t in c.tiles},
-            lay.percentiles(), model_dir, patches={t: lay.patches(t) for t in c.tiles}, checkpoints=ckdir,
-        )  # fmt: skip
+        train_on_run(c, name, model_dir, with_patches=True, checkpoints=ckdir)
     meta = load_meta(model_dir)
     model = get(name).load(model_dir)
     rows, cpu, wall = [], 0.0, 0.0
@@ -117,16 +123,12 @@ def run_network(
 
 
 def run_pixel(cfg: Config, name: str, seed: int, out: Path, score: Scorer, **kw: Any) -> dict[str, Any]:
-    lay = Layout(cfg.workdir)
     c = seeded(cfg, seed)
     model_dir = out / f"{name}-s{seed}"
     cpu = wall = 0.0
     if not (model_dir / "model.json").exists():
         t0, c0 = time.perf_counter(), time.process_time()
-        train(
-            c, name, {t: lay.gapfilled(t) for t in c.tiles}, {t: lay.labels(t) for t in c.tiles},
-            lay.percentiles(), model_dir, **kw,
-        )  # fmt: skip
+        train_on_run(c, name, model_dir, with_patches=False, **kw)
         wall, cpu = time.perf_counter() - t0, time.process_time() - c0
         (model_dir.with_name(f"{model_dir.name}.cpu")).write_text(f"{cpu:.1f} {wall:.1f}\n")
     else:
