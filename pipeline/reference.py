@@ -47,6 +47,7 @@ log = logging.getLogger(__name__)
 SPLITS = {"train": 1, "validation": 2}
 TRAIN_FOLD = "train_fold"  # label-store array: fold + 1 of the training polygon under a pixel, 0 = none
 SELECTION = "selection"  # label-store array: codes of the training polygons held out for model selection
+VALIDATION_ID = "validation_id"  # label-store array: split.gpkg row + 1 of the validation polygon, 0 = none
 
 
 class HeldOut:
@@ -331,11 +332,15 @@ def rasterise_tile(split: Path, tile: str, grid_store: Path, out: Path, dtype: A
             )
     fold_id = np.where(splits == "train", gdf["fold"].to_numpy() + 1, 0).astype(np.uint8)
     held = np.where((splits == "train") & (gdf[SELECTION].to_numpy() != 0), "train", "")
+    # the polygon's row in split.gpkg (the same on every tile), so a polygon is one cluster of the
+    # validation scores' bootstrap (pipeline.bootstrap), even where it crosses a tile edge
+    row_id = np.where(splits == "validation", gdf.index.to_numpy() + 1, 0).astype(np.int32)
     with atomic_path(out) as tmp:
         group = create_store(tmp, "reference", grid, tile=tile, n_polygons=int(len(gdf)))
         arrays = {name: add_array(group, name, (grid.height, grid.width), dtype.name, 0) for name in SPLITS}
         fold_arr = add_array(group, TRAIN_FOLD, (grid.height, grid.width), "uint8", 0)
         sel_arr = add_array(group, SELECTION, (grid.height, grid.width), dtype.name, 0)
+        id_arr = add_array(group, VALIDATION_ID, (grid.height, grid.width), "int32", 0)
         for win in tqdm(list(iter_windows(grid.height, grid.width)), desc=f"rasterise {tile}", unit="win"):
             burnt = burn_window(grid, win, geoms, codes, splits, tree)
             rows, cols = win_slices(win)
@@ -343,6 +348,7 @@ def rasterise_tile(split: Path, tile: str, grid_store: Path, out: Path, dtype: A
                 arr[rows, cols] = burnt[name]
             fold_arr[rows, cols] = burn_window(grid, win, geoms, fold_id, splits, tree)["train"]
             sel_arr[rows, cols] = burn_window(grid, win, geoms, codes, held, tree)["train"]
+            id_arr[rows, cols] = burn_window(grid, win, geoms, row_id, splits, tree)["validation"]
 
 
 def burn_window(grid: Grid, win, geoms, codes, splits, tree: STRtree) -> dict[str, np.ndarray]:

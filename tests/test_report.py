@@ -629,3 +629,36 @@ def test_the_training_section_says_how_each_model_was_trained(tiny_run):
     lay.model_meta("fgunet").unlink()
     page = check_page(build_report(cfg).read_text(), ["rf", "fgunet"], names, cfg.tiles)
     assert table(page, "training")["rows"][1] == ["fgunet", *["missing"] * 6]
+
+
+def test_the_report_says_which_differences_to_rf_the_polygons_can_tell(tiny_run, tmp_path):
+    """24 validation squares (12 per class, each a polygon): fgunet maps every one right, rf gets a
+    third of every class-0 square wrong. The difference of kappa and class 0's F-score is told
+    (interval above 0), the class with no difference gets [0, 0]."""
+    cfg, lay, codes = tiny_run, Layout(tiny_run.workdir), tiny_run.class_codes
+    grid = make_grid(W, H)
+    truth = np.zeros((H, W), np.uint8)
+    ids = np.zeros((H, W), np.int32)
+    for i in range(24):
+        r, c = 4 + 22 * (i // 6), 4 + 20 * (i % 6)
+        truth[r : r + 8, c : c + 8] = codes[0] if i % 2 else codes[4]
+        ids[r : r + 8, c : c + 8] = i + 1
+    rf = np.where(truth == 0, codes[9], truth).astype(np.uint8)
+    rf[(truth == codes[0]) & (np.arange(W) % 3 == 0)] = codes[4]
+    fg = np.where(truth == 0, codes[9], truth).astype(np.uint8)
+    labels = write_labels(tmp_path / "ids.zarr", grid, truth, "T31TCJ")
+    add_array(zarr.open_group(labels, mode="r+"), "validation_id", truth.shape, "int32", 0)[:] = ids
+    for name, m in (("rf", rf), ("fgunet", fg)):
+        write_class_map(lay.class_map(name, "T31TCJ"), grid, cfg.classes, m)
+        validate_tile(cfg, lay.class_map(name, "T31TCJ"), labels, lay.metrics(name, "T31TCJ"))
+        summarise(cfg, [lay.metrics(name, "T31TCJ")], lay.overall_metrics(name), model=name)
+    html = build_report(cfg, tmp_path / "diff.html").read_text()
+    page = check_page(html, ["rf", "fgunet"], [c.name for c in cfg.classes], cfg.tiles)
+    t = table(page, "differences", collect.OVERALL)
+    assert t["head"][0] == ["", "validation polygons", "fgunet - rf"]
+    rows = {r[0]: r for r in t["rows"]}
+    names = [c.name for c in cfg.classes]
+    assert rows["kappa"][2].startswith("+0.") and rows["kappa"][2].endswith("*")
+    assert rows[f"F1 {names[0]}"][1] == "12" and rows[f"F1 {names[0]}"][2].endswith("*")
+    assert rows[f"F1 {names[2]}"][1] == "0" and rows[f"F1 {names[2]}"][2] == ""
+    assert "Differences to RF the validation polygons can tell" in html

@@ -123,6 +123,42 @@ def grouped_bars(
     return png(fig)
 
 
+def differences(
+    rows: Sequence[str],
+    series: Mapping[str, Sequence[tuple[float | None, Sequence[float] | None]]],
+    *,
+    title: str = "",
+    xlabel: str = "",
+) -> bytes:
+    """Differences with their 95 % intervals, one row per ``rows`` entry, one dot per series: a
+    whisker crossing the zero line is a difference the data cannot tell. A difference without an
+    interval (too few polygons) is drawn hollow."""
+    names = list(series)
+    n = max(1, len(names))
+    fig = figure(7.0, 1.0 + 0.32 * len(rows) * max(1, n / 2))
+    ax = fig.add_subplot()
+    y = np.arange(len(rows))[::-1].astype(float)
+    for i, name in enumerate(names):
+        pos = y + 0.3 - 0.6 * (i + 0.5) / n
+        colour = PALETTE[i % len(PALETTE)]
+        for p, (d, ci) in zip(pos, series[name], strict=True):
+            if d is None:
+                continue
+            if ci is None:
+                ax.plot([d], [p], "o", mfc="none", color=colour)
+                continue
+            ax.plot(ci, [p, p], "-", color=colour, lw=1.5)
+            ax.plot([d], [p], "o", color=colour)
+        ax.plot([], [], "o-", color=colour, label=name)
+    ax.axvline(0, color="#444", lw=0.8)
+    ax.set_yticks(y, rows)
+    ax.set(xlabel=xlabel, ylim=(-0.7, len(rows) - 0.3))
+    ax.set_title(title, fontsize=11)
+    ax.grid(axis="x", alpha=0.3)
+    fig.legend(*ax.get_legend_handles_labels(), loc="outside right upper", fontsize=8, frameon=False)
+    return png(fig)
+
+
 def region_shares(
     regions: Sequence[str], shares: Mapping[str, np.ndarray], classes: Sequence[ClassDef], title: str
 ) -> bytes:

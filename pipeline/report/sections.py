@@ -12,6 +12,7 @@ import numpy as np
 
 from pipeline.config import Config
 from pipeline.layout import Layout
+from pipeline.metrics import differences
 from pipeline.reference import split_counts
 from pipeline.report import figures, tables
 from pipeline.report import provenance as prov
@@ -364,12 +365,49 @@ def _regions(cfg: Config, mosaics: Mapping[str, NationalMosaic]) -> Section:
     return sec
 
 
+def differences_block(cfg: Config, docs: RunDocs) -> list[str]:
+    """Each classifier against RF (of its seed), with the 95 % interval of the difference from the
+    polygon bootstrap: which differences the validation polygons can tell apart from noise."""
+    overall = {m: d for m, d in docs.tile_docs(OVERALL).items() if has_scores(d)}
+    diffs = differences(cfg, overall)  # type: ignore[arg-type]
+    if not diffs:
+        return []
+    names = [c.name for c in cfg.classes]
+    n_boot = next(iter(diffs.values()))["replicates"]
+    rows = ["kappa", *names]
+    series = {
+        f"{m} - {d['baseline']}": [(d["kappa"]["diff"], d["kappa"]["ci95"])]
+        + [(d["f1"][n]["diff"], d["f1"][n]["ci95"]) for n in names]
+        for m, d in diffs.items()
+    }
+    return [
+        "<h4>Differences to RF the validation polygons can tell</h4>",
+        para(
+            "Each classifier's kappa and F-scores minus those of RF (the same seed's), with the 95 %"
+            f" interval of the difference: {n_boot:,} stratified draws of the validation polygons, shared"
+            " by the classifiers (<code>reference.bootstrap</code>). The pixels of one polygon are right or"
+            " wrong together, so the intervals rest on the polygon counts, not on the pixels; a class with"
+            " fewer than 10 validation polygons gets no interval. Marked: the interval excludes 0. A"
+            " difference whose interval crosses 0 is not shown by this validation set, whatever its sign."
+        ),
+        tables.differences(diffs, names, OVERALL),
+        figure(
+            figures.differences(rows, series, title="Difference to RF, 95 % intervals", xlabel="difference"),
+            "<b>Difference to RF</b>, kappa then F-score per class: dots right of the line are gains over"
+            " RF, whiskers crossing it are not shown by the validation polygons; hollow dots: too few"
+            " polygons for an interval.",
+            "differences to RF",
+        ),
+    ]
+
+
 def run_scores(
     cfg: Config, docs: RunDocs, rasters: Mapping[str, TileRasters], *, national: bool = False
 ) -> Section:
     sec = Section("all-tiles", "All tiles together")
     ha = {m: _confusion_ha(docs, rasters, m) for m in docs.classifiers}
     sec.add(*scores_block(cfg, docs.tile_docs(OVERALL), OVERALL, ha))
+    sec.add(*differences_block(cfg, docs))
     names = [c.name for c in cfg.classes]
     areas = _tile_sums(cfg, docs, rasters)
     sec.add("<h4>Class areas</h4>")

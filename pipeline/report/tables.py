@@ -146,6 +146,16 @@ def per_class(
     return table([top, second], rows, kind="per-class", scope=scope)
 
 
+def differences(diffs: Mapping[str, Mapping[str, Any]], names: Sequence[str], scope: str) -> str:
+    """Kappa and per-class F-score differences to RF with their 95 % intervals
+    (:func:`pipeline.metrics.difference_table`); the ones the polygons can tell are marked."""
+    from pipeline.metrics import difference_table
+
+    head, rows, _ = difference_table(diffs, names)
+    marked = [[*r[:2], *(marker(c) if c.endswith("*") else c for c in r[2:])] for r in rows]
+    return table(["", "validation polygons", *head[2:]], marked, kind="differences", scope=scope)
+
+
 def class_areas(
     areas: Mapping[str, np.ndarray | None], names: Sequence[str], scope: str, missing: str = "missing"
 ) -> str:
