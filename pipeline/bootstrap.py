@@ -2,9 +2,9 @@
 
 Why polygons, not pixels: the pixels of one reference polygon are one field, one stand, one town
 block; a classifier gets them right or wrong together. A pixel-level interval would treat a block
-of 300 pixels as 300 independent draws and come out far too narrow. On the demo, the urban classes
-have 2-6 validation polygons: whether FG-UNET "beats RF on CUF" is decided by a handful of blocks,
-and the interval says so (docs/networks.md, issue 10).
+of 300 pixels as 300 independent draws and come out far too narrow. On the README demo, the urban
+classes have 2-6 validation polygons: whether FG-UNET "beats RF on CUF" is decided by a handful of
+blocks, too few for any interval (docs/validation.md).
 
 The validation stage keeps, per validation polygon, how many of its pixels each class was mapped
 as (:class:`PolygonTable`). A replicate draws, within each reference class, as many polygons as it
@@ -23,7 +23,7 @@ import numpy as np
 from scipy import sparse
 
 CHUNK = 64  # replicates per matrix product: bounds memory at national polygon counts
-MIN_POLYGONS = 10  # fewer validation polygons: no interval (95 % intervals cover 80-90 %: docs/qa.md)
+MIN_POLYGONS = 10  # fewer validation polygons: no interval (95 % intervals cover 80-90 %: docs/validation.md)
 
 
 @dataclass(frozen=True)
@@ -149,8 +149,8 @@ def score_intervals(table: PolygonTable, n_boot: int, seed: int) -> dict[str, An
         "method": "stratified polygon bootstrap, percentile",
         "replicates": n_boot,
         "seed": seed,
-        "oa": interval(s["oa"]),
-        "kappa": interval(s["kappa"]),
+        "oa": interval(s["oa"]) if per.sum() >= MIN_POLYGONS else None,
+        "kappa": interval(s["kappa"]) if per.sum() >= MIN_POLYGONS else None,
         "f1": [interval(s["f1"][:, i]) if per[i] >= MIN_POLYGONS else None for i in range(len(per))],
         "polygons": per.tolist(),
     }
@@ -163,7 +163,7 @@ def paired_differences(a: PolygonTable, b: PolygonTable, n_boot: int, seed: int)
     both = np.unique(np.concatenate([np.stack([a.ids, a.ref], 1), np.stack([b.ids, b.ref], 1)]), axis=0)
     per = np.bincount(both[:, 1], minlength=a.counts.shape[1])
     return {
-        "kappa": interval(sa["kappa"] - sb["kappa"]),
+        "kappa": interval(sa["kappa"] - sb["kappa"]) if per.sum() >= MIN_POLYGONS else None,
         "f1": [
             interval(sa["f1"][:, i] - sb["f1"][:, i]) if per[i] >= MIN_POLYGONS else None
             for i in range(len(per))

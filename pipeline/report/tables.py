@@ -152,7 +152,10 @@ def differences(diffs: Mapping[str, Mapping[str, Any]], names: Sequence[str], sc
     from pipeline.metrics import difference_table
 
     head, rows, _ = difference_table(diffs, names)
-    marked = [[*r[:2], *(marker(c) if c.endswith("*") else c for c in r[2:])] for r in rows]
+    marked = [
+        [*r[:2], *(Cell(f"<td><b>{escape(c)}</b></td>") if c.endswith("*") else c for c in r[2:])]
+        for r in rows
+    ]
     return table(["", "validation polygons", *head[2:]], marked, kind="differences", scope=scope)
 
 
