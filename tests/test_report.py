@@ -373,6 +373,9 @@ def test_report_shows_kappa_over_seeds(tiny_run, tmp_path):
     rf = json.loads(lay.overall_metrics("rf").read_text())
     for seed, kappa in ((7, rf["kappa"] - 0.1), (9, rf["kappa"] + 0.1)):  # another seed, another kappa
         doc = rf | {"kappa": kappa, "model": f"rf-s{seed}"}
+        name = cfg.classes[4].name  # and another F-score: 0.2 below, 0.2 above
+        f1 = rf["per_class"][name]["f1"] + (0.2 if seed == 9 else -0.2)
+        doc["per_class"] = rf["per_class"] | {name: rf["per_class"][name] | {"f1": f1}}
         path = lay.overall_metrics(Layout.seed_model("rf", seed))
         path.parent.mkdir(parents=True)
         path.write_text(json.dumps(doc))
@@ -382,6 +385,13 @@ def test_report_shows_kappa_over_seeds(tiny_run, tmp_path):
     rf_row, fg_row = seeds["rows"]
     assert rf_row[:4] == ["rf", "3", f"{rf['kappa']:.3f}", "0.100"]
     assert fg_row[0] == "fgunet" and fg_row[1] == "1"  # fgunet's extra seeds are missing
+    f1 = {r[0]: r for r in table(page, "seed-f1")["rows"]}
+    name = cfg.classes[0].name
+    one = rf["per_class"][name]["f1"]  # the three seeds share it: mean itself, std 0
+    assert f1[name][1] == f"{one:.3f} ± 0.000" and f1[name][2] == f"{one:.3f} ± 0.000"
+    moved = rf["per_class"][cfg.classes[4].name]["f1"]  # -0.2, 0, +0.2: sample std 0.2
+    assert f1[cfg.classes[4].name][1] == f"{moved:.3f} ± 0.200"
+    assert table(page, "seed-f1")["head"][0] == ["class", "rf", "fgunet"]
 
 
 def test_tile_without_validation_polygons_validates_as_no_validation_data(tmp_path):

@@ -512,6 +512,8 @@ def seeds(cfg: Config, docs: RunDocs) -> Section:
             " is the same for all. Mean ± sample standard deviation over the seeds."
         ),
         tables.seeds(stats, seed_lists),
+        para("F-score per class, mean ± sample standard deviation over the seeds:"),
+        tables.seed_f1(stats, names),
     )
     groups = [*docs.tiles, OVERALL]
     mean = {c: [s["tiles"][t]["mean"] for t in docs.tiles] + [s["kappa"]["mean"]] for c, s in stats.items()}

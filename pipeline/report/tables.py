@@ -247,6 +247,19 @@ def seeds(stats: Mapping[str, Mapping[str, Any]], seed_lists: Mapping[str, Seque
     return table(head, rows, kind="seeds")
 
 
+def seed_f1(stats: Mapping[str, Mapping[str, Any]], names: Sequence[str]) -> str:
+    """F-score per class over the seeds: ``mean ± std`` per classifier (the seed's Tables 3-4 with
+    their spread)."""
+
+    def pm(v: Mapping[str, Any]) -> str:
+        if v["mean"] is None:
+            return DASH
+        return num(v["mean"]) if v["std"] is None else f"{num(v['mean'])} ± {num(v['std'])}"
+
+    rows = [[n, *(pm(s["f1"][n]) for s in stats.values())] for n in names]
+    return table(["class", *stats], rows, kind="seed-f1")
+
+
 def _trained(name: str, meta: Mapping[str, Any] | None) -> list[str]:
     """One row of :func:`training`: what the model is, what it saw, what was kept, how it ended."""
     if meta is None:
