@@ -25,6 +25,7 @@ from pipeline.mosaic import (
     TileLayers,
     arbitrate,
     build_mosaic,
+    cell_areas,
     national_grid,
     pixel_areas,
     take,
@@ -222,6 +223,32 @@ def test_area_tally_sums_areas_and_confidence_per_class():
     assert tally.pixels.tolist() == [1, 2, 0, 0, 0, 3]
     assert tally.area_m2.tolist() == [4.0, 3.0, 0, 0, 0, 14.0]
     assert tally.conf_sum[5] / tally.conf_n[5] == 45.0  # the no-data confidence is left out
+
+
+def test_the_cell_tally_equals_the_pixel_tally():
+    """The (cell, code) and (code, confidence) bincounts give the per-pixel weighted bincounts'
+    counts, areas and confidence sums, on a window across cell edges and in a far CRS."""
+    g = Grid(CRS.from_epsg(32631), Affine(10, 0, 699960, 0, -10, 5500000), 700, 500)
+    win = Window(37, 91, 300, 200)  # not on the 16-px lattice
+    rng = np.random.default_rng(3)
+    codes = rng.choice([0, 11, 12, 41, 211], size=(200, 300)).astype(np.uint8)
+    conf = rng.integers(0, 101, (200, 300)).astype(np.uint8)
+    conf[rng.random((200, 300)) < 0.1] = CONFIDENCE_NODATA
+    by_pixel, by_cell = AreaTally(256), AreaTally(256, [11, 12, 41, 211])
+    by_pixel.add(codes, pixel_areas(g, win), conf)
+    by_cell.add(codes, cell_areas(g, win), conf)
+    assert by_cell.pixels.tolist() == by_pixel.pixels.tolist()
+    np.testing.assert_allclose(by_cell.area_m2, by_pixel.area_m2, rtol=1e-12)
+    assert by_cell.conf_sum.tolist() == by_pixel.conf_sum.tolist()
+    assert by_cell.conf_n.tolist() == by_pixel.conf_n.tolist()
+    assert by_cell.area_m2[11] != pytest.approx(
+        100.0 * by_cell.pixels[11], rel=1e-4
+    )  # true areas, not 100 m²
+    codes[5, 5] = 99  # a value that is no class: that block is counted pixel by pixel, the same way
+    by_pixel.add(codes, pixel_areas(g, win), conf)
+    by_cell.add(codes, cell_areas(g, win), conf)
+    assert by_cell.pixels[99] == 1 and by_cell.pixels.tolist() == by_pixel.pixels.tolist()
+    np.testing.assert_allclose(by_cell.area_m2, by_pixel.area_m2, rtol=1e-12)
 
 
 # --- two UTM zones ----------------------------------------------------------------------------
