@@ -48,7 +48,7 @@ from tqdm import tqdm
 from pipeline.config import ClassDef, Config, map_dtype
 from pipeline.errors import PipelineError
 from pipeline.io.atomic import atomic_path
-from pipeline.io.cog import CONFIDENCE_NODATA, class_map_writer, cog_writer, confidence_writer
+from pipeline.io.cog import CONFIDENCE_NODATA, class_map_writer, cog_writer, confidence_writer, parallel_sinks
 from pipeline.io.tables import read_csv, write_csv
 from pipeline.io.tilestore import Grid, iter_windows
 
@@ -437,23 +437,23 @@ def build_mosaic(
             "REPROJECTED": ",".join(reprojected) or "none",
         } | (tags or {})
         threads = min(4, len(os.sched_getaffinity(0)))
-        cls_sink = stack.enter_context(
-            class_map_writer(out_classes, nat, classes, extra_tags=meta, threads=threads)
-        )
-        conf_sink = stack.enter_context(
-            confidence_writer(out_confidence, nat, extra_tags=meta, threads=threads)
-        )
-        clear_sink = stack.enter_context(
-            cog_writer(
-                out_clear,
-                nat,
-                "uint16",
-                nodata=CLEAR_NODATA,
-                resampling="AVERAGE",
-                tags={"MEANING": "clear observations per pixel"} | meta,
-                description="clear observations per pixel",
-                predictor="STANDARD",
-                threads=threads,
+        # each COG in its own writer thread: staging writes overlap the block work below, and the
+        # three overview + COG-copy passes run side by side at the end (docs/benchmarks.md)
+        cls_sink, conf_sink, clear_sink = stack.enter_context(
+            parallel_sinks(
+                class_map_writer(out_classes, nat, classes, extra_tags=meta, threads=threads),
+                confidence_writer(out_confidence, nat, extra_tags=meta, threads=threads),
+                cog_writer(
+                    out_clear,
+                    nat,
+                    "uint16",
+                    nodata=CLEAR_NODATA,
+                    resampling="AVERAGE",
+                    tags={"MEANING": "clear observations per pixel"} | meta,
+                    description="clear observations per pixel",
+                    predictor="STANDARD",
+                    threads=threads,
+                ),
             )
         )
         wins = list(iter_windows(nat.height, nat.width, block))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 
 import numpy as np
@@ -11,8 +12,8 @@ from rasterio.enums import Resampling
 from rasterio.windows import Window
 
 from pipeline.config import ClassDef
-from pipeline.io.cog import class_map_writer, write_class_map, write_validity
-from pipeline.io.tilestore import add_array, create_store
+from pipeline.io.cog import class_map_writer, cog_writer, parallel_sinks, write_class_map, write_validity
+from pipeline.io.tilestore import add_array, create_store, iter_windows, win_slices
 from tests.conftest import make_grid
 
 CLASSES = [
@@ -120,3 +121,44 @@ def test_confidence_overviews_are_mean_confidences(tmp_path):
         ov = src.read(1, out_shape=(550, 550), resampling=Resampling.nearest)
     mean = values.astype(float).reshape(550, 2, 550, 2).mean((1, 3))
     assert np.abs(ov - mean).max() <= 0.5
+
+
+def _writers(tmp_path, grid):
+    return [
+        cog_writer(tmp_path / f"{name}.tif", grid, "uint16", nodata=0, resampling="AVERAGE")
+        for name in ("a", "b", "c")
+    ]
+
+
+def test_parallel_sinks_write_what_one_writer_writes(tmp_path):
+    grid = make_grid(1200, 700)
+    data = np.arange(700 * 1200, dtype=np.uint32).reshape(700, 1200) % 60000 + 1
+    with contextlib.ExitStack() as stack:
+        sinks = stack.enter_context(parallel_sinks(*_writers(tmp_path, grid), depth=2))
+        for win in iter_windows(700, 1200, 256):
+            for k, sink in enumerate(sinks):
+                sink.write(win, (data[win_slices(win)] + k).astype(np.uint16))
+    with cog_writer(tmp_path / "one.tif", grid, "uint16", nodata=0, resampling="AVERAGE") as sink:
+        for win in iter_windows(700, 1200, 256):
+            sink.write(win, (data[win_slices(win)] + 1).astype(np.uint16))
+    with rasterio.open(tmp_path / "b.tif") as b, rasterio.open(tmp_path / "one.tif") as one:
+        assert b.profile == one.profile and b.overviews(1) == one.overviews(1)
+        np.testing.assert_array_equal(b.read(1), one.read(1))
+        np.testing.assert_array_equal(b.read(1, out_shape=(88, 150)), one.read(1, out_shape=(88, 150)))
+
+
+def test_parallel_sinks_leave_nothing_when_the_caller_or_a_writer_fails(tmp_path):
+    grid = make_grid(600, 400)
+    win = Window(0, 0, 256, 256)
+    with pytest.raises(RuntimeError, match="caller"), parallel_sinks(*_writers(tmp_path, grid)) as sinks:
+        for sink in sinks:
+            sink.write(win, np.ones((256, 256), np.uint16))
+        raise RuntimeError("caller")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+    # a window of the wrong shape fails in writer "b" only; the caller goes on writing meanwhile
+    with pytest.raises(ValueError), parallel_sinks(*_writers(tmp_path, grid)) as sinks:
+        for _ in range(20):
+            sinks[0].write(win, np.ones((256, 256), np.uint16))
+            sinks[1].write(win, np.ones((3, 256, 256, 2), np.uint16))
+            sinks[2].write(win, np.ones((256, 256), np.uint16))
+    assert sorted(p.name for p in tmp_path.iterdir()) == []

@@ -14,9 +14,12 @@ import contextlib
 import json
 import math
 import os
+import queue
+import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import rasterio
@@ -40,6 +43,85 @@ class RasterSink:
 
     def write(self, window: Window, array: np.ndarray) -> None:
         self.dataset.write(array, 1, window=window)
+
+
+_DONE, _ABORT = object(), object()
+
+
+class _Aborted(Exception):
+    pass
+
+
+class _Background:
+    """One writer context run in its own thread, fed windows through a bounded queue."""
+
+    def __init__(self, writer: contextlib.AbstractContextManager[RasterSink], depth: int) -> None:
+        self.queue: queue.Queue[Any] = queue.Queue(maxsize=depth)
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, args=(writer,), daemon=True)
+        self.thread.start()
+
+    def _run(self, writer: contextlib.AbstractContextManager[RasterSink]) -> None:
+        try:
+            with writer as sink:
+                while (item := self.queue.get()) is not _DONE:
+                    if item is _ABORT:
+                        raise _Aborted  # inside the writer: its atomic output is discarded
+                    sink.write(*item)
+        except _Aborted:
+            pass
+        except BaseException as exc:  # re-raised in the caller's thread
+            self.error = exc
+            with contextlib.suppress(queue.Empty):  # unblock a producer waiting on a full queue
+                while True:
+                    self.queue.get_nowait()
+
+    def put(self, item: Any) -> None:
+        while True:
+            if self.error is not None:
+                raise self.error
+            try:
+                self.queue.put(item, timeout=0.5)
+                return
+            except queue.Full:
+                continue
+
+
+@dataclass
+class BackgroundSink:
+    """A :class:`RasterSink` whose writes go to a writer thread (``write`` returns at once unless
+    ``depth`` windows are already waiting)."""
+
+    _bg: _Background
+
+    def write(self, window: Window, array: np.ndarray) -> None:
+        self._bg.put((window, array))
+
+
+@contextlib.contextmanager
+def parallel_sinks(
+    *writers: contextlib.AbstractContextManager[RasterSink], depth: int = 4
+) -> Iterator[list[BackgroundSink]]:
+    """Several COG writers, each in its own thread: the staging writes overlap the caller's work,
+    and the COGs' overviews and final copies run at the same time when the block exits. An error
+    in the caller or in any writer discards every output (each writer's atomic rename never runs)
+    and is raised here. Memory: at most ``depth`` windows per writer wait in its queue."""
+    bgs = [_Background(w, depth) for w in writers]
+    ok = False
+    try:
+        yield [BackgroundSink(bg) for bg in bgs]
+        ok = True
+    finally:
+        ok = ok and all(bg.error is None for bg in bgs)  # one writer failed: none may finish
+        for bg in bgs:  # every writer is told first, so they finish in parallel
+            if bg.error is None:
+                with contextlib.suppress(BaseException):
+                    bg.put(_DONE if ok else _ABORT)
+        for bg in bgs:
+            bg.thread.join()
+    errors = [bg.error for bg in bgs if bg.error is not None]
+    if errors:
+        raise errors[0]
 
 
 @contextlib.contextmanager
