@@ -28,6 +28,7 @@ include: "workflow/rules/reference.smk"
 include: "workflow/rules/classify.smk"
 include: "workflow/rules/qa.smk"
 include: "workflow/rules/mosaic.smk"
+include: "workflow/rules/accuracy.smk"
 include: "workflow/rules/report.smk"
 
 
@@ -45,3 +46,5 @@ rule all:
         expand(str(LAYOUT.qa("{tile}")), tile=TILES if REFERENCES else []),
         str(LAYOUT.report()),
         str(LAYOUT.catalogue().parent),
+        [str(LAYOUT.accuracy("design"))] if ACCURACY else [],
+        [str(LAYOUT.accuracy("estimates"))] if ESTIMATE else [],

@@ -182,6 +182,45 @@ def _mosaic(cfg: Config, args: argparse.Namespace) -> None:
     mosaic_classifier(cfg, m, tiles, args.out or lay.mosaic_dir(m))
 
 
+def _design(cfg: Config, args: argparse.Namespace) -> None:
+    from pipeline.sampledesign import design_on, design_sample
+
+    lay = Layout(cfg.workdir)
+    mosaic = args.mosaic or lay.mosaic(design_on(cfg), "classes")
+    design_sample(cfg, mosaic, lay.accuracy("points"), lay.accuracy("points_csv"), lay.accuracy("design"))
+
+
+def _interpret(cfg: Config, args: argparse.Namespace) -> None:
+    from pipeline.sampledesign import design_on, interpret_demo
+
+    lay = Layout(cfg.workdir)
+    mosaic = lay.mosaic(design_on(cfg), "classes")
+    interpret_demo(
+        cfg, lay.accuracy("points"), args.out or lay.accuracy("labelled"), lay.accuracy("truth"), mosaic
+    )
+
+
+def labelled_sample(cfg: Config) -> Path:
+    """The interpreters' labelled sample (``inputs.labelled_sample``), else the demo interpreter's."""
+    given = cfg["inputs"].get("labelled_sample")
+    return Path(given) if given else Layout(cfg.workdir).accuracy("labelled")
+
+
+def _estimate(cfg: Config, args: argparse.Namespace) -> None:
+    from pipeline.sampledesign import estimate_stage
+
+    lay = Layout(cfg.workdir)
+    mosaics = {m: lay.mosaic(m, "classes") for m in cfg["classifiers"]}
+    estimate_stage(
+        cfg,
+        lay.accuracy("design"),
+        lay.accuracy("points_csv"),
+        args.sample or labelled_sample(cfg),
+        mosaics,
+        args.out or lay.accuracy("estimates"),
+    )
+
+
 def _regions(cfg: Config, args: argparse.Namespace) -> None:
     from pipeline.regions import regions_stage
 
@@ -349,6 +388,15 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, Stage]]:
     )
     add("regions", _regions, "per-region class areas and confidence of one classifier's mosaic", model=True)
     add("vector", _vector, "the OSO-style vector product of one classifier's mosaic", model=True)
+    add(
+        "design", _design, "the stratified random sample of the national map for accuracy and areas"
+    ).add_argument("--mosaic", type=Path, help="class mosaic to design on (default: accuracy.design_on's)")
+    add("interpret", _interpret, "the demo's interpreter: label the accuracy sample from the demo's truth")
+    add(
+        "estimate", _estimate, "accuracy and class areas with 95 % CIs from the labelled sample"
+    ).add_argument(
+        "--sample", type=Path, help="labelled sample (default: inputs.labelled_sample, else the demo's)"
+    )
     add("catalogue", _catalogue, "the STAC catalogue of the run's products (--out: its folder)")
     p = add("validate", _validate, "confusion matrix and scores of one tile's map", tile=True, model=True)
     p.add_argument("--map", type=Path)

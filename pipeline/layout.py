@@ -148,6 +148,18 @@ class Layout:
         """Snakemake ``benchmark:`` file of one job; ``key``: its wildcards ("run" for run-wide rules)."""
         return self.benchmarks() / rule / f"{key}.tsv"
 
+    def accuracy(self, what: str) -> Path:
+        """The run's accuracy sample (docs/validation.md): design (.json), points (.gpkg), points_csv,
+        labelled (the demo interpreter's .gpkg), estimates (.json; .csv beside it), truth (the demo's
+        true class areas)."""
+        files = {"design": "design.json", "points": "sample.gpkg", "points_csv": "sample.csv"}
+        files |= {
+            "labelled": "sample_labelled.gpkg",
+            "estimates": "estimates.json",
+            "truth": "demo_truth.json",
+        }
+        return self.workdir / "accuracy" / files[what]
+
     def catalogue(self) -> Path:
         return self.workdir / "catalog" / "collection.json"
 

@@ -41,7 +41,7 @@ STAGE_SETTINGS: dict[str, tuple[str, ...]] = {
         "inputs.class_field",
         "inputs.tiles",
         "nomenclature",
-        "reference",
+        *(f"reference.{k}" for k in ("train_ratio", "selection_ratio", "erosion_m", "ignore_codes", "remap")),
         "qa.references",
         "run.seed",
     ),  # fmt: skip
@@ -97,8 +97,8 @@ STAGE_SETTINGS: dict[str, tuple[str, ...]] = {
     "predict:network": ("inference.window", "inference.overlap", "inference.precision", "nomenclature"),
     "predict:hybrid": ("inference.window", "inference.overlap", "nomenclature"),
     "validate": ("nomenclature",),
-    "summarise": ("nomenclature",),
-    "compare": ("classifiers", "nomenclature"),
+    "summarise": ("nomenclature", "reference.bootstrap", "run.seed"),  # the intervals' draws
+    "compare": ("classifiers", "nomenclature", "reference.bootstrap", "run.seed"),
     "qa": ("qa", "classifiers", "nomenclature"),
     "mosaic": ("mosaic.crs", "mosaic.resolution", "nomenclature"),
     "vector": (
@@ -115,6 +115,17 @@ STAGE_SETTINGS: dict[str, tuple[str, ...]] = {
         "mosaic.few_clear",
         "nomenclature",
     ),  # fmt: skip
+    "design": (
+        *(
+            f"accuracy.{k}"
+            for k in ("design_on", "target_se", "users_accuracy", "min_per_class", "max_points")
+        ),
+        "classifiers",  # the first one is the default design_on
+        "nomenclature",
+        "run.seed",
+    ),  # fmt: skip
+    "interpret": ("demo.interpreter_error", "demo.seed", "nomenclature"),
+    "estimate": ("accuracy.allow_unlabelled", "inputs.labelled_sample", "classifiers", "nomenclature"),
     "report": ("",),  # the whole config: the report shows it
     "catalogue": ("",),  # the whole config: its digest is in every item
 }
@@ -124,6 +135,7 @@ NO_EFFECT: tuple[str, ...] = (
     "run.workdir",  # every path moves with it: a new workdir is a new run
     "run.threads",
     "run.seeds",  # adds or drops the extra seeds' models; each one's own seed is in its digest
+    "accuracy.enabled",  # adds or drops the accuracy-sample jobs
     "resources",  # except train_network's nodes and tasks, above
     "dask",
     "nets.keep_checkpoints",

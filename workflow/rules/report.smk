@@ -13,6 +13,7 @@ rule report:
         qa=expand(str(LAYOUT.qa("{tile}")), tile=TILES if REFERENCES else []),
         mosaics=expand(str(LAYOUT.mosaic("{model}", "summary")), model=CLASSIFIERS),
         regions=expand(str(LAYOUT.mosaic("{model}", "regions")), model=CLASSIFIERS if REGIONS else []),
+        estimates=[str(LAYOUT.accuracy("estimates"))] if ESTIMATE else [],
     output:
         report(str(LAYOUT.report()), caption="../report/qa_report.rst", category="QA report"),
     log:

@@ -1,0 +1,148 @@
+"""The accuracy sample's I/O shell: the drawn ranks land on the right pixels (against a brute-force
+scan), the design's invariants, and labelled samples that do not match their design."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pyogrio
+import pytest
+import yaml
+
+from pipeline.config import Config, validate
+from pipeline.errors import PipelineError
+from pipeline.io.cog import write_class_map
+from pipeline.io.tilestore import iter_windows, win_slices
+from pipeline.sampledesign import (
+    BLOCK,
+    count_classes,
+    design_sample,
+    draw_ranks,
+    estimate_stage,
+    pick_pixels,
+)
+from tests.conftest import REPO, make_grid
+
+
+def _config(tmp_path, **accuracy) -> Config:
+    raw = yaml.safe_load((REPO / "config.yaml").read_text())
+    raw.pop("demo")
+    raw["run"]["workdir"] = str(tmp_path / "run")
+    raw["accuracy"] = {"enabled": True, **accuracy}
+    return Config(validate(raw))
+
+
+def _mosaic(tmp_path, cfg, shape=(1500, 1300)):
+    """Three classes in bands plus speckle, and a no-data corner; larger than one block."""
+    codes = cfg.class_codes
+    rng = np.random.default_rng(0)
+    h, w = shape
+    data = np.full(shape, codes[0], np.uint8)
+    data[:, w // 2 :] = codes[1]
+    data[rng.random(shape) < 0.01] = codes[2]  # a rare class
+    data[:100, :100] = 0
+    path = tmp_path / "classes.tif"
+    write_class_map(path, make_grid(w, h), cfg.classes, data)
+    return path, data
+
+
+def test_drawn_ranks_land_on_the_pixels_a_brute_force_scan_finds(tmp_path):
+    cfg = _config(tmp_path)
+    path, data = _mosaic(tmp_path, cfg)
+    codes = cfg.class_codes[:3]
+    sizes = count_classes(path, codes)
+    assert sizes.tolist() == [int((data == c).sum()) for c in codes]
+    ranks = draw_ranks(sizes, [40, 40, 40], seed=5)
+    picked = pick_pixels(path, codes, ranks)
+    # brute force: number every stratum's pixels in the same scan order, take the drawn ranks
+    order = []
+    for win in iter_windows(*data.shape, BLOCK):
+        rows, cols = win_slices(win)
+        rr, cc = np.mgrid[rows, cols]
+        order.append(np.stack([rr.ravel(), cc.ravel()], 1))
+    scan = np.concatenate(order)
+    for h, code in enumerate(codes):
+        mine = scan[data[scan[:, 0], scan[:, 1]] == code][ranks[h]]
+        got = picked[picked["stratum"] == h][["row", "col"]].to_numpy()
+        assert sorted(map(tuple, got)) == sorted(map(tuple, mine))
+    assert (draw_ranks(sizes, [40, 40, 40], seed=5)[2] == ranks[2]).all()  # reproducible
+
+
+def test_design_points_sit_on_their_stratum_and_follow_the_allocation(tmp_path):
+    cfg = _config(tmp_path, min_per_class=30, target_se=0.02)
+    path, data = _mosaic(tmp_path, cfg)
+    out = tmp_path / "acc"
+    d = design_sample(cfg, path, out / "s.gpkg", out / "s.csv", out / "d.json")
+    pts = pyogrio.read_dataframe(out / "s.gpkg")
+    assert len(pts) == d["n"] == pd.read_csv(out / "s.csv").shape[0]
+    # (0.4 / 0.02)^2 = 400 points: 30 per class, the other 310 by area (the rare class's 1 %: 3)
+    assert d["n_formula"] == 400 and sum(s["points"] for s in d["strata"]) == 400
+    by = {s["code"]: s for s in d["strata"]}
+    rare = by[cfg.class_codes[2]]
+    assert rare["points"] == 30 + round(310 * rare["weight"]) == 33 and by[cfg.class_codes[5]]["points"] == 0
+    cols = ((pts["x"] - 399960) // 10).astype(int)
+    rows = ((4800000 - pts["y"]) // 10).astype(int)
+    assert (data[rows, cols] == pts["stratum"]).all()  # every point on a pixel of its stratum
+    assert pts["reference"].isna().all() and pts["id"].is_unique
+    assert json.loads((out / "d.json").read_text())["seed"] == cfg.seed
+
+
+def _labelled(tmp_path, cfg):
+    path, data = _mosaic(tmp_path, cfg)
+    out = tmp_path / "acc"
+    design_sample(cfg, path, out / "s.gpkg", out / "s.csv", out / "d.json")
+    pts = pd.read_csv(out / "s.csv")
+    pts["reference"] = pts["stratum"]  # a perfect map
+    return path, out, pts
+
+
+def test_a_perfect_map_estimates_its_own_areas_with_no_error(tmp_path):
+    cfg = _config(tmp_path, min_per_class=30, target_se=0.02)
+    path, out, pts = _labelled(tmp_path, cfg)
+    pts.to_csv(out / "l.csv", index=False)
+    res = estimate_stage(cfg, out / "d.json", out / "s.csv", out / "l.csv", {"rf": path}, out / "e.json")
+    r = res["classifiers"]["rf"]
+    assert r["strata_are_map_classes"] and r["overall_accuracy"]["value"] == 1.0
+    assert r["overall_accuracy"]["se"] == 0.0
+    name = cfg.classes[2].name
+    assert r["per_class"][name]["area_ha"]["value"] == pytest.approx(r["per_class"][name]["mapped_area_ha"])
+    assert (out / "e.csv").exists()
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda d: pd.concat([d, d.iloc[:1]]), "1 duplicate ids"),
+        (lambda d: d.assign(id=d["id"] + 10_000), "ids not in the sampling design"),
+        (
+            lambda d: d.assign(stratum=d["stratum"].where(d.index != 3, 999)),
+            "1 points with another stratum than designed",
+        ),
+        (lambda d: d.assign(reference=d["reference"].where(d.index != 2, 77)), "reference codes \\[77\\]"),
+        (lambda d: d.assign(reference=d["reference"].astype("Int64").where(d.index > 4)), "5 points without"),
+        (lambda d: d.drop(columns="reference"), "no 'reference' field"),
+        (
+            lambda d: d.assign(reference=d["reference"].astype(object).where(d.index != 1, "forest")),
+            "not class codes",
+        ),
+        (lambda d: d.assign(reference=d["reference"].astype(float).where(d.index != 1, 11.5)), "non-integer"),
+    ],
+)
+def test_labelled_samples_that_do_not_match_the_design_are_refused(tmp_path, edit, message):
+    cfg = _config(tmp_path, min_per_class=30, target_se=0.02)
+    path, out, pts = _labelled(tmp_path, cfg)
+    edit(pts).to_csv(out / "l.csv", index=False)
+    with pytest.raises(PipelineError, match=message):
+        estimate_stage(cfg, out / "d.json", out / "s.csv", out / "l.csv", {"rf": path}, out / "e.json")
+    assert not (out / "e.json").exists()
+
+
+def test_unlabelled_points_may_be_dropped_and_are_counted(tmp_path):
+    cfg = _config(tmp_path, min_per_class=30, target_se=0.02, allow_unlabelled=True)
+    path, out, pts = _labelled(tmp_path, cfg)
+    pts["reference"] = pts["reference"].astype("Int64").where(pts.index > 4)
+    pts.to_csv(out / "l.csv", index=False)
+    res = estimate_stage(cfg, out / "d.json", out / "s.csv", out / "l.csv", {"rf": path}, out / "e.json")
+    assert res["dropped_unlabelled"] == 5 and res["points"] == len(pts) - 5
