@@ -90,8 +90,15 @@ def _changed(cfg: Config, path: str, value: Any) -> Config:
                 ("train", "fgunet_rf"),
                 ("split", None),
                 ("train_reference", None),
+                ("summarise", None),  # the intervals' bootstrap draws
+                ("compare", None),
+                ("design", None),  # the accuracy sample's draw
             },
         ),  # fmt: skip
+        ("reference.bootstrap", 200, {("summarise", None), ("compare", None)}),  # not the split
+        ("accuracy.target_se", 0.02, {("design", None)}),
+        ("demo.interpreter_error", 0.1, {("interpret", None)}),
+        ("inputs.labelled_sample", "my.gpkg", {("estimate", None)}),
         ("resources.train_network.nodes", 2, {("train", "fgunet")}),
         ("run.threads", 1, set()),
         ("nets.keep_checkpoints", 5, set()),
@@ -103,7 +110,7 @@ def test_a_digest_moves_with_the_settings_its_job_reads_and_nothing_else(cfg, pa
     jobs += [("predict", m) for m in ("rf", "rf-s43", "rfref0", "fgunet", "fgunet_rf")]
     jobs += [(s, None) for s in ("ingest", "gapfill", "histogram", "percentiles", "validity", "split",
                                   "rasterise", "patches", "train_reference", "validate", "summarise",
-                                  "compare", "qa")]  # fmt: skip
+                                  "compare", "qa", "design", "interpret", "estimate")]  # fmt: skip
     new = _changed(cfg, path, value)
     moved = {
         (stage, model)

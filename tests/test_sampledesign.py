@@ -146,3 +146,34 @@ def test_unlabelled_points_may_be_dropped_and_are_counted(tmp_path):
     pts.to_csv(out / "l.csv", index=False)
     res = estimate_stage(cfg, out / "d.json", out / "s.csv", out / "l.csv", {"rf": path}, out / "e.json")
     assert res["dropped_unlabelled"] == 5 and res["points"] == len(pts) - 5
+
+
+def test_the_report_section_shows_the_estimates_beside_the_pixel_counts(tmp_path):
+    from pipeline.layout import Layout
+    from pipeline.report import sections
+    from pipeline.report.html import page
+    from tests.report_page import parse, table
+
+    cfg = _config(tmp_path, min_per_class=30, target_se=0.02)
+    lay = Layout(cfg.workdir)
+    path, data = _mosaic(tmp_path, cfg)
+    design_sample(cfg, path, lay.accuracy("points"), lay.accuracy("points_csv"), lay.accuracy("design"))
+    assert "No estimates yet" in "".join(sections.accuracy_sample(cfg, lay).body)
+    pts = pd.read_csv(lay.accuracy("points_csv"))
+    pts["reference"] = pts["stratum"]
+    pts.loc[pts.index[:10], "reference"] = cfg.class_codes[1]  # 10 points of other classes seen as class 1
+    pts.to_csv(tmp_path / "l.csv", index=False)
+    estimate_stage(cfg, lay.accuracy("design"), lay.accuracy("points_csv"), tmp_path / "l.csv",
+                   {"rf": path, "fgunet": path}, lay.accuracy("estimates"))  # fmt: skip
+    html = page("t", "s", [sections.accuracy_sample(cfg, lay)])
+    doc = parse(html)
+    areas = {r[0]: r for r in table(doc, "sample-areas")["rows"]}
+    name = cfg.classes[1].name
+    est = json.loads(lay.accuracy("estimates").read_text())["classifiers"]["rf"]["per_class"][name]
+    assert areas[name][2] == f"{est['mapped_area_ha']:.1f}" and areas[name][4].startswith(
+        f"{est['area_ha']['value']:.1f} ["
+    )
+    assert est["area_ha"]["value"] > est["mapped_area_ha"]  # the sample found more of class 1 than mapped
+    oa = table(doc, "sample-accuracy")["rows"]
+    assert [r[0] for r in oa] == ["rf", "fgunet"] and oa[0][2] == "yes" and oa[1][2] == "no (Stehman)"
+    assert doc.images  # the area figure

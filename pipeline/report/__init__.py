@@ -47,8 +47,10 @@ def build_report(cfg: Config, out: str | Path | None = None) -> Path:
         sections.run_summary(cfg, docs, built),
         sections.national(cfg, docs, rasters, mosaics),
         sections.run_scores(cfg, docs, rasters, national=bool(mosaics)),
-        sections.geometric_qa(cfg, docs),
     ]
+    if (sample := sections.accuracy_sample(cfg, lay)) is not None:
+        parts.append(sample)
+    parts.append(sections.geometric_qa(cfg, docs))
     if cfg.extra_seeds:
         parts.append(sections.seeds(cfg, docs))
     parts.append(sections.training(cfg, lay, docs))

@@ -159,6 +159,50 @@ def differences(
     return png(fig)
 
 
+def area_estimates(
+    classes: Sequence[str],
+    mapped: Mapping[str, Sequence[float]],
+    estimated: Sequence[float | None],
+    ci95: Sequence[Sequence[float] | None],
+    truth: Sequence[float] | None = None,
+    title: str = "",
+) -> bytes:
+    """Per class: each classifier's pixel-count area (bars) beside the sample's estimated area with
+    its 95 % interval (black dot and whisker) and, for the demo, the true area (red tick)."""
+    names = list(mapped)
+    n = len(names) + 1
+    width = 0.8 / n
+    x = np.arange(len(classes))
+    fig = figure(min(14.0, max(7.0, 0.22 * len(classes) * n + 2.5)), 4.2)
+    ax = fig.add_subplot()
+    for i, name in enumerate(names):
+        ax.bar(
+            x - 0.4 + width * (i + 0.5),
+            mapped[name],
+            width,
+            label=f"{name} (pixel count)",
+            color=PALETTE[i % len(PALETTE)],
+        )
+    pos = x - 0.4 + width * (n - 0.5)
+    for p, v, ci in zip(pos, estimated, ci95, strict=True):
+        if v is None:
+            continue
+        if ci is not None:
+            ax.plot([p, p], ci, "-", color="black", lw=1.5)
+        ax.plot([p], [v], "o", color="black", ms=4)
+    ax.plot([], [], "o-", color="black", label="estimated, 95 % CI")
+    if truth is not None:
+        ax.plot(pos, truth, "_", color="#d00", ms=12, mew=2, label="true (demo)")
+    ax.set_xticks(
+        x, classes, rotation=45 if len(classes) > 6 else 0, ha="right" if len(classes) > 6 else "center"
+    )
+    ax.set(ylabel="area (ha)")
+    ax.set_title(title, fontsize=11)
+    ax.grid(axis="y", alpha=0.3)
+    fig.legend(*ax.get_legend_handles_labels(), loc="outside right upper", fontsize=8, frameon=False)
+    return png(fig)
+
+
 def region_shares(
     regions: Sequence[str], shares: Mapping[str, np.ndarray], classes: Sequence[ClassDef], title: str
 ) -> bytes:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
 import platform
 from collections.abc import Iterable, Mapping, Sequence
 from html import escape
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -363,6 +365,121 @@ def _regions(cfg: Config, mosaics: Mapping[str, NationalMosaic]) -> Section:
             )
         )
     return sec
+
+
+def accuracy_sample(cfg: Config, lay: Layout) -> Section | None:
+    """Design-based accuracy and areas from the stratified random sample (docs/validation.md);
+    None when the run has no accuracy sample."""
+    if not cfg["accuracy"]["enabled"]:
+        return None
+    sec = Section("accuracy-sample", "Accuracy and areas from the map sample (design-based)")
+    design, est = _read_json(lay.accuracy("design")), _read_json(lay.accuracy("estimates"))
+    if design is None:
+        return sec.add(note("No sampling design yet (accuracy/design.json, rule design).", True))
+    strata = [s for s in design["strata"] if s["points"]]
+    sec.add(
+        para(
+            f"A stratified random sample of {design['n']:,} pixels of <b>{escape(design['classifier'])}</b>'s"
+            f" national map (the strata are its {len(strata)} classes; {design['n_formula']:,} points for"
+            f" a standard error of overall accuracy of {design['target_se']}, at least"
+            f" {design['min_per_class']} per class), labelled by interpreters"
+            " (<code>accuracy/sample.gpkg</code>). Unlike the scores on the validation polygons above, these"
+            " are <b>design-based</b> estimates for the whole map: the error matrix is weighted by each"
+            " stratum's area (Olofsson et al. 2014; Stehman 2014 for the maps whose classes are not the"
+            " strata), and each class's area comes with its 95 % confidence interval. The estimated areas"
+            " rest on the sample and the strata, so they are the same whichever map is"
+            " assessed; each map's pixel count is beside them."
+        )
+    )
+    if est is None:
+        return sec.add(
+            note("No estimates yet: label accuracy/sample.gpkg and name it in inputs.labelled_sample.", True)
+        )
+    truth_doc = _read_json(lay.accuracy("truth"))
+    truth = (truth_doc or {}).get("area_ha")
+    names = est["classes"]
+    models = list(est["classifiers"])
+    first = est["classifiers"][models[0]]["per_class"]
+
+    def ci(e: Mapping[str, Any], digits: int = 1) -> str:
+        if e["value"] is None:
+            return tables.DASH
+        if e["ci95"] is None:
+            return f"{e['value']:.{digits}f} (no CI)"
+        return f"{e['value']:.{digits}f} [{e['ci95'][0]:.{digits}f}, {e['ci95'][1]:.{digits}f}]"
+
+    dropped = f", {est['dropped_unlabelled']} unlabelled points left out" if est["dropped_unlabelled"] else ""
+    sec.add(
+        para(f"{est['points']:,} labelled points{dropped}. Overall accuracy, 95 % CI:"),
+        tables.table(
+            ["classifier", "overall accuracy", "strata are its classes"],
+            [
+                [m, ci(r["overall_accuracy"], 3), "yes" if r["strata_are_map_classes"] else "no (Stehman)"]
+                for m, r in est["classifiers"].items()
+            ],
+            kind="sample-accuracy",
+        ),
+    )
+    head = [
+        "class",
+        "reference points",
+        *(f"{m} pixel count (ha)" for m in models),
+        "estimated area (ha), 95 % CI",
+    ]
+    head += ["true area (ha)"] if truth else []
+    rows = []
+    for n in names:
+        row = [n, str(first[n]["sample_reference"])]
+        row += [f"{est['classifiers'][m]['per_class'][n]['mapped_area_ha']:.1f}" for m in models]
+        row.append(ci(first[n]["area_ha"]))
+        if truth:
+            row.append(f"{truth[n]:.1f}")
+        rows.append(row)
+    sec.add(tables.table(head, rows, kind="sample-areas"))
+    sec.add(
+        figure(
+            figures.area_estimates(
+                names,
+                {m: [est["classifiers"][m]["per_class"][n]["mapped_area_ha"] for n in names] for m in models},
+                [first[n]["area_ha"]["value"] for n in names],
+                [first[n]["area_ha"]["ci95"] for n in names],
+                [truth[n] for n in names] if truth else None,
+                title="Class areas: pixel count and sample estimate",
+            ),
+            "<b>Class areas</b>: each map's pixel count (bars) against the area estimated from the"
+            " labelled sample with its 95 % confidence interval (black). A bar outside the whisker is a"
+            " pixel count the map's own errors bias; publish the estimate and its interval."
+            + (" Red: the demo's true area." if truth else ""),
+            "class areas from the sample",
+        )
+    )
+    acc_head = ["class", *(f"{m} {q}" for m in models for q in ("user's accuracy", "producer's accuracy"))]
+    acc_rows = [
+        [
+            n,
+            *(
+                ci(est["classifiers"][m]["per_class"][n][q], 3)
+                for m in models
+                for q in ("users_accuracy", "producers_accuracy")
+            ),
+        ]
+        for n in names
+    ]
+    sec.add(
+        para("User's and producer's accuracy per class, 95 % CI:"),
+        tables.table(acc_head, acc_rows, kind="sample-class-accuracy"),
+    )
+    thin = {m: r["thin_strata"] for m, r in est["classifiers"].items() if r["thin_strata"]}
+    if thin:
+        sec.add(note(f"Strata with fewer than 2 points (no variance from them): {thin}.", True))
+    return sec
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def differences_block(cfg: Config, docs: RunDocs) -> list[str]:
