@@ -31,7 +31,14 @@ from pipeline.config import load_config  # noqa: E402
 from pipeline.demo.landscape import Country, render_truth  # noqa: E402
 from pipeline.io.tilestore import Grid  # noqa: E402
 from pipeline.layout import Layout  # noqa: E402
-from pipeline.sampledesign import count_classes, design_on, draw_ranks, expected_users_accuracy, pick_pixels  # noqa: E402
+from pipeline.sampledesign import (
+    code_index,
+    count_classes,
+    design_on,
+    draw_ranks,
+    expected_users_accuracy,
+    pick_pixels,
+)  # noqa: E402
 
 
 def main() -> None:
@@ -53,8 +60,7 @@ def main() -> None:
     mosaic = lay.mosaic(design_on(cfg), "classes")
     codes = [c.code for c in cfg.classes]
     names = [c.name for c in cfg.classes]
-    lut = np.full(65536, -1, np.int64)
-    lut[np.asarray(codes)] = np.arange(len(codes))
+    lut = code_index(codes)
     country = Country.from_config(cfg)
     with rasterio.open(mosaic) as src:  # the demo's mosaics are small: whole arrays
         grid = Grid(src.crs, src.transform, src.width, src.height)

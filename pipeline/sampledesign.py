@@ -65,10 +65,16 @@ def expected_users_accuracy(cfg: Config, names: Sequence[str]) -> np.ndarray:
     return np.array([float(ua.get(n, default)) for n in names])
 
 
-def count_classes(mosaic: Path, codes: Sequence[int]) -> np.ndarray:
-    """Pixels of each code (in ``codes`` order) in the class mosaic, block by block."""
+def code_index(codes: Sequence[int]) -> np.ndarray:
+    """A lookup from every uint8/uint16 map value to its class index in ``codes`` (-1: none)."""
     lut = np.full(65536, -1, np.int64)
     lut[np.asarray(codes)] = np.arange(len(codes))
+    return lut
+
+
+def count_classes(mosaic: Path, codes: Sequence[int]) -> np.ndarray:
+    """Pixels of each code (in ``codes`` order) in the class mosaic, block by block."""
+    lut = code_index(codes)
     counts = np.zeros(len(codes), np.int64)
     with rasterio.open(mosaic) as src:
         for win in tqdm(
@@ -93,8 +99,7 @@ def pick_pixels(mosaic: Path, codes: Sequence[int], ranks: Sequence[np.ndarray])
     """Rows, columns and strata of the drawn ranks, in one pass over the mosaic: a stratum's pixels
     are numbered in scan order (blocks in :func:`iter_windows` order, row-major inside a block),
     and the ``k``-th of them is picked where ``k`` is a drawn rank."""
-    lut = np.full(65536, -1, np.int64)
-    lut[np.asarray(codes)] = np.arange(len(codes))
+    lut = code_index(codes)
     seen = np.zeros(len(codes), np.int64)
     nxt = np.zeros(len(codes), np.int64)
     rows, cols, strata = [], [], []
@@ -224,8 +229,7 @@ def demo_true_areas(cfg: Config, mosaic: Path) -> dict[str, Any] | None:
 
     country = Country.from_config(cfg)
     codes = [c.code for c in cfg.classes]
-    lut = np.full(65536, -1, np.int64)
-    lut[np.asarray(codes)] = np.arange(len(codes))
+    lut = code_index(codes)
     counts = np.zeros(len(codes), np.int64)
     with rasterio.open(mosaic) as src:
         grid = Grid(src.crs, src.transform, src.width, src.height)
