@@ -441,8 +441,12 @@ def build_mosaic(
         # three overview + COG-copy passes run side by side at the end (docs/benchmarks.md)
         cls_sink, conf_sink, clear_sink = stack.enter_context(
             parallel_sinks(
-                class_map_writer(out_classes, nat, classes, extra_tags=meta, threads=threads),
-                confidence_writer(out_confidence, nat, extra_tags=meta, threads=threads),
+                class_map_writer(
+                    out_classes, nat, classes, extra_tags=meta, threads=threads, stream_overviews=True
+                ),
+                confidence_writer(
+                    out_confidence, nat, extra_tags=meta, threads=threads, stream_overviews=True
+                ),
                 cog_writer(
                     out_clear,
                     nat,
@@ -453,6 +457,7 @@ def build_mosaic(
                     description="clear observations per pixel",
                     predictor="STANDARD",
                     threads=threads,
+                    stream_overviews=True,
                 ),
             )
         )

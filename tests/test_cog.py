@@ -162,3 +162,93 @@ def test_parallel_sinks_leave_nothing_when_the_caller_or_a_writer_fails(tmp_path
             sinks[1].write(win, np.ones((3, 256, 256, 2), np.uint16))
             sinks[2].write(win, np.ones((256, 256), np.uint16))
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def _mode_by_hand(a: np.ndarray, nodata: int) -> np.ndarray:
+    """Each 2x2 cell's most frequent valid value, the first in row-major order on a tie."""
+    h, w = -(-a.shape[0] // 2), -(-a.shape[1] // 2)
+    out = np.full((h, w), nodata, a.dtype)
+    for r in range(h):
+        for c in range(w):
+            cell = [v for v in a[2 * r : 2 * r + 2, 2 * c : 2 * c + 2].ravel() if v != nodata]
+            if cell:
+                out[r, c] = max(cell, key=lambda v: (cell.count(v), -cell.index(v)))
+    return out
+
+
+def test_mode2x2_against_a_hand_count():
+    from pipeline.io.cog import mode2x2
+
+    rng = np.random.default_rng(4)
+    for shape in ((8, 8), (7, 9), (1, 5)):
+        a = rng.integers(0, 4, shape).astype(np.uint8)  # 0 is no-data: many ties and empty cells
+        np.testing.assert_array_equal(mode2x2(a, 0), _mode_by_hand(a, 0))
+
+
+def test_streamed_overviews_are_the_mode_and_the_exact_mean_of_the_base(tmp_path):
+    """Written block by block (as the mosaic does), the overview levels equal, at every level, the
+    hierarchical mode of the class map and the mean of the valid base pixels (rounded half up)."""
+    from pipeline.io.cog import confidence_writer, overview_factors
+
+    h, w = 2300, 1700  # 3 levels, odd edges
+    grid = make_grid(w, h)
+    rng = np.random.default_rng(2)
+    classes = np.repeat(np.repeat(rng.integers(1, 6, (h // 8 + 1, w // 8 + 1)), 8, 0), 8, 1)[:h, :w]
+    classes = np.where(rng.random((h, w)) < 0.2, rng.integers(0, 6, (h, w)), classes)
+    classes = np.array([0, 11, 31, 222, 11, 31], np.uint8)[classes]  # the nomenclature's codes, 0 no data
+    conf = rng.integers(0, 101, (h, w)).astype(np.uint8)
+    conf[rng.random((h, w)) < 0.1] = 255
+    with (
+        class_map_writer(tmp_path / "c.tif", grid, CLASSES, stream_overviews=True) as cs,
+        confidence_writer(tmp_path / "f.tif", grid, stream_overviews=True) as fs,
+    ):
+        for win in iter_windows(h, w, 1024):
+            cs.write(win, classes[win_slices(win)])
+            fs.write(win, conf[win_slices(win)])
+    factors = overview_factors(w, h)
+    assert factors == [2, 4, 8]
+    with rasterio.open(tmp_path / "c.tif") as c, rasterio.open(tmp_path / "f.tif") as f:
+        assert c.overviews(1) == f.overviews(1) == factors and c.colormap(1)[11][:3] == CLASSES[0].rgb
+        np.testing.assert_array_equal(c.read(1), classes)
+        level, valid, total = (
+            classes,
+            (conf != 255).astype(np.int64),
+            np.where(conf != 255, conf, 0).astype(float),
+        )
+        for i, fac in enumerate(factors):
+            level = _mode_by_hand(level, 0) if fac <= 2 else _mode_fast(level)
+            shape = (-(-h // fac), -(-w // fac))
+            with rasterio.open(tmp_path / "c.tif", OVERVIEW_LEVEL=i) as ov:
+                np.testing.assert_array_equal(ov.read(1), level)
+            cnt = _block_sum(valid, fac)
+            mean = np.where(cnt > 0, np.floor(_block_sum(total, fac) / np.maximum(cnt, 1) + 0.5), 255)
+            with rasterio.open(tmp_path / "f.tif", OVERVIEW_LEVEL=i) as ov:
+                assert ov.read(1).shape == shape
+                np.testing.assert_array_equal(ov.read(1), mean.astype(np.uint8))
+
+
+def _mode_fast(a):
+    from pipeline.io.cog import mode2x2
+
+    return mode2x2(a, 0)  # checked against the hand count above
+
+
+def _block_sum(a: np.ndarray, f: int) -> np.ndarray:
+    h, w = -(-a.shape[0] // f), -(-a.shape[1] // f)
+    pad = np.zeros((h * f, w * f), a.dtype)
+    pad[: a.shape[0], : a.shape[1]] = a
+    return pad.reshape(h, f, w, f).sum((1, 3))
+
+
+def test_a_window_off_the_overview_cells_falls_back_to_gdal(tmp_path):
+    grid = make_grid(1100, 1100)
+    data = (np.arange(1100 * 1100) % 50 + 1).astype(np.uint16).reshape(1100, 1100)
+    with cog_writer(
+        tmp_path / "a.tif", grid, "uint16", nodata=0, resampling="AVERAGE", stream_overviews=True
+    ) as s:
+        s.write(Window(0, 0, 1100, 300), data[:300])
+        s.write(Window(0, 300, 1100, 800), data[300:])  # row 300: not on the 4-px cells
+    with rasterio.open(tmp_path / "a.tif") as src:
+        assert src.overviews(1) == [2, 4]
+        np.testing.assert_array_equal(src.read(1), data)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.tif"]  # no staging level left behind

@@ -12,18 +12,21 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import os
 import queue
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from html import escape
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import rasterio
 import rasterio.shutil
+from affine import Affine
 from rasterio.enums import Resampling
 from rasterio.windows import Window
 from tqdm import tqdm
@@ -33,16 +36,139 @@ from pipeline.io.atomic import atomic_path
 from pipeline.io.tilestore import SHARD, Grid, iter_windows, open_store, store_grid, win_slices
 
 BLOCK = 512
+log = logging.getLogger(__name__)
 
 
 @dataclass
 class RasterSink:
-    """An open staging GTiff: ``write(window, array)`` places one finished window."""
+    """An open staging GTiff: ``write(window, array)`` places one finished window (and its overview
+    cells, when the writer streams them)."""
 
     dataset: rasterio.io.DatasetWriter
+    pyramid: _Pyramid | None = None
+    factors: list[int] | None = None
+    grid: Grid | None = None
 
     def write(self, window: Window, array: np.ndarray) -> None:
         self.dataset.write(array, 1, window=window)
+        if self.pyramid is not None:
+            if not _Pyramid.fits(window, self.factors or [], self.grid):  # type: ignore[arg-type]
+                log.info(
+                    "%s: window %s off the overview cells, GDAL builds the overviews",
+                    self.dataset.name,
+                    window,
+                )
+                self.pyramid.unlink()
+                self.pyramid = None
+                return
+            self.pyramid.write(window, array)
+
+
+def mode2x2(a: np.ndarray, nodata: float | None) -> np.ndarray:
+    """Each 2x2 cell's most frequent valid value (the first of the cell, in row-major order, on a
+    tie; ``nodata`` where none is valid); odd edges are cells of 1 or 2 pixels."""
+    h, w = a.shape
+    pad = np.pad(a, ((0, h % 2), (0, w % 2)), constant_values=0 if nodata is None else nodata)
+    v = np.stack([pad[0::2, 0::2], pad[0::2, 1::2], pad[1::2, 0::2], pad[1::2, 1::2]])
+    ok = np.ones(v.shape, bool) if nodata is None else v != nodata
+    if h % 2:
+        ok[2:, -1, :] = False  # the padded row
+    if w % 2:
+        ok[1::2, :, -1] = False  # the padded column
+    count = np.zeros(v.shape, np.int8)
+    for i in range(4):
+        for j in range(4):
+            count[i] += (v[i] == v[j]) & ok[j]
+    count[~ok] = 0
+    best = count.argmax(0)
+    out = np.take_along_axis(v, best[None], 0)[0]
+    if nodata is not None:
+        out = np.where(count.max(0) > 0, out, np.asarray(nodata, a.dtype))
+    return out.astype(a.dtype)
+
+
+def sum2x2(a: np.ndarray) -> np.ndarray:
+    """Each 2x2 cell's sum (odd edges: cells of 1 or 2 pixels)."""
+    h, w = a.shape
+    pad = np.pad(a, ((0, h % 2), (0, w % 2)))
+    return pad[0::2, 0::2] + pad[0::2, 1::2] + pad[1::2, 0::2] + pad[1::2, 1::2]
+
+
+class _Pyramid:
+    """Overview levels (factors 2, 4, ...) computed window by window while the base is written:
+    MODE from the level below, AVERAGE as the exact mean of the valid base pixels (sums and
+    counts carried down), rounded half up like GDAL. Each level is its own staging GTiff; the COG
+    copy reads them as the base's overviews through a VRT, so no pass re-reads the base."""
+
+    def __init__(
+        self, stage: Path, grid: Grid, dtype: str, nodata: float | None, resampling: str, factors: list[int]
+    ) -> None:
+        self.kind = resampling.upper()
+        self.nodata, self.dtype, self.factors = nodata, np.dtype(dtype), factors
+        self.paths = [stage.with_name(f"{stage.stem}.ov{f}.tif") for f in factors]
+        self.datasets = []
+        for f, path in zip(factors, self.paths, strict=True):
+            w, h = -(-grid.width // f), -(-grid.height // f)
+            level = Grid(grid.crs, grid.transform * Affine.scale(f), w, h)
+            profile = level.gtiff_profile(
+                dtype, nodata, BLOCK, compress="zstd", zstd_level=1, bigtiff="if_safer"
+            )
+            self.datasets.append(rasterio.open(path, "w", **profile))
+
+    @staticmethod
+    def fits(window: Window, factors: list[int], grid: Grid) -> bool:
+        """Whether a window's levels are whole cells of every level (offsets on the coarsest
+        factor, sizes too unless it ends on the grid's edge)."""
+        f = factors[-1] if factors else 1
+        r, c, h, w = int(window.row_off), int(window.col_off), int(window.height), int(window.width)
+        return (
+            r % f == 0
+            and c % f == 0
+            and (h % f == 0 or r + h == grid.height)
+            and (w % f == 0 or c + w == grid.width)
+        )
+
+    def write(self, window: Window, array: np.ndarray) -> None:
+        r, c = int(window.row_off), int(window.col_off)
+        if self.kind == "MODE":
+            level = array
+            for f, dst in zip(self.factors, self.datasets, strict=True):
+                level = mode2x2(level, self.nodata)
+                dst.write(level, 1, window=Window(c // f, r // f, level.shape[1], level.shape[0]))
+            return
+        valid = np.ones(array.shape, bool) if self.nodata is None else array != self.nodata
+        total = np.where(valid, array, 0).astype(np.float64)
+        count = valid.astype(np.int64)
+        for f, dst in zip(self.factors, self.datasets, strict=True):
+            total, count = sum2x2(total), sum2x2(count)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                mean = np.floor(total / count + 0.5)
+            fill = 0 if self.nodata is None else self.nodata
+            out = np.where(count > 0, mean, fill).astype(self.dtype)
+            dst.write(out, 1, window=Window(c // f, r // f, out.shape[1], out.shape[0]))
+
+    def close(self) -> None:
+        for d in self.datasets:
+            d.close()
+
+    def unlink(self) -> None:
+        self.close()
+        for p in self.paths:
+            p.unlink(missing_ok=True)
+
+
+def _with_overviews(stage: Path, levels: list[Path], vrt: Path) -> Path:
+    """A VRT of ``stage`` (its metadata, nodata and colour table) declaring ``levels`` as overviews."""
+    rasterio.shutil.copy(stage, vrt, driver="VRT")
+    xml = vrt.read_text()
+    extra = "".join(
+        f'<Overview><SourceFilename relativeToVRT="0">{escape(str(p.resolve()))}</SourceFilename>'
+        "<SourceBand>1</SourceBand></Overview>"
+        for p in levels
+    )
+    xml = xml.replace("</VRTRasterBand>", extra + "</VRTRasterBand>", 1)
+    vrt.write_text(xml)
+    return vrt
 
 
 _DONE, _ABORT = object(), object()
@@ -138,12 +264,25 @@ def cog_writer(
     description: str | None = None,
     predictor: str = "NO",
     threads: int = 1,
+    stream_overviews: bool = False,
 ) -> Iterator[RasterSink]:
-    """Yield a sink for one-band windows; on success turn the staging file into a COG at ``out``."""
+    """Yield a sink for one-band windows; on success turn the staging file into a COG at ``out``.
+
+    ``stream_overviews``: compute the overview levels from each window as it is written (in the
+    writer's thread; :class:`_Pyramid`) instead of by GDAL from the finished base, which re-reads
+    all of it (MODE on a national class mosaic: the largest part of its COG's time). Needs windows
+    on the coarsest level's cells (the mosaic's blocks are); any other window falls back to GDAL."""
     with atomic_path(out) as tmp:
         stage = tmp.with_name(tmp.stem + ".stage.tif")
+        vrt = tmp.with_name(tmp.stem + ".stage.vrt")
         # staging only: zstd 1 is fast and keeps a full tile's staging file small
         profile = grid.gtiff_profile(dtype, nodata, BLOCK, compress="zstd", zstd_level=1, bigtiff="if_safer")
+        factors = overview_factors(grid.width, grid.height)
+        pyramid = (
+            _Pyramid(stage, grid, dtype, nodata, resampling, factors)
+            if stream_overviews and factors
+            else None
+        )
         try:
             with rasterio.open(stage, "w", **profile) as dst:
                 if tags:
@@ -152,16 +291,21 @@ def cog_writer(
                     dst.update_tags(1, **band_tags)
                 if description:
                     dst.set_band_description(1, description)
-                yield RasterSink(dst)
-                # overviews of the values, built before the colour table: with one, GDAL averages a
-                # paletted band in RGB and maps back to the nearest entry (8x slower, and a
-                # confidence overview would not be the mean confidence)
-                if factors := overview_factors(grid.width, grid.height):
+                sink = RasterSink(dst, pyramid, factors, grid)
+                yield sink
+                if sink.pyramid is None and factors:
+                    # overviews of the values, built before the colour table: with one, GDAL averages a
+                    # paletted band in RGB and maps back to the nearest entry (8x slower, and a
+                    # confidence overview would not be the mean confidence)
                     dst.build_overviews(factors, Resampling[resampling.lower()])
                 if colormap is not None:
                     dst.write_colormap(1, colormap)
+            source = stage
+            if sink.pyramid is not None:
+                sink.pyramid.close()
+                source = _with_overviews(stage, sink.pyramid.paths, vrt)
             rasterio.shutil.copy(
-                stage,
+                source,
                 tmp,
                 driver="COG",
                 COMPRESS="DEFLATE",
@@ -172,6 +316,9 @@ def cog_writer(
                 BIGTIFF="IF_SAFER",
             )
         finally:
+            if pyramid is not None:
+                pyramid.unlink()
+            vrt.unlink(missing_ok=True)
             stage.unlink(missing_ok=True)
 
 
@@ -206,6 +353,7 @@ def class_map_writer(
     *,
     extra_tags: dict[str, str] | None = None,
     threads: int = 1,
+    stream_overviews: bool = False,
 ) -> Iterator[RasterSink]:
     """A class-map COG (uint8, or uint16 for codes above 255; nodata 0, colour table, class names,
     MODE overviews) fed by windows."""
@@ -221,6 +369,7 @@ def class_map_writer(
         band_tags=band,
         description="land cover class",
         threads=threads,
+        stream_overviews=stream_overviews,
     ) as sink:
         yield sink
 
@@ -245,6 +394,7 @@ def confidence_writer(
     *,
     extra_tags: dict[str, str] | None = None,
     threads: int = 1,
+    stream_overviews: bool = False,
 ) -> Iterator[RasterSink]:
     """A confidence COG: the winning class's probability in % (uint8 0-100, nodata 255), AVERAGE overviews."""
     with cog_writer(
@@ -258,6 +408,7 @@ def confidence_writer(
         | (extra_tags or {}),
         description="confidence (%)",
         threads=threads,
+        stream_overviews=stream_overviews,
     ) as sink:
         yield sink
 
