@@ -48,3 +48,4 @@ rule all:
         str(LAYOUT.catalogue().parent),
         [str(LAYOUT.accuracy("design"))] if ACCURACY else [],
         [str(LAYOUT.accuracy("estimates"))] if ESTIMATE else [],
+        expand(str(LAYOUT.suggestions("{model}")), model=CLASSIFIERS if PROBABILITIES else []),

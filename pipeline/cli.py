@@ -163,6 +163,8 @@ def _predict(cfg: Config, args: argparse.Namespace) -> None:
         args.src or lay.gapfilled(args.tile),
         args.out or lay.class_map(args.model, args.tile),
         confidence=args.confidence or lay.confidence(args.model, args.tile),
+        probabilities=args.probabilities,
+        margin_layer=args.margin,
     )
 
 
@@ -219,6 +221,15 @@ def _estimate(cfg: Config, args: argparse.Namespace) -> None:
         mosaics,
         args.out or lay.accuracy("estimates"),
     )
+
+
+def _suggest(cfg: Config, args: argparse.Namespace) -> None:
+    from pipeline.sampledesign import suggest_stage
+
+    lay = Layout(cfg.workdir)
+    m = args.model
+    layers = [(t, lay.class_map(m, t), lay.margin(m, t)) for t in cfg.tiles]
+    suggest_stage(cfg, m, layers, args.out or lay.suggestions(m))
 
 
 def _regions(cfg: Config, args: argparse.Namespace) -> None:
@@ -377,6 +388,8 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, Stage]]:
     p.add_argument("--model-dir", type=Path)
     p.add_argument("--src", type=Path)
     p.add_argument("--confidence", type=Path, help="confidence COG (default: the run layout)")
+    p.add_argument("--probabilities", type=Path, help="also every class's probability (one band per class)")
+    p.add_argument("--margin", type=Path, help="also the top-two margin (the uncertainty layer)")
     add("validity", _validity, "clear-observation count of one tile as a COG", tile=True).add_argument(
         "--src", type=Path
     )
@@ -396,6 +409,12 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, Stage]]:
         "estimate", _estimate, "accuracy and class areas with 95 % CIs from the labelled sample"
     ).add_argument(
         "--sample", type=Path, help="labelled sample (default: inputs.labelled_sample, else the demo's)"
+    )
+    add(
+        "suggest",
+        _suggest,
+        "where to label next: the most uncertain places of one classifier's maps",
+        model=True,
     )
     add("catalogue", _catalogue, "the STAC catalogue of the run's products (--out: its folder)")
     p = add("validate", _validate, "confusion matrix and scores of one tile's map", tile=True, model=True)

@@ -26,7 +26,13 @@ from tqdm import tqdm
 
 from pipeline.config import Config
 from pipeline.errors import PipelineError
-from pipeline.io.cog import class_map_writer, confidence_writer
+from pipeline.io.cog import (
+    class_map_writer,
+    confidence_writer,
+    margin_layers,
+    margin_writer,
+    probability_writer,
+)
 from pipeline.io.tilestore import Window, iter_windows, open_store, padded, store_grid, win_slices
 from pipeline.models import Classifier, get
 from pipeline.models.features import Normalisation, schema_mismatch
@@ -38,11 +44,20 @@ log = logging.getLogger(__name__)
 
 
 def predict_tile(
-    cfg: Config, model_dir: Path, gapfilled: Path, out: Path, confidence: Path | None = None
+    cfg: Config,
+    model_dir: Path,
+    gapfilled: Path,
+    out: Path,
+    confidence: Path | None = None,
+    probabilities: Path | None = None,
+    margin_layer: Path | None = None,
 ) -> None:
     """Classify the gapfilled store ``gapfilled`` with the model in ``model_dir`` into ``out`` (COG).
 
-    ``confidence`` (optional) receives the probability of the mapped class in % (uint8, nodata 255).
+    ``confidence`` (optional) receives the probability of the mapped class in % (uint8, nodata 255);
+    ``probabilities`` every class's, one band per nomenclature class (a class the model has not
+    learnt: 0), and ``margin_layer`` the gap between the two most probable classes (the uncertainty
+    layer; both before RF's majority-vote regularisation), from the same pass.
     """
     model_dir, gapfilled = Path(model_dir), Path(gapfilled)
     meta = load_meta(model_dir)
@@ -82,6 +97,22 @@ def predict_tile(
             else None
         )
 
+        want = probabilities is not None or margin_layer is not None
+        proba_sink = (
+            stack.enter_context(
+                probability_writer(probabilities, grid, cfg.classes, extra_tags=tags, threads=threads)
+            )
+            if probabilities
+            else None
+        )
+        margin_sink = (
+            stack.enter_context(margin_writer(margin_layer, grid, extra_tags=tags, threads=threads))
+            if margin_layer
+            else None
+        )
+        # the model's classes -> the nomenclature's bands
+        band_of = [cfg.class_codes.tolist().index(int(c)) for c in model.classes_] if want else []
+
         def read(win: Window) -> np.ndarray:
             big, _ = padded(win, margin, grid.height, grid.width)
             return np.asarray(refl[(slice(None), slice(None), *win_slices(big))])
@@ -92,7 +123,16 @@ def predict_tile(
             windows, total=len(wins), desc=f"predict {tile}", unit="win", leave=False, disable=None
         ):
             _, inner = padded(win, margin, grid.height, grid.width)
-            codes, conf = model.classify_window(cube, norm)
+            codes, conf, *extra = model.classify_window(cube, norm, probabilities=want)
+            if extra:
+                every = np.zeros((len(cfg.classes), *codes.shape))
+                every[band_of] = extra[0]
+                every[:, np.isnan(extra[0][0])] = np.nan
+                pct, gap = margin_layers(every)
+                if proba_sink is not None:
+                    proba_sink.write(win, pct[:, inner[0], inner[1]])
+                if margin_sink is not None:
+                    margin_sink.write(win, gap[inner])
             if how.radius:
                 codes = majority(codes, how.radius, nodata=0, threads=threads)
             sink.write(win, codes[inner])

@@ -101,6 +101,18 @@ class Layout:
     def confidence(self, name: str, tile: str) -> Path:
         return self.workdir / "maps" / name / f"{tile}_confidence.tif"
 
+    def probabilities(self, name: str, tile: str) -> Path:
+        """Every class's probability (``inference.probabilities``), one band per class."""
+        return self.workdir / "maps" / name / f"{tile}_probabilities.tif"
+
+    def margin(self, name: str, tile: str) -> Path:
+        """The uncertainty layer: margin of the two most probable classes (``inference.probabilities``)."""
+        return self.workdir / "maps" / name / f"{tile}_margin.tif"
+
+    def suggestions(self, name: str) -> Path:
+        """Where to label next (``inference.probabilities``): the most uncertain places, spread."""
+        return self.workdir / "accuracy" / f"suggest_{name}.gpkg"
+
     def validity(self, tile: str) -> Path:
         return self.workdir / "quality" / f"{tile}_clear.tif"
 

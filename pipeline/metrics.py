@@ -228,7 +228,7 @@ def summarise(cfg: Config, tile_metrics: Sequence[Path], out: Path, model: str |
             "unmapped_pixels": tile_unmapped,
         }
     extra: dict[str, Any] = {"scope": "run", "model": model, "tiles": tiles}
-    n_boot = int(cfg["reference"]["bootstrap"])
+    n_boot = int(cfg["validation"]["bootstrap"])
     if tables and all(t is not None for t in tables):  # else a tile validated by an older version
         merged = PolygonTable.merge([t for t in tables if t is not None])
         extra["polygon_confusion"] = merged.to_doc()
@@ -261,7 +261,7 @@ def differences(cfg: Config, docs: Mapping[str, Mapping[str, Any]]) -> dict[str,
     """Per classifier (but RF): kappa and per-class F-score minus its RF's, with 95 % intervals of
     the difference from shared polygon-bootstrap draws (:func:`pipeline.bootstrap.paired_differences`).
     Empty when the run has no RF, the bootstrap is off, or a document lacks per-polygon counts."""
-    n_boot = int(cfg["reference"]["bootstrap"])
+    n_boot = int(cfg["validation"]["bootstrap"])
     out: dict[str, dict[str, Any]] = {}
     for model, doc in docs.items():
         base = baseline_of(model, list(docs))

@@ -41,7 +41,7 @@ STAGE_SETTINGS: dict[str, tuple[str, ...]] = {
         "inputs.class_field",
         "inputs.tiles",
         "nomenclature",
-        *(f"reference.{k}" for k in ("train_ratio", "selection_ratio", "erosion_m", "ignore_codes", "remap")),
+        "reference",
         "qa.references",
         "run.seed",
     ),  # fmt: skip
@@ -97,8 +97,8 @@ STAGE_SETTINGS: dict[str, tuple[str, ...]] = {
     "predict:network": ("inference.window", "inference.overlap", "inference.precision", "nomenclature"),
     "predict:hybrid": ("inference.window", "inference.overlap", "nomenclature"),
     "validate": ("nomenclature",),
-    "summarise": ("nomenclature", "reference.bootstrap", "run.seed"),  # the intervals' draws
-    "compare": ("classifiers", "nomenclature", "reference.bootstrap", "run.seed"),
+    "summarise": ("nomenclature", "validation.bootstrap", "run.seed"),  # the intervals' draws
+    "compare": ("classifiers", "nomenclature", "validation.bootstrap", "run.seed"),
     "qa": ("qa", "classifiers", "nomenclature"),
     "mosaic": ("mosaic.crs", "mosaic.resolution", "nomenclature"),
     "vector": (
@@ -124,7 +124,8 @@ STAGE_SETTINGS: dict[str, tuple[str, ...]] = {
         "nomenclature",
         "run.seed",
     ),  # fmt: skip
-    "interpret": ("demo.interpreter_error", "demo.seed", "nomenclature"),
+    "interpret": ("accuracy.interpreter_error", "demo.seed", "nomenclature"),
+    "suggest": ("inference.suggest_points", "inference.suggest_spacing", "mosaic.crs", "nomenclature"),
     "estimate": ("accuracy.allow_unlabelled", "inputs.labelled_sample", "classifiers", "nomenclature"),
     "report": ("",),  # the whole config: the report shows it
     "catalogue": ("",),  # the whole config: its digest is in every item
@@ -136,6 +137,7 @@ NO_EFFECT: tuple[str, ...] = (
     "run.threads",
     "run.seeds",  # adds or drops the extra seeds' models; each one's own seed is in its digest
     "accuracy.enabled",  # adds or drops the accuracy-sample jobs
+    "inference.probabilities",  # adds or drops the probability / margin layers and the suggestions
     "resources",  # except train_network's nodes and tasks, above
     "dask",
     "nets.keep_checkpoints",

@@ -10,7 +10,7 @@ Three stages (issue 14, Olofsson et al. 2014; estimators in :mod:`pipeline.accur
   stratum, coordinates, an empty ``reference`` field, ready for photo-interpretation in QGIS), a
   CSV, and the design (strata sizes, allocation, parameters) as JSON.
 * ``interpret`` (the demo only): the demo's "interpreter" labels the points from the generated
-  ground truth, and misreads ``demo.interpreter_error`` of them as a plausible other class.
+  ground truth, and misreads ``accuracy.interpreter_error`` of them as a plausible other class.
 * ``estimate``: reads the labelled sample (the design's GeoPackage or CSV with ``reference``
   filled in), checks it against the design, reads each classifier's map class at the points and
   estimates accuracy and areas with their 95 % intervals. The same sample serves every classifier:
@@ -272,7 +272,7 @@ def interpret_demo(
         at = np.flatnonzero(gy == row)
         cols, inv = np.unique(gx[at], return_inverse=True)
         truth[at] = render_static(country, np.array([row]), cols)["cls"][0, inv]
-    error = float(cfg["demo"].get("interpreter_error", 0.0))
+    error = float(cfg["accuracy"]["interpreter_error"])
     key = name_key("interpreter")
     labels = truth.copy()
     for i in range(len(gdf)):
@@ -461,3 +461,109 @@ def _write_csv(result: Mapping[str, Any], out: Path) -> None:
 def _flat(e: Mapping[str, Any]) -> dict[str, Any]:
     ci = e["ci95"] or [None, None]
     return {"value": e["value"], "se": e["se"], "ci95_low": ci[0], "ci95_high": ci[1]}
+
+
+# --------------------------------------------------------------------------------------------
+# where to label next (active learning)
+# --------------------------------------------------------------------------------------------
+
+
+def uncertain_cells(class_map: Path, margin: Path, spacing: int) -> pd.DataFrame:
+    """The most uncertain pixel (lowest top-two margin) of every ``spacing`` x ``spacing`` cell of
+    one tile: its row, column, class code and margin (cells without a mapped pixel are skipped)."""
+    from pipeline.io.cog import CONFIDENCE_NODATA
+
+    out = []
+    with rasterio.open(class_map) as cm, rasterio.open(margin) as mg:
+        if (cm.width, cm.height) != (mg.width, mg.height):
+            raise PipelineError(margin, f"not on the grid of its class map {class_map}")
+        block = max(spacing, (BLOCK // spacing) * spacing)
+        for win in iter_windows(cm.height, cm.width, block):
+            codes, gap = cm.read(1, window=win), mg.read(1, window=win).astype(np.int32)
+            gap[(gap == CONFIDENCE_NODATA) | (codes == 0)] = 1 << 20
+            h, w = gap.shape
+            ch, cw = -(-h // spacing), -(-w // spacing)
+            pad = np.full((ch * spacing, cw * spacing), 1 << 20, np.int32)
+            pad[:h, :w] = gap
+            cells = pad.reshape(ch, spacing, cw, spacing).transpose(0, 2, 1, 3).reshape(ch, cw, -1)
+            best = cells.argmin(2)
+            low = np.take_along_axis(cells, best[..., None], 2)[..., 0]
+            keep = low < (1 << 20)
+            cr, cc = np.nonzero(keep)
+            rr = cr * spacing + best[keep] // spacing
+            col = cc * spacing + best[keep] % spacing
+            out.append(
+                pd.DataFrame(
+                    {
+                        "row": rr + int(win.row_off),
+                        "col": col + int(win.col_off),
+                        "code": codes[rr, col],
+                        "margin": low[keep],
+                    }
+                )
+            )
+    return (
+        pd.concat(out, ignore_index=True) if out else pd.DataFrame(columns=["row", "col", "code", "margin"])
+    )
+
+
+def pick_suggestions(cells: pd.DataFrame, n: int) -> pd.DataFrame:
+    """``n`` cells, the classes taking turns (each its least certain cell first), so the suggestion
+    spreads over the classes as well as in space; ties in margin keep the scan order."""
+    by_class = {c: g.sort_values("margin", kind="stable") for c, g in cells.groupby("code", sort=True)}
+    picked, depth = [], 0
+    while len(picked) < n and any(depth < len(g) for g in by_class.values()):
+        for g in by_class.values():
+            if depth < len(g) and len(picked) < n:
+                picked.append(g.iloc[depth])
+        depth += 1
+    return pd.DataFrame(picked).reset_index(drop=True) if picked else cells.iloc[:0]
+
+
+def suggest_stage(cfg: Config, model: str, layers: Sequence[tuple[str, Path, Path]], out: Path) -> None:
+    """Where to label next for ``model``: ``inference.suggest_points`` points of low margin, at most
+    one per ``inference.suggest_spacing`` cell, the classes taking turns; written like the
+    accuracy sample (``reference`` empty) in the first tile's CRS (or ``mosaic.crs``)."""
+    import geopandas as gpd
+    from pyproj import Transformer
+
+    spacing, n = int(cfg["inference"]["suggest_spacing"]), int(cfg["inference"]["suggest_points"])
+    names = {c.code: c.name for c in cfg.classes}
+    frames = []
+    for tile, class_map, margin in layers:
+        for p in (class_map, margin):
+            if not Path(p).exists():
+                raise PipelineError(
+                    p, f"tile {tile}: missing (run its predict job with inference.probabilities)"
+                )
+        cells = uncertain_cells(class_map, margin, spacing)
+        with rasterio.open(class_map) as src:
+            xs, ys = rasterio.transform.xy(src.transform, cells["row"].to_numpy(), cells["col"].to_numpy())
+            crs = src.crs
+        frames.append(
+            cells.assign(tile=tile, x=np.asarray(xs, float), y=np.asarray(ys, float), crs=crs.to_string())
+        )
+    target = cfg["mosaic"].get("crs") or frames[0]["crs"].iloc[0]
+    for f in frames:
+        if f["crs"].iloc[0] != target and len(f):
+            tx = Transformer.from_crs(f["crs"].iloc[0], target, always_xy=True)
+            f["x"], f["y"] = tx.transform(f["x"].to_numpy(), f["y"].to_numpy())
+    chosen = pick_suggestions(pd.concat(frames, ignore_index=True), n)
+    points = gpd.GeoDataFrame(
+        {
+            "id": np.arange(1, len(chosen) + 1, dtype=np.int64),
+            "mapped": chosen["code"].astype(np.int64).to_numpy(),
+            "mapped_name": [names.get(int(c), str(c)) for c in chosen["code"]],
+            "margin": chosen["margin"].astype(np.int64).to_numpy(),
+            "tile": chosen["tile"].to_numpy(),
+            "x": chosen["x"].to_numpy(),
+            "y": chosen["y"].to_numpy(),
+            "reference": pd.array([None] * len(chosen), dtype="Int64"),
+        },
+        geometry=gpd.points_from_xy(chosen["x"], chosen["y"]),
+        crs=target,
+    )
+    with atomic_path(out) as tmp:
+        points.to_file(tmp, driver="GPKG", layer="suggestions", engine="pyogrio")
+    span = f"{points['margin'].min()}-{points['margin'].max()} %" if len(points) else "-"
+    log.info("%s: %d points to label next (margins %s) -> %s", model, len(points), span, out)

@@ -126,7 +126,7 @@ def _config(tmp_path, polygons, n_boot=500) -> Config:
     raw.pop("demo")
     raw["run"]["workdir"] = str(tmp_path / "run")
     raw["inputs"]["reference"] = str(polygons)
-    raw["reference"]["bootstrap"] = n_boot
+    raw["validation"] = {"bootstrap": n_boot}
     return Config(validate(raw))
 
 

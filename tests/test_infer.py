@@ -139,3 +139,45 @@ def test_cli_predict_and_validity(setup, tmp_path):
     assert main([*validity, "--out", str(tmp_path / "v.tif")]) == 0
     with rasterio.open(tmp_path / "v.tif") as v, rasterio.open(out) as m:
         assert v.shape == m.shape == (H, W)
+
+
+def test_probability_and_margin_layers_come_from_the_same_pass(setup, tmp_path):
+    """With probabilities: one band per nomenclature class (0 for the classes the model never
+    learnt), the model's own probabilities (predict_proba, an independent call) in %, the margin of
+    the two largest, and the class map unchanged."""
+    tmp, scene, model_dir = setup
+    cfg = make_config(tmp_path, window=64, radius=0)
+    tile = "T31TDJ"
+    out, proba, gap = tmp_path / "m.tif", tmp_path / "p.tif", tmp_path / "g.tif"
+    predict_tile(cfg, model_dir, scene.gapfilled[tile], out, probabilities=proba, margin_layer=gap)
+    plain = tmp_path / "plain.tif"
+    predict_tile(cfg, model_dir, scene.gapfilled[tile], plain)
+    meta = load_meta(model_dir)
+    model = get("rf").load(model_dir)
+    norm = Normalisation.from_json(meta["normalisation"], BANDS, DATES)
+    cube = scene.cubes[tile]
+    t, c, h, w = cube.shape
+    valid = ~np.all(cube == NODATA, axis=(0, 1))
+    feats = norm.apply(np.ascontiguousarray(cube.reshape(t * c, h * w)[:, valid.ravel()].T))
+    expected = model.predict_proba(feats)  # (n, K model classes)
+    codes = cfg.class_codes.tolist()
+    with (
+        rasterio.open(out) as m,
+        rasterio.open(plain) as p0,
+        rasterio.open(proba) as p,
+        rasterio.open(gap) as g,
+    ):
+        np.testing.assert_array_equal(m.read(1), p0.read(1))
+        assert p.count == len(codes) and p.descriptions[0] == f"{codes[0]} {cfg.classes[0].name}"
+        bands = p.read()
+        for k, code in enumerate(model.classes_):
+            got = bands[codes.index(int(code))][valid]
+            np.testing.assert_array_equal(got, np.rint(expected[:, k] * 100).astype(np.uint8))
+        never = [i for i, code in enumerate(codes) if code not in model.classes_.tolist()]
+        assert never and (bands[never][:, valid] == 0).all()
+        assert (bands[:, ~valid] == 255).all()
+        top = np.sort(expected, 1)
+        np.testing.assert_array_equal(
+            g.read(1)[valid], np.rint((top[:, -1] - top[:, -2]) * 100).astype(np.uint8)
+        )
+        assert (g.read(1)[~valid] == 255).all() and g.colormap(1)[0][:3] == (255, 0, 0)

@@ -95,9 +95,9 @@ def _changed(cfg: Config, path: str, value: Any) -> Config:
                 ("design", None),  # the accuracy sample's draw
             },
         ),  # fmt: skip
-        ("reference.bootstrap", 200, {("summarise", None), ("compare", None)}),  # not the split
+        ("validation.bootstrap", 200, {("summarise", None), ("compare", None)}),  # not the split
         ("accuracy.target_se", 0.02, {("design", None)}),
-        ("demo.interpreter_error", 0.1, {("interpret", None)}),
+        ("accuracy.interpreter_error", 0.1, {("interpret", None)}),
         ("inputs.labelled_sample", "my.gpkg", {("estimate", None)}),
         ("resources.train_network.nodes", 2, {("train", "fgunet")}),
         ("run.threads", 1, set()),

@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 import pyogrio
 import pytest
+import rasterio
 import yaml
 
 from pipeline.config import Config, validate
@@ -177,3 +178,39 @@ def test_the_report_section_shows_the_estimates_beside_the_pixel_counts(tmp_path
     oa = table(doc, "sample-accuracy")["rows"]
     assert [r[0] for r in oa] == ["rf", "fgunet"] and oa[0][2] == "yes" and oa[1][2] == "no (Stehman)"
     assert doc.images  # the area figure
+
+
+def test_suggestions_are_the_least_certain_pixel_of_each_cell_with_the_classes_taking_turns(tmp_path):
+    from pipeline.io.cog import margin_writer
+    from pipeline.sampledesign import pick_suggestions, suggest_stage, uncertain_cells
+
+    cfg = _config(tmp_path)
+    path, data = _mosaic(tmp_path, cfg, shape=(300, 260))
+    rng = np.random.default_rng(1)
+    gap = rng.integers(0, 101, data.shape).astype(np.uint8)
+    gap[data == 0] = 255
+    grid = make_grid(260, 300)
+    with margin_writer(tmp_path / "g.tif", grid) as sink:
+        sink.write(rasterio.windows.Window(0, 0, 260, 300), gap)
+    cells = uncertain_cells(path, tmp_path / "g.tif", 64)
+    # brute force: every 64-px cell's lowest margin among mapped pixels, first in row-major order
+    want = []
+    for r0 in range(0, 300, 64):
+        for c0 in range(0, 260, 64):
+            g = gap[r0 : r0 + 64, c0 : c0 + 64].astype(int)
+            g[(g == 255) | (data[r0 : r0 + 64, c0 : c0 + 64] == 0)] = 1 << 20
+            if g.min() < 1 << 20:
+                r, c = np.unravel_index(g.argmin(), g.shape)
+                want.append((r0 + r, c0 + c, int(g.min())))
+    assert sorted(zip(cells["row"], cells["col"], cells["margin"], strict=True)) == sorted(want)
+    pick = pick_suggestions(cells, 7)
+    assert len(pick) == 7 and set(pick["code"]) == set(cells["code"])  # every mapped class in turn
+    first = pick.groupby("code")["margin"].min()
+    assert all(first[c] == cells[cells["code"] == c]["margin"].min() for c in first.index)
+    out = tmp_path / "s.gpkg"
+    cfg2 = Config(
+        {**cfg.data, "inference": {**cfg.data["inference"], "suggest_points": 5, "suggest_spacing": 64}}
+    )
+    suggest_stage(cfg2, "rf", [("T31TCJ", path, tmp_path / "g.tif")], out)
+    pts = pyogrio.read_dataframe(out)
+    assert len(pts) == 5 and pts["reference"].isna().all() and (pts["margin"] <= 100).all()

@@ -50,6 +50,9 @@ class RasterSink:
     grid: Grid | None = None
 
     def write(self, window: Window, array: np.ndarray) -> None:
+        if array.ndim == 3:  # every band of a multi-band COG at once
+            self.dataset.write(array, window=window)
+            return
         self.dataset.write(array, 1, window=window)
         if self.pyramid is not None:
             if not _Pyramid.fits(window, self.factors or [], self.grid):  # type: ignore[arg-type]
@@ -265,8 +268,11 @@ def cog_writer(
     predictor: str = "NO",
     threads: int = 1,
     stream_overviews: bool = False,
+    count: int = 1,
+    band_descriptions: Sequence[str] | None = None,
 ) -> Iterator[RasterSink]:
-    """Yield a sink for one-band windows; on success turn the staging file into a COG at ``out``.
+    """Yield a sink for windows; on success turn the staging file into a COG at ``out``. One band,
+    or ``count`` bands written together as (count, h, w) arrays (``band_descriptions`` name them).
 
     ``stream_overviews``: compute the overview levels from each window as it is written (in the
     writer's thread; :class:`_Pyramid`) instead of by GDAL from the finished base, which re-reads
@@ -277,12 +283,12 @@ def cog_writer(
         vrt = tmp.with_name(tmp.stem + ".stage.vrt")
         # staging only: zstd 1 is fast and keeps a full tile's staging file small
         profile = grid.gtiff_profile(dtype, nodata, BLOCK, compress="zstd", zstd_level=1, bigtiff="if_safer")
+        profile["count"] = count
+        if count > 1:
+            profile["interleave"] = "band"
         factors = overview_factors(grid.width, grid.height)
-        pyramid = (
-            _Pyramid(stage, grid, dtype, nodata, resampling, factors)
-            if stream_overviews and factors
-            else None
-        )
+        streamed = stream_overviews and factors and count == 1
+        pyramid = _Pyramid(stage, grid, dtype, nodata, resampling, factors) if streamed else None
         try:
             with rasterio.open(stage, "w", **profile) as dst:
                 if tags:
@@ -291,6 +297,8 @@ def cog_writer(
                     dst.update_tags(1, **band_tags)
                 if description:
                     dst.set_band_description(1, description)
+                for band, text in enumerate(band_descriptions or (), start=1):
+                    dst.set_band_description(band, text)
                 sink = RasterSink(dst, pyramid, factors, grid)
                 yield sink
                 if sink.pyramid is None and factors:
@@ -411,6 +419,68 @@ def confidence_writer(
         stream_overviews=stream_overviews,
     ) as sink:
         yield sink
+
+
+@contextlib.contextmanager
+def probability_writer(
+    out: str | os.PathLike[str],
+    grid: Grid,
+    classes: Sequence[ClassDef],
+    *,
+    extra_tags: dict[str, str] | None = None,
+    threads: int = 1,
+) -> Iterator[RasterSink]:
+    """Per-class probabilities in % (uint8 0-100, nodata 255), one band per class in the
+    nomenclature's order (band descriptions: code and name), AVERAGE overviews."""
+    with cog_writer(
+        out,
+        grid,
+        "uint8",
+        nodata=CONFIDENCE_NODATA,
+        resampling="AVERAGE",
+        tags={"MEANING": "probability of each class, percent (band = class)"} | (extra_tags or {}),
+        band_descriptions=[f"{c.code} {c.name}" for c in classes],
+        count=len(classes),
+        threads=threads,
+    ) as sink:
+        yield sink
+
+
+@contextlib.contextmanager
+def margin_writer(
+    out: str | os.PathLike[str],
+    grid: Grid,
+    *,
+    extra_tags: dict[str, str] | None = None,
+    threads: int = 1,
+) -> Iterator[RasterSink]:
+    """The uncertainty layer: margin between the two most probable classes in % (uint8 0-100,
+    nodata 255; 0 = a tie, the most uncertain), red-to-green like the confidence."""
+    with cog_writer(
+        out,
+        grid,
+        "uint8",
+        nodata=CONFIDENCE_NODATA,
+        resampling="AVERAGE",
+        colormap=confidence_colormap(),
+        tags={"MEANING": "margin between the two most probable classes, percent (0 = tie)"}
+        | (extra_tags or {}),
+        description="margin of the two most probable classes (%)",
+        threads=threads,
+    ) as sink:
+        yield sink
+
+
+def margin_layers(proba: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(K, H, W) probabilities (NaN = no data) -> their uint8 % layers and the top-two margin (%)."""
+    empty = np.isnan(proba[0])
+    pct = np.where(np.isnan(proba), CONFIDENCE_NODATA, np.rint(np.nan_to_num(proba) * 100)).astype(np.uint8)
+    if proba.shape[0] > 1:
+        top2 = -np.partition(-np.nan_to_num(proba), 1, axis=0)[:2]
+        margin = np.rint((top2[0] - top2[1]) * 100)
+    else:
+        margin = np.full(empty.shape, 100.0)
+    return pct, np.where(empty, CONFIDENCE_NODATA, margin).astype(np.uint8)
 
 
 def write_class_map(

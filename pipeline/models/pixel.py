@@ -99,14 +99,18 @@ class PixelClassifier:
         radius = int(cfg["inference"]["regularisation_radius"])
         return MapSettings(margin=radius, radius=radius)
 
-    def classify_window(self, cube: np.ndarray, norm: Normalisation) -> tuple[np.ndarray, np.ndarray]:
-        """(T, C, H, W) raw cube -> (H, W) class codes (0 = no data) and confidence in % (255 = no data)."""
+    def classify_window(
+        self, cube: np.ndarray, norm: Normalisation, probabilities: bool = False
+    ) -> tuple[np.ndarray, ...]:
+        """(T, C, H, W) raw cube -> (H, W) class codes (0 = no data) and confidence in % (255 = no
+        data); with ``probabilities``, also the (K, H, W) class probabilities (NaN = no data)."""
         t, c, h, w = cube.shape
         flat = cube.reshape(t * c, h * w)  # t-major channels: the layout of the training sample
         return map_pixels(
             lambda idx: self.predict_proba(norm.apply(np.ascontiguousarray(flat[:, idx].T))),
             self.classes_,
             ~nodata_mask(cube),
+            probabilities=probabilities,
         )
 
 
@@ -144,16 +148,22 @@ def training_sample(
 
 
 def map_pixels(
-    proba_of: Callable[[np.ndarray], np.ndarray], classes: np.ndarray, valid: np.ndarray, chunk: int = 1 << 16
-) -> tuple[np.ndarray, np.ndarray]:
+    proba_of: Callable[[np.ndarray], np.ndarray],
+    classes: np.ndarray,
+    valid: np.ndarray,
+    chunk: int = 1 << 16,
+    probabilities: bool = False,
+) -> tuple[np.ndarray, ...]:
     """Class codes and confidence (%) of the ``valid`` pixels of an (H, W) window, from
-    ``proba_of(flat pixel indices) -> (n, K)`` probabilities; elsewhere 0 and 255 (no data).
+    ``proba_of(flat pixel indices) -> (n, K)`` probabilities; elsewhere 0 and 255 (no data). With
+    ``probabilities``, also the (K, H, W) probabilities (NaN where no data).
 
     Pixels go in chunks, so the (n, F) features a model reads never exceed ``chunk`` rows.
     """
     h, w = valid.shape
     codes = np.zeros(h * w, map_dtype(classes))
     conf = np.full(h * w, CONFIDENCE_NODATA, np.uint8)
+    every = np.full((len(classes), h * w), np.nan) if probabilities else None
     idx = np.flatnonzero(valid)
     for a in range(0, idx.size, chunk):
         part = idx[a : a + chunk]
@@ -161,4 +171,7 @@ def map_pixels(
         best = proba.argmax(1)
         codes[part] = classes[best]
         conf[part] = np.rint(proba[np.arange(best.size), best] * 100)
-    return codes.reshape(h, w), conf.reshape(h, w)
+        if every is not None:
+            every[:, part] = proba.T
+    out = (codes.reshape(h, w), conf.reshape(h, w))
+    return out if every is None else (*out, every.reshape(len(classes), h, w))

@@ -171,8 +171,11 @@ class NetClassifier:
             raise PipelineError(source, f"weights do not fit the network they name ({exc})") from exc
         return cls(net, np.asarray(blob["codes"]), tuple(blob.get("indices", ())), device)
 
-    def classify_window(self, cube: np.ndarray, norm: Normalisation) -> tuple[np.ndarray, np.ndarray]:
-        """(T, C, H, W) raw cube -> (H, W) class codes and confidence (max softmax, 0-100).
+    def classify_window(
+        self, cube: np.ndarray, norm: Normalisation, probabilities: bool = False
+    ) -> tuple[np.ndarray, ...]:
+        """(T, C, H, W) raw cube -> (H, W) class codes and confidence (max softmax, 0-100); with
+        ``probabilities``, also the (K, H, W) softmax (NaN = no data).
 
         The window is zero-padded bottom/right to the pooling factor, exactly as a whole-image pass
         would be, so aligned windows stitch to the whole-image result. No-data pixels get code 0 and
@@ -185,13 +188,18 @@ class NetClassifier:
         with torch.inference_mode(), torch.autocast(kind, dtype=torch.bfloat16, enabled=bf16):
             logits = self.net.forward_lowmem(x)[0, :, :h, :w]
         with torch.inference_mode():
-            prob, idx = torch.softmax(logits.float(), 0).max(0)
+            soft = torch.softmax(logits.float(), 0)
+            prob, idx = soft.max(0)
         codes = self.codes[idx.cpu().numpy()]
         conf = np.rint(prob.cpu().numpy() * 100).astype(np.uint8)
         empty = nodata_mask(cube)
         codes[empty] = 0
         conf[empty] = CONFIDENCE_NODATA
-        return codes, conf
+        if not probabilities:
+            return codes, conf
+        every = soft.cpu().numpy().astype(np.float32, copy=True)
+        every[:, empty] = np.nan
+        return codes, conf, every
 
     def _inputs(self, cube: np.ndarray, norm: Normalisation) -> torch.Tensor:
         """(T, C, H, W) raw cube -> (1, G*Cg, H', W') network input, zero-padded bottom/right to the

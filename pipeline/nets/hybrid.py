@@ -139,14 +139,18 @@ class NetForest:
         self.net.check_inputs(meta, model_dir)
         return MapSettings(margin=self.net.window_margin(cfg, model_dir, at_least=self.net.receptive_radius))
 
-    def classify_window(self, cube: np.ndarray, norm: Normalisation) -> tuple[np.ndarray, np.ndarray]:
-        """(T, C, H, W) raw cube -> (H, W) class codes (0 = no data) and confidence in % (255 = no data)."""
+    def classify_window(
+        self, cube: np.ndarray, norm: Normalisation, probabilities: bool = False
+    ) -> tuple[np.ndarray, ...]:
+        """(T, C, H, W) raw cube -> (H, W) class codes (0 = no data) and confidence in % (255 = no
+        data); with ``probabilities``, also the (K, H, W) class probabilities (NaN = no data)."""
         f = self.net.penultimate_window(cube, norm)
         flat = f.reshape(f.shape[0], -1)
         return map_pixels(
             lambda idx: self.forest.predict_proba(np.ascontiguousarray(flat[:, idx].T)),
             self.classes_,
             ~nodata_mask(cube),
+            probabilities=probabilities,
         )
 
 

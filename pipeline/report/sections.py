@@ -502,7 +502,7 @@ def differences_block(cfg: Config, docs: RunDocs) -> list[str]:
         para(
             "Each classifier's kappa and F-scores minus those of RF (the same seed's), with the 95 %"
             f" interval of the difference: {n_boot:,} stratified draws of the validation polygons, shared"
-            " by the classifiers (<code>reference.bootstrap</code>). The pixels of one polygon are right or"
+            " by the classifiers (<code>validation.bootstrap</code>). The pixels of one polygon are right or"
             " wrong together, so the intervals rest on the polygon counts, not on the pixels; a class with"
             " fewer than 10 validation polygons gets no interval. Marked: the interval excludes 0. A"
             " difference whose interval crosses 0 is not shown by this validation set, whatever its sign."

@@ -88,6 +88,55 @@ rule predict:
         " --src {input.gapfilled} --out {output.map} --confidence {output.confidence} 2> {log}"
 
 
+# With inference.probabilities, the classifiers' maps (not the QA's reference RFs) come with every
+# class's probability and the uncertainty layer, from the same inference pass.
+PROBABILITIES = bool(RUN_CONFIG["inference"]["probabilities"])
+
+if PROBABILITIES:
+
+    ruleorder: predict_uncertain > predict
+
+    rule predict_uncertain:
+        input:
+            model=str(LAYOUT.model_receipt("{model}")),
+            gapfilled=str(LAYOUT.gapfilled("{tile}")),
+        output:
+            map=str(LAYOUT.class_map("{model}", "{tile}")),
+            confidence=str(LAYOUT.confidence("{model}", "{tile}")),
+            probabilities=str(LAYOUT.probabilities("{model}", "{tile}")),
+            margin=str(LAYOUT.margin("{model}", "{tile}")),
+        wildcard_constraints:
+            model="|".join(CLASSIFIERS),
+        log:
+            str(LAYOUT.workdir / "logs" / "predict_{model}_{tile}.log"),
+        benchmark:
+            str(LAYOUT.benchmark("predict", "{model}_{tile}"))
+        resources:
+            **job_resources("predict"),
+        params:
+            settings=settings("predict"),
+            folder=lambda w: str(LAYOUT.model_dir(w.model)),
+        shell:
+            "{LANDCOVER} predict --model {wildcards.model} --tile {wildcards.tile} --model-dir {params.folder}"
+            " --src {input.gapfilled} --out {output.map} --confidence {output.confidence}"
+            " --probabilities {output.probabilities} --margin {output.margin} 2> {log}"
+
+    rule suggest:
+        input:
+            maps=expand(str(LAYOUT.class_map("{{model}}", "{tile}")), tile=TILES),
+            margins=expand(str(LAYOUT.margin("{{model}}", "{tile}")), tile=TILES),
+        output:
+            str(LAYOUT.suggestions("{model}")),
+        log:
+            str(LAYOUT.workdir / "logs" / "suggest_{model}.log"),
+        resources:
+            **job_resources("accuracy"),
+        params:
+            settings=settings("suggest"),
+        shell:
+            "{LANDCOVER} suggest --model {wildcards.model} 2> {log}"
+
+
 rule validate:
     input:
         map=str(LAYOUT.class_map("{model}", "{tile}")),
