@@ -25,9 +25,13 @@ def test_every_stage_has_a_subcommand():
     out = subprocess.run(cmd, capture_output=True, text=True, check=True)
     stages = (
         "demo ingest gapfill histogram percentiles split rasterise train predict validity validate summarise"
+        " mosaic regions vector design interpret estimate suggest catalogue report compare"
     )
     for stage in stages.split():
         assert f"    {stage}" in out.stdout
+        with pytest.raises(SystemExit) as done:  # its own help formats (argparse reads % in it)
+            main([stage, "--help"])
+        assert done.value.code == 0
 
 
 def test_missing_products_folder_is_one_line_and_no_output(tmp_path, capsys):
