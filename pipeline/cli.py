@@ -406,7 +406,9 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, Stage]]:
     ).add_argument("--mosaic", type=Path, help="class mosaic to design on (default: accuracy.design_on's)")
     add("interpret", _interpret, "the demo's interpreter: label the accuracy sample from the demo's truth")
     add(
-        "estimate", _estimate, "accuracy and class areas with 95-percent confidence intervals from the labelled sample"
+        "estimate",
+        _estimate,
+        "accuracy and areas with 95-percent confidence intervals, from the labelled sample",
     ).add_argument(
         "--sample", type=Path, help="labelled sample (default: inputs.labelled_sample, else the demo's)"
     )
