@@ -233,8 +233,10 @@ def parallel_sinks(
 ) -> Iterator[list[BackgroundSink]]:
     """Several COG writers, each in its own thread: the staging writes overlap the caller's work,
     and the COGs' overviews and final copies run at the same time when the block exits. An error
-    in the caller or in any writer discards every output (each writer's atomic rename never runs)
-    and is raised here. Memory: at most ``depth`` windows per writer wait in its queue."""
+    in the caller or in any writer before the end discards every output (no writer's atomic rename
+    runs) and is raised here; one in a writer's final COG copy is raised too, but the others may
+    already be in place (Snakemake removes a failed job's outputs). Memory: at most ``depth``
+    windows per writer wait in its queue."""
     bgs = [_Background(w, depth) for w in writers]
     ok = False
     try:
