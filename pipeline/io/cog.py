@@ -398,6 +398,37 @@ def confidence_colormap() -> dict[int, tuple[int, int, int, int]]:
 
 
 @contextlib.contextmanager
+def percent_writer(
+    out: str | os.PathLike[str],
+    grid: Grid,
+    meaning: str,
+    *,
+    description: str | None = None,
+    colormap: dict[int, tuple[int, int, int, int]] | None = None,
+    band_descriptions: Sequence[str] | None = None,
+    extra_tags: dict[str, str] | None = None,
+    threads: int = 1,
+    stream_overviews: bool = False,
+) -> Iterator[RasterSink]:
+    """A COG of percentages (uint8 0-100, nodata 255, AVERAGE overviews): the confidence, margin
+    and probability layers; one band, or one per ``band_descriptions`` entry."""
+    with cog_writer(
+        out,
+        grid,
+        "uint8",
+        nodata=CONFIDENCE_NODATA,
+        resampling="AVERAGE",
+        colormap=colormap,
+        tags={"MEANING": meaning} | (extra_tags or {}),
+        description=description,
+        band_descriptions=band_descriptions,
+        count=len(band_descriptions) if band_descriptions else 1,
+        threads=threads,
+        stream_overviews=stream_overviews,
+    ) as sink:
+        yield sink
+
+
 def confidence_writer(
     out: str | os.PathLike[str],
     grid: Grid,
@@ -405,25 +436,20 @@ def confidence_writer(
     extra_tags: dict[str, str] | None = None,
     threads: int = 1,
     stream_overviews: bool = False,
-) -> Iterator[RasterSink]:
+) -> contextlib.AbstractContextManager[RasterSink]:
     """A confidence COG: the winning class's probability in % (uint8 0-100, nodata 255), AVERAGE overviews."""
-    with cog_writer(
+    return percent_writer(
         out,
         grid,
-        "uint8",
-        nodata=CONFIDENCE_NODATA,
-        resampling="AVERAGE",
-        colormap=confidence_colormap(),
-        tags={"MEANING": "probability of the mapped class, percent (max softmax / tree vote share)"}
-        | (extra_tags or {}),
+        "probability of the mapped class, percent (max softmax / tree vote share)",
         description="confidence (%)",
+        colormap=confidence_colormap(),
+        extra_tags=extra_tags,
         threads=threads,
         stream_overviews=stream_overviews,
-    ) as sink:
-        yield sink
+    )
 
 
-@contextlib.contextmanager
 def probability_writer(
     out: str | os.PathLike[str],
     grid: Grid,
@@ -431,46 +457,37 @@ def probability_writer(
     *,
     extra_tags: dict[str, str] | None = None,
     threads: int = 1,
-) -> Iterator[RasterSink]:
+) -> contextlib.AbstractContextManager[RasterSink]:
     """Per-class probabilities in % (uint8 0-100, nodata 255), one band per class in the
     nomenclature's order (band descriptions: code and name), AVERAGE overviews."""
-    with cog_writer(
+    return percent_writer(
         out,
         grid,
-        "uint8",
-        nodata=CONFIDENCE_NODATA,
-        resampling="AVERAGE",
-        tags={"MEANING": "probability of each class, percent (band = class)"} | (extra_tags or {}),
+        "probability of each class, percent (band = class)",
         band_descriptions=[f"{c.code} {c.name}" for c in classes],
-        count=len(classes),
+        extra_tags=extra_tags,
         threads=threads,
-    ) as sink:
-        yield sink
+    )
 
 
-@contextlib.contextmanager
 def margin_writer(
     out: str | os.PathLike[str],
     grid: Grid,
     *,
     extra_tags: dict[str, str] | None = None,
     threads: int = 1,
-) -> Iterator[RasterSink]:
+) -> contextlib.AbstractContextManager[RasterSink]:
     """The uncertainty layer: margin between the two most probable classes in % (uint8 0-100,
     nodata 255; 0 = a tie, the most uncertain), red-to-green like the confidence."""
-    with cog_writer(
+    return percent_writer(
         out,
         grid,
-        "uint8",
-        nodata=CONFIDENCE_NODATA,
-        resampling="AVERAGE",
-        colormap=confidence_colormap(),
-        tags={"MEANING": "margin between the two most probable classes, percent (0 = tie)"}
-        | (extra_tags or {}),
+        "margin between the two most probable classes, percent (0 = tie)",
         description="margin of the two most probable classes (%)",
+        colormap=confidence_colormap(),
+        extra_tags=extra_tags,
         threads=threads,
-    ) as sink:
-        yield sink
+    )
 
 
 def margin_layers(proba: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -112,7 +112,8 @@ def tile_rasters(cfg: Config, lay: Layout, tile: str, models: Sequence[str]) -> 
     return out
 
 
-def _json(path: Path, what: str) -> dict[str, Any] | None:
+def optional_json(path: Path, what: str) -> dict[str, Any] | None:
+    """A JSON output, None when it is not there yet; an unreadable one is an error naming it."""
     if not path.exists():
         return None
     try:
@@ -163,14 +164,14 @@ def load_docs(cfg: Config, lay: Layout) -> RunDocs:
         tiles=tiles,
         metrics={m: {t: metrics(lay.metrics(m, t), "tile") for t in tiles} for m in every},
         overall={m: metrics(lay.overall_metrics(m), "run") for m in every},
-        qa={t: _json(lay.qa(t), "geometric QA") for t in tiles},
+        qa={t: optional_json(lay.qa(t), "geometric QA") for t in tiles},
         seeds=seeds,
     )
 
 
 def model_metas(lay: Layout, names: Sequence[str]) -> dict[str, dict[str, Any] | None]:
     """Each model's ``model.json`` (None when the model is not trained yet)."""
-    return {n: _json(lay.model_meta(n), f"model {n}'s metadata") for n in names}
+    return {n: optional_json(lay.model_meta(n), f"model {n}'s metadata") for n in names}
 
 
 @dataclass
@@ -197,7 +198,7 @@ def load_mosaics(lay: Layout, models: Sequence[str]) -> dict[str, NationalMosaic
 
     out = {}
     for m in models:
-        summary = _json(lay.mosaic(m, "summary"), "mosaic summary")
+        summary = optional_json(lay.mosaic(m, "summary"), "mosaic summary")
         if summary is None or not lay.mosaic(m, "areas").exists() or not lay.mosaic(m).exists():
             continue
         regions = lay.mosaic(m, "regions")
@@ -208,7 +209,7 @@ def load_mosaics(lay: Layout, models: Sequence[str]) -> dict[str, NationalMosaic
             quicklook(lay.mosaic(m)),
             summary["transform"][0],
             read_rows(regions) if regions.exists() else None,
-            _json(lay.vector_dir(m) / "index.json", "vector product index"),
+            optional_json(lay.vector_dir(m) / "index.json", "vector product index"),
         )
     return out
 

@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import datetime as dt
-import json
 import platform
 from collections.abc import Iterable, Mapping, Sequence
 from html import escape
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -25,6 +23,7 @@ from pipeline.report.collect import (
     TileRasters,
     has_scores,
     model_metas,
+    optional_json,
     seed_statistics,
 )
 from pipeline.report.html import Section, facts, figure, note, para, pre
@@ -373,7 +372,8 @@ def accuracy_sample(cfg: Config, lay: Layout) -> Section | None:
     if not cfg["accuracy"]["enabled"]:
         return None
     sec = Section("accuracy-sample", "Accuracy and areas from the map sample (design-based)")
-    design, est = _read_json(lay.accuracy("design")), _read_json(lay.accuracy("estimates"))
+    design = optional_json(lay.accuracy("design"), "sampling design")
+    est = optional_json(lay.accuracy("estimates"), "accuracy estimates")
     if design is None:
         return sec.add(note("No sampling design yet (accuracy/design.json, rule design).", True))
     strata = [s for s in design["strata"] if s["points"]]
@@ -395,7 +395,7 @@ def accuracy_sample(cfg: Config, lay: Layout) -> Section | None:
         return sec.add(
             note("No estimates yet: label accuracy/sample.gpkg and name it in inputs.labelled_sample.", True)
         )
-    truth_doc = _read_json(lay.accuracy("truth"))
+    truth_doc = optional_json(lay.accuracy("truth"), "demo true areas")
     truth = (truth_doc or {}).get("area_ha")
     names = est["classes"]
     models = list(est["classifiers"])
@@ -473,13 +473,6 @@ def accuracy_sample(cfg: Config, lay: Layout) -> Section | None:
     if thin:
         sec.add(note(f"Strata with fewer than 2 points (no variance from them): {thin}.", True))
     return sec
-
-
-def _read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        return json.loads(Path(path).read_text())
-    except (OSError, ValueError):
-        return None
 
 
 def differences_block(cfg: Config, docs: RunDocs) -> list[str]:
