@@ -114,7 +114,10 @@ def _national_assets(
     """The national item's assets of classifier ``m``: mosaics, tables, regions, vector product."""
     need = _require
     _raster_asset(item, f"{m}_classes", lay.mosaic(m), f"{m} national land-cover map", ["data"], classes)
-    for layer, title in (("confidence", "confidence (%)"), ("clear", "clear observations")):
+    layers = [("confidence", "confidence (%)"), ("clear", "clear observations")]
+    if cfg["inference"]["probabilities"]:
+        layers.append(("margin", "uncertainty: margin of the two most probable classes (%)"))
+    for layer, title in layers:
         path = need(lay.mosaic(m, layer), f"the {m} {layer} mosaic")
         _raster_asset(item, f"{m}_{layer}", path, f"{m} national {title}", ["data", "quality"])
     areas = need(lay.mosaic(m, "areas"), f"the {m} area table")
@@ -174,6 +177,11 @@ def build_catalogue(cfg: Config, out_dir: Path) -> Path:
             if conf.exists():
                 _raster_asset(
                     item, f"{m}_confidence", conf, f"{m} confidence (%) of {tile}", ["data", "quality"]
+                )
+            margin = lay.margin(m, tile)
+            if margin.exists():
+                _raster_asset(
+                    item, f"{m}_margin", margin, f"{m} uncertainty (margin, %) of {tile}", ["data", "quality"]
                 )
         _raster_asset(item, "clear", validity, f"clear observations per pixel of {tile}", ["data", "quality"])
         items.append(item)

@@ -180,7 +180,18 @@ def _mosaic(cfg: Config, args: argparse.Namespace) -> None:
 
     lay = Layout(cfg.workdir)
     m = args.model
-    tiles = [TileLayers(t, lay.class_map(m, t), lay.confidence(m, t), lay.validity(t)) for t in cfg.tiles]
+    # the classifiers' maps carry the uncertainty layer with inference.probabilities (rule predict_uncertain)
+    margins = bool(cfg["inference"]["probabilities"]) and m in cfg["classifiers"]
+    tiles = [
+        TileLayers(
+            t,
+            lay.class_map(m, t),
+            lay.confidence(m, t),
+            lay.validity(t),
+            lay.margin(m, t) if margins else None,
+        )
+        for t in cfg.tiles
+    ]
     mosaic_classifier(cfg, m, tiles, args.out or lay.mosaic_dir(m))
 
 

@@ -135,9 +135,11 @@ class Layout:
         return self.workdir / "vector" / name
 
     def mosaic(self, name: str, layer: str = "classes") -> Path:
-        """A national mosaic layer of ``name``: classes, confidence, clear (COGs), areas (.csv),
-        summary (mosaic.json), regions (.csv), regions_layer (.gpkg)."""
+        """A national mosaic layer of ``name``: classes, confidence, clear, margin (COGs; margin with
+        ``inference.probabilities``), areas (.csv), summary (mosaic.json), regions (.csv),
+        regions_layer (.gpkg)."""
         files = {"classes": "classes.tif", "confidence": "confidence.tif", "clear": "clear.tif"}
+        files |= {"margin": "margin.tif"}
         files |= {"areas": "areas.csv", "summary": "mosaic.json"}
         files |= {"regions": "regions.csv", "regions_layer": "regions.gpkg"}
         return self.mosaic_dir(name) / files[layer]

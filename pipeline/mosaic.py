@@ -48,7 +48,14 @@ from tqdm import tqdm
 from pipeline.config import ClassDef, Config, map_dtype
 from pipeline.errors import PipelineError
 from pipeline.io.atomic import atomic_path
-from pipeline.io.cog import CONFIDENCE_NODATA, class_map_writer, cog_writer, confidence_writer, parallel_sinks
+from pipeline.io.cog import (
+    CONFIDENCE_NODATA,
+    class_map_writer,
+    cog_writer,
+    confidence_writer,
+    margin_writer,
+    parallel_sinks,
+)
 from pipeline.io.tables import read_csv, write_csv
 from pipeline.io.tilestore import Grid, iter_windows
 
@@ -302,23 +309,32 @@ class AreaTally:
 
 @dataclass(frozen=True)
 class TileLayers:
-    """One tile's three rasters for the mosaic of one classifier."""
+    """One tile's rasters for the mosaic of one classifier; ``margin`` (the uncertainty layer of
+    ``inference.probabilities``) is mosaicked where every tile has one and an output is asked for."""
 
     tile: str
     classes: Path
     confidence: Path
     clear: Path
+    margin: Path | None = None
 
 
 class _Source:
     """One tile's rasters read onto the national grid (copied when native, warped otherwise)."""
 
-    def __init__(self, layers: TileLayers, nat: Grid, stack: contextlib.ExitStack) -> None:
+    def __init__(
+        self, layers: TileLayers, nat: Grid, stack: contextlib.ExitStack, with_margin: bool = False
+    ) -> None:
         self.tile = layers.tile
-        for p in (layers.classes, layers.confidence, layers.clear):
+        paths = [layers.classes, layers.confidence, layers.clear]
+        if with_margin:
+            if layers.margin is None:
+                raise PipelineError(layers.classes, f"tile {layers.tile}: no margin layer to mosaic")
+            paths.append(layers.margin)
+        for p in paths:
             if not Path(p).exists():
                 raise PipelineError(p, f"tile {layers.tile}: this map is missing (run its predict job first)")
-        self.paths = (Path(layers.classes), Path(layers.confidence), Path(layers.clear))
+        self.paths = tuple(Path(p) for p in paths)
         try:
             srcs = [stack.enter_context(rasterio.open(p)) for p in self.paths]
         except rasterio.errors.RasterioIOError as exc:
@@ -331,7 +347,7 @@ class _Source:
                 )
         self.grid = g0
         self.native = g0.crs == nat.crs
-        nodata = (0, CONFIDENCE_NODATA, CLEAR_NODATA)
+        nodata = (0, CONFIDENCE_NODATA, CLEAR_NODATA, CONFIDENCE_NODATA)[: len(self.paths)]
         if self.native:
             self.readers = srcs
             res = nat.transform.a
@@ -373,7 +389,7 @@ class _Source:
         return left < b[2] and right > b[0] and bottom < b[3] and top > b[1]
 
     def read(self, layer: int, win: Window, dtype: np.dtype) -> np.ndarray:
-        """Layer ``layer`` (0 classes, 1 confidence, 2 clear) over national window ``win``."""
+        """Layer ``layer`` (0 classes, 1 confidence, 2 clear, 3 margin) over national window ``win``."""
         h, w = int(win.height), int(win.width)
         if not self.native:
             return self.readers[layer].read(1, window=win).astype(dtype, copy=False)
@@ -406,13 +422,14 @@ def build_mosaic(
     out_confidence: Path,
     out_clear: Path,
     *,
+    out_margin: Path | None = None,
     crs: str | None = None,
     resolution: float | None = None,
     tags: dict[str, str] | None = None,
     block: int = BLOCK,
 ) -> MosaicResult:
-    """Stream every tile's layers onto the national grid, arbitrate overlaps, write three COGs and
-    tally each class's true area."""
+    """Stream every tile's layers onto the national grid, arbitrate overlaps, write three COGs (four
+    with ``out_margin``) and tally each class's true area."""
     codes = [c.code for c in classes]
     dtype = map_dtype(codes)
     tally = AreaTally(max(codes) + 1, codes)
@@ -427,7 +444,7 @@ def build_mosaic(
                 grids[t.tile] = _grid_of(src)
         nat = national_grid(grids, crs, resolution, sources={t.tile: str(t.classes) for t in tiles})
         order = sorted(tiles, key=lambda t: t.tile)
-        sources = [_Source(t, nat, stack) for t in order]
+        sources = [_Source(t, nat, stack, with_margin=out_margin is not None) for t in order]
         reprojected = [s.tile for s in sources if not s.native]
         if reprojected:
             log.info("mosaic: tiles %s reprojected into %s (nearest neighbour)", reprojected, nat.crs)
@@ -439,7 +456,12 @@ def build_mosaic(
         threads = min(4, len(os.sched_getaffinity(0)))
         # each COG in its own writer thread: staging writes overlap the block work below, and the
         # three overview + COG-copy passes run side by side at the end (docs/benchmarks.md)
-        cls_sink, conf_sink, clear_sink = stack.enter_context(
+        margin_sink = (
+            [margin_writer(out_margin, nat, extra_tags=meta, threads=threads, stream_overviews=True)]
+            if out_margin is not None
+            else []
+        )
+        cls_sink, conf_sink, clear_sink, *extra_sinks = stack.enter_context(
             parallel_sinks(
                 class_map_writer(
                     out_classes, nat, classes, extra_tags=meta, threads=threads, stream_overviews=True
@@ -459,22 +481,29 @@ def build_mosaic(
                     threads=threads,
                     stream_overviews=True,
                 ),
+                *margin_sink,
             )
         )
         wins = list(iter_windows(nat.height, nat.width, block))
         for win in tqdm(wins, desc="mosaic", unit="block", leave=False):
             here = [s for s in sources if s.touches(nat, win)]
             h, w = int(win.height), int(win.width)
+            extra = []
             if not here:
                 cls = np.zeros((h, w), dtype)
                 conf = np.full((h, w), CONFIDENCE_NODATA, np.uint8)
                 clear = np.full((h, w), CLEAR_NODATA, np.uint16)
+                extra = [conf] * len(extra_sinks)
             elif len(here) == 1:  # most blocks: one tile, nothing to arbitrate
                 s = here[0]
                 cls = s.read(0, win, dtype)
                 empty = cls == 0
                 conf = np.where(empty, CONFIDENCE_NODATA, s.read(1, win, np.uint8)).astype(np.uint8)
                 clear = np.where(empty, CLEAR_NODATA, s.read(2, win, np.uint16)).astype(np.uint16)
+                extra = [
+                    np.where(empty, CONFIDENCE_NODATA, s.read(3, win, np.uint8)).astype(np.uint8)
+                    for _ in extra_sinks
+                ]
                 tally.add(cls, cell_areas(nat, win), conf)
             else:
                 stack_cls = np.stack([s.read(0, win, dtype) for s in here])
@@ -484,10 +513,16 @@ def build_mosaic(
                 del stack_cls
                 conf = take(np.stack([s.read(1, win, np.uint8) for s in here]), idx, CONFIDENCE_NODATA)
                 clear = take(np.stack([s.read(2, win, np.uint16) for s in here]), idx, CLEAR_NODATA)
+                extra = [
+                    take(np.stack([s.read(3, win, np.uint8) for s in here]), idx, CONFIDENCE_NODATA)
+                    for _ in extra_sinks
+                ]
                 tally.add(cls, cell_areas(nat, win), conf)
             cls_sink.write(win, cls)
             conf_sink.write(win, conf)
             clear_sink.write(win, clear)
+            for sink, layer in zip(extra_sinks, extra, strict=True):
+                sink.write(win, layer)
     return MosaicResult(nat, tally, [s.tile for s in sources], reprojected)
 
 
@@ -549,16 +584,22 @@ def mosaic_classifier(
     tiles: Sequence[TileLayers],
     out_dir: Path,
 ) -> dict[str, Any]:
-    """The ``mosaic`` stage of one classifier: the three COGs, ``areas.csv`` and ``mosaic.json``."""
+    """The ``mosaic`` stage of one classifier: the three COGs, ``areas.csv`` and ``mosaic.json``, and
+    the national uncertainty layer ``margin.tif`` when the tiles bring their margins."""
     m = cfg["mosaic"]
     outputs = [
         out_dir / f for f in ("classes.tif", "confidence.tif", "clear.tif", "areas.csv", "mosaic.json")
     ]
+    with_margin = any(t.margin is not None for t in tiles)
+    margin = out_dir / "margin.tif"
+    if with_margin:
+        outputs.append(margin)
     try:
         res = build_mosaic(
             tiles,
             cfg.classes,
             *outputs[:3],
+            out_margin=margin if with_margin else None,
             crs=m["crs"],
             resolution=m["resolution"],
             tags={"MODEL": model, "CONFIG_DIGEST": cfg.digest},
@@ -566,7 +607,7 @@ def mosaic_classifier(
         pixel_m2 = res.grid.transform.a * -res.grid.transform.e
         rows = area_rows(res.tally, cfg.classes, pixel_m2)
         write_areas(rows, outputs[3])
-        summary = _summary(model, res, rows, cfg.digest)
+        summary = _summary(model, res, rows, cfg.digest) | {"margin": with_margin}
         with atomic_path(outputs[4]) as tmp:
             tmp.write_text(json.dumps(summary, indent=1))
     except BaseException:

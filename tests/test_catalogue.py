@@ -19,7 +19,7 @@ from rasterio.windows import Window
 from pipeline.catalogue import build_catalogue
 from pipeline.config import load_config
 from pipeline.errors import PipelineError
-from pipeline.io.cog import cog_writer, confidence_writer, write_class_map
+from pipeline.io.cog import cog_writer, confidence_writer, margin_writer, write_class_map
 from pipeline.layout import Layout
 from pipeline.mosaic import TileLayers, mosaic_classifier
 from pipeline.regions import regions_stage
@@ -35,6 +35,7 @@ def run(tmp_path):
     del raw["demo"]
     raw["run"]["workdir"] = str(tmp_path / "run")
     raw["classifiers"] = ["rf"]
+    raw.setdefault("inference", {})["probabilities"] = True  # the uncertainty layers travel too
     regions = tmp_path / "run" / "regions.gpkg"
     regions.parent.mkdir(parents=True)
     polys = [shapely.box(300000, 4999000, 300400, 5000100), shapely.box(300400, 4999000, 301000, 5000100)]
@@ -53,8 +54,11 @@ def run(tmp_path):
             sink.write(Window(0, 0, 50, 40), np.full((40, 50), 70, np.uint8))
         with cog_writer(lay.validity(t), g, "uint16", nodata=None, resampling="AVERAGE") as sink:
             sink.write(Window(0, 0, 50, 40), np.full((40, 50), 9, np.uint16))
+        with margin_writer(lay.margin("rf", t), g) as sink:
+            sink.write(Window(0, 0, 50, 40), np.full((40, 50), 35, np.uint8))
     tiles = [
-        TileLayers(t, lay.class_map("rf", t), lay.confidence("rf", t), lay.validity(t)) for t in cfg.tiles
+        TileLayers(t, lay.class_map("rf", t), lay.confidence("rf", t), lay.validity(t), lay.margin("rf", t))
+        for t in cfg.tiles
     ]
     mosaic_classifier(cfg, "rf", tiles, lay.mosaic_dir("rf"))
     regions_stage(cfg, lay.mosaic_dir("rf"), lay.mosaic("rf", "regions"), lay.mosaic("rf", "regions_layer"))
@@ -81,6 +85,7 @@ def test_the_catalogue_reads_back_and_every_asset_resolves(run, tmp_path):
         "rf_classes",
         "rf_confidence",
         "rf_clear",
+        "rf_margin",
         "rf_areas",
         "rf_regions",
         "rf_regions_layer",
@@ -96,6 +101,7 @@ def test_the_catalogue_reads_back_and_every_asset_resolves(run, tmp_path):
         assert str(tmp_path) not in f.read_text(), f
     # classes with names and colours, the grid, the provenance
     item = col.get_item("tile-T31TCJ")
+    assert {"rf_classes", "rf_confidence", "rf_margin", "clear"} <= set(item.assets)
     classes = item.assets["rf_classes"].extra_fields["classification:classes"]
     assert classes[0] == {
         "value": 0,

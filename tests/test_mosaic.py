@@ -17,7 +17,7 @@ from rasterio.windows import Window
 
 from pipeline.config import ClassDef
 from pipeline.errors import PipelineError
-from pipeline.io.cog import CONFIDENCE_NODATA, cog_writer, confidence_writer, write_class_map
+from pipeline.io.cog import CONFIDENCE_NODATA, cog_writer, confidence_writer, margin_writer, write_class_map
 from pipeline.io.tilestore import Grid
 from pipeline.mosaic import (
     CLEAR_NODATA,
@@ -39,9 +39,21 @@ def _grid(ulx: float, uly: float, w: int, h: int, res: float = 10.0, crs: CRS = 
     return Grid(crs, Affine(res, 0, ulx, 0, -res, uly), w, h)
 
 
-def _tile(tmp: Path, name: str, grid: Grid, classes: np.ndarray, conf=None, clear=None) -> TileLayers:
-    """Write one tile's three layers (class map, confidence, clear count) as the chain does."""
-    layers = TileLayers(name, tmp / f"{name}.tif", tmp / f"{name}_conf.tif", tmp / f"{name}_clear.tif")
+def _tile(
+    tmp: Path, name: str, grid: Grid, classes: np.ndarray, conf=None, clear=None, margin=None
+) -> TileLayers:
+    """Write one tile's three layers (class map, confidence, clear count), and its margin layer when
+    given, as the chain does."""
+    layers = TileLayers(
+        name,
+        tmp / f"{name}.tif",
+        tmp / f"{name}_conf.tif",
+        tmp / f"{name}_clear.tif",
+        None if margin is None else tmp / f"{name}_margin.tif",
+    )
+    if margin is not None:
+        with margin_writer(layers.margin, grid) as sink:
+            sink.write(Window(0, 0, grid.width, grid.height), margin)
     write_class_map(layers.classes, grid, CLASSES, classes.astype(np.uint8))
     conf = np.full(classes.shape, 50, np.uint8) if conf is None else conf
     clear = np.full(classes.shape, 7, np.uint16) if clear is None else clear
@@ -119,6 +131,37 @@ def test_overlapping_tiles_split_at_the_midline_and_fill_each_others_gaps(tmp_pa
     with rasterio.open(out[0]) as src:
         assert src.nodata == 0 and src.colormap(1)[3][:3] == CLASSES[2].rgb
         assert src.tags()["TILES"] == "T31AAA,T31BBB"
+
+
+def test_the_margin_mosaic_follows_the_class_arbitration(tmp_path):
+    """The uncertainty layer comes from the tile whose class a pixel shows, in every block size; a
+    tile without its margin layer is refused by name."""
+    a = np.full((6, 10), 3, np.uint8)
+    b = np.full((6, 10), 9, np.uint8)
+    a[4, 7] = 0  # A has no data on its side of the midline: B fills class and margin there
+    b[3, 9] = 0  # nor B at mosaic column 15: no data in either layer
+    ma = np.arange(60, dtype=np.uint8).reshape(6, 10)  # each pixel its own margin
+    mb = (40 + np.arange(60)).astype(np.uint8).reshape(6, 10)
+    ta = _tile(tmp_path, "T31AAA", _grid(0, 60, 10, 6), a, margin=ma)
+    tb = _tile(tmp_path, "T31BBB", _grid(60, 60, 10, 6), b, margin=mb)
+    expect = np.full((6, 16), CONFIDENCE_NODATA, np.uint8)
+    expect[:, :8] = ma[:, :8]
+    expect[:, 8:] = mb[:, 2:]
+    expect[4, 7] = mb[4, 1]
+    expect[3, 15] = CONFIDENCE_NODATA
+    for block in (4096, 3):
+        out = [tmp_path / f"m{block}" / n for n in ("c.tif", "f.tif", "k.tif")]
+        margin = tmp_path / f"m{block}" / "margin.tif"
+        build_mosaic([tb, ta], CLASSES, *out, out_margin=margin, block=block)
+        np.testing.assert_array_equal(_read(margin)[0], expect)
+        np.testing.assert_array_equal(_read(out[0])[0] == 0, expect == CONFIDENCE_NODATA)
+        with rasterio.open(margin) as src:
+            assert src.nodata == CONFIDENCE_NODATA and "margin" in src.tags()["MEANING"]
+    (tmp_path / "bare").mkdir()
+    bare = _tile(tmp_path / "bare", "T31BBB", _grid(60, 60, 10, 6), b)
+    out = [tmp_path / "m2" / n for n in ("c.tif", "f.tif", "k.tif")]
+    with pytest.raises(PipelineError, match="tile T31BBB: no margin layer"):
+        build_mosaic([ta, bare], CLASSES, *out, out_margin=tmp_path / "m2" / "margin.tif")
 
 
 def test_the_mosaic_streams_in_blocks_with_the_same_result(tmp_path):

@@ -19,12 +19,13 @@ import yaml
 import zarr
 from affine import Affine
 from rasterio.crs import CRS
+from rasterio.windows import Window
 from shapely.geometry import box
 
 from pipeline.cli import main
 from pipeline.config import Config, load_config
 from pipeline.errors import PipelineError
-from pipeline.io.cog import CONFIDENCE_NODATA, cog_writer, confidence_writer, write_class_map
+from pipeline.io.cog import CONFIDENCE_NODATA, cog_writer, confidence_writer, margin_writer, write_class_map
 from pipeline.io.tilestore import Grid, add_array, create_store, iter_windows, win_slices
 from pipeline.layout import Layout
 from pipeline.metrics import NO_VALIDATION, UNMAPPED, summarise, validate_tile
@@ -573,10 +574,19 @@ def test_the_national_section_counts_areas_once_and_shows_the_regions(tiny_run, 
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
     cfg = load_config(tmp_path / "config.yaml")
     lay = Layout(cfg.workdir)
+    for t in cfg.tiles:  # the uncertainty layer of inference.probabilities, on the maps' grids
+        with rasterio.open(lay.class_map("rf", t)) as src:
+            grid = Grid(src.crs, src.transform, src.width, src.height)
+        with margin_writer(lay.margin("rf", t), grid) as sink:
+            sink.write(
+                Window(0, 0, grid.width, grid.height), np.full((grid.height, grid.width), 40, np.uint8)
+            )
     layers = [
-        TileLayers(t, lay.class_map("rf", t), lay.confidence("rf", t), lay.validity(t)) for t in cfg.tiles
+        TileLayers(t, lay.class_map("rf", t), lay.confidence("rf", t), lay.validity(t), lay.margin("rf", t))
+        for t in cfg.tiles
     ]
     summary = mosaic_classifier(cfg, "rf", layers, lay.mosaic_dir("rf"))
+    assert summary["margin"] and lay.mosaic("rf", "margin").exists()
     assert summary["mapped_pixels"] == H * W  # not 2 x H x W: the tiles coincide
     rows = regions_stage(
         cfg, lay.mosaic_dir("rf"), lay.mosaic("rf", "regions"), lay.mosaic("rf", "regions_layer")
@@ -597,6 +607,7 @@ def test_the_national_section_counts_areas_once_and_shows_the_regions(tiny_run, 
     reg = table(page, "regions")
     assert [r[0] for r in reg["rows"]] == ["East (E)", "West (W)"]  # the larger first
     assert "class shares per region" in html
+    assert "Where each map hesitates" in html and 'alt="national uncertainty"' in html
 
 
 def test_the_training_section_says_how_each_model_was_trained(tiny_run):

@@ -476,6 +476,7 @@ def margin_writer(
     *,
     extra_tags: dict[str, str] | None = None,
     threads: int = 1,
+    stream_overviews: bool = False,
 ) -> contextlib.AbstractContextManager[RasterSink]:
     """The uncertainty layer: margin between the two most probable classes in % (uint8 0-100,
     nodata 255; 0 = a tie, the most uncertain), red-to-green like the confidence."""
@@ -487,6 +488,7 @@ def margin_writer(
         colormap=confidence_colormap(),
         extra_tags=extra_tags,
         threads=threads,
+        stream_overviews=stream_overviews,
     )
 
 

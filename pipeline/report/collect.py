@@ -185,6 +185,7 @@ class NationalMosaic:
     pixel_size_m: float
     regions: list[dict[str, Any]] | None = None  # rows of regions.csv (inputs.regions)
     vector: dict[str, Any] | None = None  # vector/<model>/index.json
+    margin_look: np.ndarray | None = None  # quicklook of margin.tif (inference.probabilities)
 
     def hectares(self, codes: Sequence[int]) -> np.ndarray:
         by_code = {r["code"]: r["area_ha"] for r in self.areas}
@@ -210,6 +211,7 @@ def load_mosaics(lay: Layout, models: Sequence[str]) -> dict[str, NationalMosaic
             summary["transform"][0],
             read_rows(regions) if regions.exists() else None,
             optional_json(lay.vector_dir(m) / "index.json", "vector product index"),
+            quicklook(lay.mosaic(m, "margin")) if lay.mosaic(m, "margin").exists() else None,
         )
     return out
 

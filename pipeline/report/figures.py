@@ -311,8 +311,9 @@ def class_maps(panels: Mapping[str, np.ndarray], classes: Sequence[ClassDef], ti
     return png(fig)
 
 
-def confidence_maps(panels: Mapping[str, np.ndarray], title: str) -> bytes:
-    """Confidence layers side by side, red (hesitant) to green (sure), in the COGs' own colours."""
+def confidence_maps(panels: Mapping[str, np.ndarray], title: str, label: str = "confidence (%)") -> bytes:
+    """Confidence (or margin) layers side by side, red (hesitant) to green (sure), in the COGs' own
+    colours."""
     table = confidence_colormap()
     cmap = ListedColormap([np.array(table[v][:3]) / 255 for v in range(101)]).with_extremes(bad="white")
     fig, axes = _map_grid(panels, 0.8)
@@ -320,7 +321,7 @@ def confidence_maps(panels: Mapping[str, np.ndarray], title: str) -> bytes:
         im = ax.imshow(
             np.ma.masked_equal(conf, CONFIDENCE_NODATA), cmap=cmap, vmin=0, vmax=100, interpolation="nearest"
         )
-    fig.colorbar(im, ax=axes, shrink=0.8, label="confidence (%)")
+    fig.colorbar(im, ax=axes, shrink=0.8, label=label)
     fig.suptitle(title)
     return png(fig)
 

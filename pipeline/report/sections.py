@@ -243,6 +243,19 @@ def national(
             "national mosaic",
         )
     )
+    margins = {m: mz.margin_look for m, mz in mosaics.items() if mz.margin_look is not None}
+    if margins:
+        sec.add(
+            figure(
+                figures.confidence_maps(margins, "national uncertainty layer", "margin (%)"),
+                "<b>Where each map hesitates</b>: the margin between the two most probable classes"
+                " (<code>mosaic/&lt;classifier&gt;/margin.tif</code>, <code>inference.probabilities</code>;"
+                " overview means, red = near a tie). Red areas are where a map's classes are least"
+                " certain: where the next reference data pays most (<code>accuracy/suggest_&lt;classifier&gt;"
+                ".gpkg</code> proposes points there).",
+                "national uncertainty",
+            )
+        )
     names = [c.name for c in cfg.classes]
     codes = cfg.class_codes.tolist()
     areas = {m: (mosaics[m].hectares(codes) if m in mosaics else None) for m in docs.classifiers}

@@ -9,6 +9,8 @@ rule mosaic:
         maps=expand(str(LAYOUT.class_map("{{model}}", "{tile}")), tile=TILES),
         confidence=expand(str(LAYOUT.confidence("{{model}}", "{tile}")), tile=TILES),
         validity=expand(str(LAYOUT.validity("{tile}")), tile=TILES),
+        # with inference.probabilities the national uncertainty layer comes from the same pass
+        **({"margins": expand(str(LAYOUT.margin("{{model}}", "{tile}")), tile=TILES)} if PROBABILITIES else {}),
     output:
         classes=str(LAYOUT.mosaic("{model}", "classes")),
         confidence=str(LAYOUT.mosaic("{model}", "confidence")),
@@ -20,6 +22,7 @@ rule mosaic:
             labels={"classifier": "{model}", "table": "areas"},
         ),
         summary=str(LAYOUT.mosaic("{model}", "summary")),
+        **({"margin": str(LAYOUT.mosaic("{model}", "margin"))} if PROBABILITIES else {}),
     log:
         str(LAYOUT.workdir / "logs" / "mosaic_{model}.log"),
     benchmark:
