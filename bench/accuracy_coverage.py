@@ -7,7 +7,7 @@ seed each draw), labels them from the truth without errors, estimates every clas
 95 % interval (``pipeline.accuracy``) and counts how often the interval holds the true area: per
 class, and over all (draw, class) pairs. The same for overall accuracy against the map's true one.
 
-    python bench/accuracy_coverage.py --workdir results/demo --draws 200
+    python bench/accuracy_coverage.py --workdir results/demo --draws 1000
 
 Prints one JSON line; docs/validation.md keeps the figures with the machine.
 """
@@ -44,7 +44,7 @@ from pipeline.sampledesign import (
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workdir", type=Path, default=Path("results/demo"))
-    ap.add_argument("--draws", type=int, default=200)
+    ap.add_argument("--draws", type=int, default=1000)
     ap.add_argument(
         "--min-points", type=int, default=30, help="a class is large with this many points per draw"
     )
