@@ -62,6 +62,7 @@ def _gapfill(cfg: Config, args: argparse.Namespace) -> None:
         cfg.date_grid,
         threads=cfg.threads(),
         dask=cfg.get("dask"),
+        histogram=args.histogram or lay.histogram(args.tile),
     )
 
 
@@ -362,12 +363,16 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, Stage]]:
     add("demo", _demo, "write the synthetic demo country (L2A products + reference polygons)")
     add("ingest", _ingest, "L2A products of one tile -> 10 m cube + validity in a zarr store", tile=True)
     add("import", _import, "a netCDF/zarr datacube of one tile -> the same zarr store as ingest", tile=True)
-    add(
-        "gapfill", _gapfill, "gapfill and resample one tile to the regular date grid", tile=True
-    ).add_argument("--src", type=Path)
-    add("histogram", _histogram, "exact per-channel int16 histograms of one tile", tile=True).add_argument(
-        "--src", type=Path
+    p = add("gapfill", _gapfill, "gapfill and resample one tile to the regular date grid", tile=True)
+    p.add_argument("--src", type=Path)
+    p.add_argument(
+        "--histogram",
+        type=Path,
+        help="where its exact per-channel histograms go, counted in the same pass (default: the run layout)",
     )
+    add(
+        "histogram", _histogram, "exact per-channel int16 histograms of a finished gapfilled store", tile=True
+    ).add_argument("--src", type=Path)
     add("percentiles", _percentiles, "merge tile histograms into run-wide percentiles").add_argument(
         "hists", nargs="*", type=Path
     )

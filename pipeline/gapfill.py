@@ -44,6 +44,7 @@ from pipeline.errors import PipelineError
 from pipeline.io.atomic import atomic_path
 from pipeline.io.tilestore import add_array, create_store, dates_of, for_each_window, open_store, store_grid
 from pipeline.parallel import window_executor
+from pipeline.stats import HistogramTally, window_histogram
 
 log = logging.getLogger(__name__)
 
@@ -469,7 +470,12 @@ def _check_period(src: Path, group: Any, src_dates: np.ndarray, dst_dates: np.nd
 
 
 def gapfill_tile(
-    src: Path, dst: Path, date_grid: np.ndarray, threads: int = 1, dask: Mapping[str, Any] | None = None
+    src: Path,
+    dst: Path,
+    date_grid: np.ndarray,
+    threads: int = 1,
+    dask: Mapping[str, Any] | None = None,
+    histogram: Path | None = None,
 ) -> None:
     """Gapfill one ingest store onto ``date_grid`` and write the 'gapfilled' store at ``dst``.
 
@@ -478,6 +484,11 @@ def gapfill_tile(
     numba kernel, the others decode / encode their windows (the codec releases the GIL). The output
     appears only when complete. An observation counts as clear when ``valid == 1`` and none of its
     bands holds the no-data value.
+
+    ``histogram``: also write the cube's exact per-channel histograms there (the file
+    :func:`pipeline.stats.tile_histogram` would make from the finished store), counted on each
+    window while it is in memory, so that no stage reads the cube again for the percentiles. Written
+    before the store is renamed into place: a store never appears without its histogram.
     """
     src, dst = Path(src), Path(dst)
     group = open_store(src, "ingest", ("reflectance", "valid"))
@@ -525,24 +536,39 @@ def gapfill_tile(
         o_refl = add_array(out, "reflectance", (len(dst_dates), c, h, w), np.int16, NODATA)
         o_count = add_array(out, "clear_count", (h, w), np.uint16, 0)
 
-        def one(win) -> None:
+        tally = None
+        if histogram is not None:
+            tile = str(group.attrs.get("tile") or Path(dst).stem)
+            tally = HistogramTally([str(d) for d in dst_dates], [str(b) for b in bands], tile)
+        k = len(dst_dates) * c
+
+        def one(win) -> tuple[int, Any]:
             rs = slice(win.row_off, win.row_off + win.height)
             cs = slice(win.col_off, win.col_off + win.width)
             vals = np.asarray(refl[:, :, rs, cs])
             clear = np.asarray(valid[:, rs, cs]) == 1
             clear &= (vals != NODATA).all(axis=1)
-            o_refl[:, :, rs, cs] = gapfill(vals, clear, src_dates, dst_dates, threads=threads)
+            filled = gapfill(vals, clear, src_dates, dst_dates, threads=threads)
+            o_refl[:, :, rs, cs] = filled
             count = clear_count(clear)
             o_count[rs, cs] = count
-            return int(np.count_nonzero(count))
+            n = int(np.count_nonzero(count))
+            # no mask needed: a pixel without a clear observation is NODATA on every channel
+            part = window_histogram(filled.reshape(k, -1), None, n) if histogram and n else None
+            return n, part
 
         observed = [0]
 
-        def add(n: int) -> None:
-            observed[0] += n
+        def add(result: tuple[int, Any]) -> None:
+            observed[0] += result[0]
+            if tally is not None:
+                tally.add(result[1])
 
         with window_executor(dask, threads) as pool:
             for_each_window(one, h, w, threads, f"gapfill {src.stem}", executor=pool, on_result=add)
+        if tally is not None:
+            assert histogram is not None
+            tally.write(histogram)
     if t and observed[0] == 0:
         log.warning(
             "%s: no clear observation on any of the %d dates (all cloudy or no-data): every pixel of "

@@ -6,8 +6,8 @@ percentiles are computed without ever holding all the pixels, and are *exactly* 
 ``np.percentile(values.astype(np.float64), q)`` (default 'linear' method) would give on the
 concatenation of every tile's valid pixels.
 
-Histogram file (``.npz``, compressed): ``counts`` int64 (K, B) over the values
-``offset .. offset + B - 1`` (the 65536 int16 bins trimmed to the range that occurs in the tile),
+Histogram file (``.npz``, not compressed): ``counts`` (K, B) uint32 (int64 if a count needs it)
+over the values ``offset .. offset + B - 1`` (the 65536 int16 bins trimmed to the range that occurs),
 ``offset`` int64, ``channels`` / ``dates`` / ``bands`` / ``tile`` str, ``n_pixels`` int64 (pixels
 with at least one clear observation). No-data pixels (``clear_count == 0``) are excluded, and so is
 any value equal to NODATA.
@@ -39,8 +39,131 @@ def channel_names(dates: list[str], bands: list[str]) -> list[str]:
     return [f"{d}/{b}" for d in dates for b in bands]
 
 
+@njit(nogil=True, cache=True)
+def _window_range(vals):  # pragma: no cover - compiled
+    """Smallest and largest value of ``vals``, NODATA left out (branch-free: it vectorises)."""
+    lo, hi = np.int16(32767), np.int16(-32768)
+    flat = vals.ravel()
+    for i in range(flat.shape[0]):
+        x = flat[i]
+        lo = min(lo, np.int16(32767) if x == NODATA else x)
+        hi = max(hi, np.int16(-32768) if x == NODATA else x)
+    return lo, hi
+
+
+@njit(nogil=True, cache=True)
+def _window_counts(vals, lo, out, sub):  # pragma: no cover - compiled
+    """``out[k, v - lo] += 1`` for every non-NODATA value ``v`` of channel ``k``.
+
+    Four sub-histograms filled in turn (``sub``: (4, R + 1), bin 0 the sink of NODATA values), so
+    neighbouring pixels with the same value (smooth reflectance) do not wait on each other's
+    increment: 2x the rate of one histogram on such data, the same on random data."""
+    n = vals.shape[1]
+    base = np.int32(lo) - 1
+    for k in range(vals.shape[0]):
+        row = vals[k]
+        sub[:] = 0
+        s0, s1, s2, s3 = sub[0], sub[1], sub[2], sub[3]
+        i = 0
+        while i + 4 <= n:
+            a, b, c, d = row[i], row[i + 1], row[i + 2], row[i + 3]
+            s0[0 if a == NODATA else np.int32(a) - base] += 1
+            s1[0 if b == NODATA else np.int32(b) - base] += 1
+            s2[0 if c == NODATA else np.int32(c) - base] += 1
+            s3[0 if d == NODATA else np.int32(d) - base] += 1
+            i += 4
+        while i < n:
+            a = row[i]
+            s0[0 if a == NODATA else np.int32(a) - base] += 1
+            i += 1
+        dst = out[k]
+        for j in range(dst.shape[0]):
+            dst[j] = s0[j + 1] + s1[j + 1] + s2[j + 1] + s3[j + 1]
+
+
+def window_histogram(
+    vals: np.ndarray, keep: np.ndarray | None = None, n_pixels: int | None = None
+) -> tuple[int, int, np.ndarray] | None:
+    """One window's exact per-channel counts: ``(pixels, lowest value, counts)``, ``counts``
+    (K, hi - lo + 1) uint32 over the values that occur, or None when nothing is counted.
+
+    ``vals``: (K, N) int16 (the window's channels, pixels flattened). ``keep``: (N,) bool, the
+    pixels to count (those with a clear observation); None counts every pixel, for a gapfilled
+    window, where a pixel without one is NODATA on every channel (``n_pixels`` then says how many
+    pixels had one). NODATA values are never counted. Single-threaded and GIL-free: the callers run
+    it on each window of their pool beside the other windows' decoding and encoding. Only the
+    window's value range is allocated (K x range x 4 B, not K x 65536 x 8 B)."""
+    vals = np.ascontiguousarray(vals, dtype=np.int16)
+    if vals.ndim != 2:
+        raise ValueError(f"vals must be (K, N), got {vals.shape}")
+    if keep is not None:
+        keep = np.asarray(keep, dtype=np.bool_)
+        if keep.shape != (vals.shape[1],):
+            raise ValueError(f"keep of shape {keep.shape} for {vals.shape[1]} pixels")
+        n_pixels = int(np.count_nonzero(keep))
+        if n_pixels == 0:
+            return None
+        if n_pixels < keep.size:
+            vals = np.ascontiguousarray(vals[:, keep])
+    elif n_pixels is None:
+        n_pixels = vals.shape[1]
+    lo, hi = _window_range(vals)
+    if lo > hi:  # NODATA only
+        return None
+    counts = np.empty((vals.shape[0], int(hi) - int(lo) + 1), np.uint32)
+    _window_counts(vals, lo, counts, np.empty((4, counts.shape[1] + 1), np.uint32))
+    return n_pixels, int(lo), counts
+
+
+class HistogramTally:
+    """Per-channel exact int16 histograms summed window by window, written as one ``.npz``.
+
+    Fed by :func:`tile_histogram` (reading a gapfilled store) and by ``gapfill_tile`` (on the
+    windows it has just computed, so no stage reads the cube again for statistics): both write the
+    same file for the same cube."""
+
+    def __init__(self, dates: list[str], bands: list[str], tile: str) -> None:
+        self.dates, self.bands, self.tile = list(dates), list(bands), tile
+        self.counts = np.zeros((len(dates) * len(bands), _BINS), dtype=np.int64)
+        self.n_pixels = 0
+
+    def add(self, part: tuple[int, int, np.ndarray] | None) -> None:
+        """Add one :func:`window_histogram` result (None: a window without clear pixels)."""
+        if part is None:
+            return
+        n, lo, counts = part
+        if counts.shape[0] != self.counts.shape[0]:
+            raise ValueError(f"{counts.shape[0]} channels for a tally of {self.counts.shape[0]}")
+        self.counts[:, lo + _SHIFT : lo + _SHIFT + counts.shape[1]] += counts
+        self.n_pixels += n
+
+    def write(self, out: Path) -> None:
+        """The histogram file (trimmed to the values that occur), atomically."""
+        used = np.flatnonzero(self.counts.any(axis=0))
+        lo, hi = (int(used[0]), int(used[-1]) + 1) if used.size else (0, 0)
+        counts = self.counts[:, lo:hi]
+        if counts.size and counts.max() < 2**32:
+            counts = counts.astype(np.uint32)  # a tile of 10980² px: always
+        # not compressed: zlib took 3 s for the 30 MB of a 1024² cube's 370 channels (longer than
+        # counting them); a full tile's file is ~15-25 MB, beside a cube of ~80 GB
+        with atomic_path(out) as tmp, open(tmp, "wb") as f:
+            np.savez(
+                f,
+                counts=counts,
+                offset=np.int64(lo - _SHIFT),
+                channels=np.array(channel_names(self.dates, self.bands)),
+                dates=np.array(self.dates),
+                bands=np.array(self.bands),
+                tile=np.array(self.tile),
+                n_pixels=np.int64(self.n_pixels),
+            )
+
+
 def tile_histogram(src: Path, out: Path, threads: int = 1, dask: Mapping[str, Any] | None = None) -> None:
-    """Exact per-channel histograms of one gapfilled store, written atomically to ``out`` (.npz)."""
+    """Exact per-channel histograms of one gapfilled store, written atomically to ``out`` (.npz).
+
+    The chain's ``gapfill`` stage writes the same file while it computes the cube; this reads a
+    finished store (a cube made elsewhere, or a histogram lost)."""
     src = Path(src)
     group = open_store(src, "gapfilled", ("reflectance", "clear_count"))
     refl, count = group["reflectance"], group["clear_count"]
@@ -49,53 +172,20 @@ def tile_histogram(src: Path, out: Path, threads: int = 1, dask: Mapping[str, An
     bands = [str(b) for b in group.attrs["bands"]]
     if (len(dates), len(bands)) != (t, c):
         raise PipelineError(src, f"{len(dates)} dates x {len(bands)} bands for a cube of shape {refl.shape}")
-    k = t * c
-    hist = np.zeros((k, _BINS), dtype=np.int64)
-    n_pixels = [0]
+    tally = HistogramTally(dates, bands, str(group.attrs.get("tile", src.stem)))
 
-    def one(win) -> tuple[int, list[tuple[np.ndarray, np.ndarray]]] | None:
-        # self-contained (may run on a dask worker): returns each channel's non-zero bins
+    def one(win) -> tuple[int, int, np.ndarray] | None:
+        # self-contained (may run on a dask worker)
         rs = slice(win.row_off, win.row_off + win.height)
         cs = slice(win.col_off, win.col_off + win.width)
         keep = np.asarray(count[rs, cs]).ravel() > 0
         if not keep.any():
             return None
-        vals = np.asarray(refl[:, :, rs, cs]).reshape(k, -1)
-        if not keep.all():
-            vals = vals[:, keep]
-        # int16 -> offset binary in uint16: bincount casts it to intp without a sign fix-up pass
-        u = vals.view(np.uint16) ^ np.uint16(0x8000)
-        sparse = []
-        for i in range(k):
-            counts = np.bincount(u[i], minlength=_BINS)
-            nz = np.flatnonzero(counts).astype(np.uint16)
-            sparse.append((nz, counts[nz].astype(np.uint32)))
-        return int(keep.sum()), sparse
-
-    def merge(result) -> None:
-        if result is None:
-            return
-        n, sparse = result
-        for i, (nz, counts) in enumerate(sparse):
-            hist[i, nz] += counts
-        n_pixels[0] += n
+        return window_histogram(np.asarray(refl[:, :, rs, cs]).reshape(t * c, -1), keep)
 
     with window_executor(dask, threads) as pool:
-        for_each_window(one, h, w, threads, f"histogram {src.stem}", executor=pool, on_result=merge)
-    hist[:, NODATA + _SHIFT] = 0
-    used = np.flatnonzero(hist.any(axis=0))
-    lo, hi = (int(used[0]), int(used[-1]) + 1) if used.size else (0, 0)
-    with atomic_path(out) as tmp, open(tmp, "wb") as f:
-        np.savez_compressed(
-            f,
-            counts=hist[:, lo:hi],
-            offset=np.int64(lo - _SHIFT),
-            channels=np.array(channel_names(dates, bands)),
-            dates=np.array(dates),
-            bands=np.array(bands),
-            tile=np.array(str(group.attrs.get("tile", src.stem))),
-            n_pixels=np.int64(n_pixels[0]),
-        )
+        for_each_window(one, h, w, threads, f"histogram {src.stem}", executor=pool, on_result=tally.add)
+    tally.write(out)
 
 
 @dataclass

@@ -20,12 +20,24 @@ LOCAL = {"cluster": "local", "workers": 2, "threads_per_worker": 1}
 def test_gapfill_and_histogram_on_dask_workers_equal_threads(tmp_path: Path) -> None:
     _, _, dates = make_ingest(tmp_path / "in.zarr")  # 600 px wide: two windows
     grid = dates[0] + np.arange(0, 100, 10).astype("timedelta64[D]")
-    gapfill_tile(tmp_path / "in.zarr", tmp_path / "threads.zarr", grid, threads=2)
-    gapfill_tile(tmp_path / "in.zarr", tmp_path / "dask.zarr", grid, threads=1, dask=LOCAL)
+    gapfill_tile(
+        tmp_path / "in.zarr", tmp_path / "threads.zarr", grid, threads=2, histogram=tmp_path / "t.npz"
+    )
+    gapfill_tile(
+        tmp_path / "in.zarr",
+        tmp_path / "dask.zarr",
+        grid,
+        threads=1,
+        dask=LOCAL,
+        histogram=tmp_path / "d.npz",
+    )
     a = open_store(tmp_path / "threads.zarr", "gapfilled")
     b = open_store(tmp_path / "dask.zarr", "gapfilled")
     np.testing.assert_array_equal(a["reflectance"][...], b["reflectance"][...])
     np.testing.assert_array_equal(a["clear_count"][...], b["clear_count"][...])
+    with np.load(tmp_path / "t.npz") as x, np.load(tmp_path / "d.npz") as y:  # counted on the workers
+        assert x["counts"].sum() > 0 and int(x["n_pixels"]) == int(y["n_pixels"])
+        np.testing.assert_array_equal(x["counts"], y["counts"])
 
     refl, count = random_tile(np.random.default_rng(3), 70, 1100)  # three windows across
     make_gapfilled(tmp_path / "g.zarr", refl, count, "T")

@@ -102,7 +102,7 @@ def _demo_config(work: Path) -> None:
     )  # fmt: skip
     small = {"runtime": 30, "mem_mb": 1000, "cpus_per_task": 1}
     raw["resources"] = {"partition": "debug"}
-    for rule in ("demo", "ingest", "gapfill", "histogram", "percentiles", "validity", "split", "rasterise",
+    for rule in ("demo", "ingest", "gapfill", "percentiles", "validity", "split", "rasterise",
                  "patches", "train", "predict", "validate", "summarise", "compare"):  # fmt: skip
         raw["resources"][rule] = dict(small)
     raw["resources"]["train_network"] = small | {"nodes": 1, "tasks_per_node": TASKS}

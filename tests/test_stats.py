@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,7 @@ from pipeline.stats import (
     merge_percentiles,
     percentile_from_counts,
     tile_histogram,
+    window_histogram,
 )
 from tests.conftest import make_grid
 
@@ -199,3 +201,91 @@ def test_load_rejects_bad_file(tmp_path: Path) -> None:
     (tmp_path / "q.json").write_text("{")
     with pytest.raises(PipelineError, match="not a readable percentiles file"):
         Percentiles.load(tmp_path / "q.json")
+
+
+# --- the histograms counted inside the gapfill pass -------------------------------------------
+
+
+def test_window_histogram_counts_what_bincount_counts() -> None:
+    rng = np.random.default_rng(11)
+    vals = rng.integers(-300, 9000, (5, 4000)).astype(np.int16)
+    vals[:, ::7] = NODATA  # never counted
+    vals[2, 3] = -32768  # extremes of int16 are counted
+    vals[4, 9] = 32767
+    keep = rng.random(4000) < 0.8
+    n, lo, counts = window_histogram(vals, keep)
+    assert n == int(keep.sum()) and lo == -32768 and counts.dtype == np.uint32
+    for k in range(5):
+        v = vals[k, keep]
+        v = v[v != NODATA].astype(np.int64)
+        oracle = np.bincount(v - lo, minlength=counts.shape[1])
+        np.testing.assert_array_equal(counts[k], oracle)
+    assert window_histogram(vals, np.zeros(4000, bool)) is None
+
+
+def _oracle(cubes: list[tuple[np.ndarray, np.ndarray]], q: float) -> list[float]:
+    """np.percentile over every clear pixel of every gapfilled cube, channel t*C + c."""
+    k = cubes[0][0].shape[0] * cubes[0][0].shape[1]
+    feats = np.concatenate([r.reshape(k, -1)[:, c.ravel() > 0] for r, c in cubes], axis=1)
+    return [float(np.percentile(f, q)) for f in feats]
+
+
+def test_gapfill_writes_the_histogram_a_second_pass_would_read(tmp_path: Path) -> None:
+    """Bit for bit the file ``tile_histogram`` makes from the finished store, and the run-wide
+    percentiles of np.percentile; rerunning one tile replaces its histogram only, and the merge of
+    the new and the untouched tile is again np.percentile of their cubes."""
+    from pipeline.gapfill import gapfill_tile
+    from pipeline.io.tilestore import open_store
+    from tests.test_gapfill import make_ingest
+
+    grid = np.datetime64("2018-01-01") + np.arange(0, 100, 10).astype("timedelta64[D]")
+
+    def run(name: str, seed: int) -> tuple[np.ndarray, np.ndarray]:
+        make_ingest(tmp_path / f"{name}.in.zarr", seed=seed, w=600 if name == "A" else 90)
+        store, hist = tmp_path / f"{name}.zarr", tmp_path / f"{name}.hist.npz"
+        for p in (store, hist):  # a rerun: the job's outputs are replaced
+            if p.is_dir():
+                shutil.rmtree(p)
+            p.unlink(missing_ok=True)
+        gapfill_tile(tmp_path / f"{name}.in.zarr", store, grid, threads=2, histogram=hist)
+        g = open_store(store, "gapfilled", ("reflectance", "clear_count"))
+        return np.asarray(g["reflectance"]), np.asarray(g["clear_count"])
+
+    cubes = {"A": run("A", 0), "B": run("B", 1)}
+    tile_histogram(tmp_path / "A.zarr", tmp_path / "A.second_pass.npz", threads=2)
+    with np.load(tmp_path / "A.hist.npz") as fused, np.load(tmp_path / "A.second_pass.npz") as read:
+        assert sorted(fused.files) == sorted(read.files)
+        for key in fused.files:
+            np.testing.assert_array_equal(fused[key], read[key], err_msg=key)
+        assert fused["counts"].sum() > 0 and str(fused["tile"]) == "T31TCJ"
+    hists = [tmp_path / "A.hist.npz", tmp_path / "B.hist.npz"]
+    merge_percentiles(hists, 3, 97, tmp_path / "p.json")
+    out = json.loads((tmp_path / "p.json").read_text())
+    assert out["low"] == _oracle(list(cubes.values()), 3)
+    assert out["high"] == _oracle(list(cubes.values()), 97)
+
+    cubes["A"] = run("A", 5)  # tile A rerun on other inputs; B untouched
+    merge_percentiles(hists, 3, 97, tmp_path / "p2.json")
+    out2 = json.loads((tmp_path / "p2.json").read_text())
+    assert out2["low"] == _oracle(list(cubes.values()), 3) and out2["low"] != out["low"]
+    assert out2["high"] == _oracle(list(cubes.values()), 97)
+
+
+def test_a_failed_gapfill_leaves_no_histogram(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import pipeline.gapfill as gf
+    from tests.test_gapfill import make_ingest
+
+    make_ingest(tmp_path / "in.zarr")
+    real, calls = gf.gapfill, [0]
+
+    def failing(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == 2:
+            raise RuntimeError("disk full")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(gf, "gapfill", failing)
+    grid = np.datetime64("2018-01-01") + np.arange(0, 100, 10).astype("timedelta64[D]")
+    with pytest.raises(RuntimeError, match="disk full"):
+        gf.gapfill_tile(tmp_path / "in.zarr", tmp_path / "out.zarr", grid, histogram=tmp_path / "h.npz")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.zarr"]

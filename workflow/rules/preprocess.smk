@@ -1,4 +1,4 @@
-# Ingest -> gapfill/resample -> exact histograms -> run-wide percentiles.
+# Ingest -> gapfill/resample (+ exact histograms, same pass) -> run-wide percentiles.
 
 
 rule ingest:
@@ -24,7 +24,9 @@ rule gapfill:
     input:
         str(LAYOUT.ingest("{tile}")),
     output:
-        directory(str(LAYOUT.gapfilled("{tile}"))),
+        store=directory(str(LAYOUT.gapfilled("{tile}"))),
+        # the cube's exact histograms, counted while each window is in memory (no second read)
+        histogram=str(LAYOUT.histogram("{tile}")),
     log:
         str(LAYOUT.workdir / "logs" / "gapfill_{tile}.log"),
     benchmark:
@@ -34,24 +36,8 @@ rule gapfill:
     params:
         settings=settings("gapfill"),
     shell:
-        "{LANDCOVER} gapfill --tile {wildcards.tile} --src {input} --out {output} 2> {log}"
-
-
-rule histogram:
-    input:
-        str(LAYOUT.gapfilled("{tile}")),
-    output:
-        str(LAYOUT.histogram("{tile}")),
-    log:
-        str(LAYOUT.workdir / "logs" / "histogram_{tile}.log"),
-    benchmark:
-        str(LAYOUT.benchmark("histogram", "{tile}"))
-    resources:
-        **job_resources("histogram"),
-    params:
-        settings=settings("histogram"),
-    shell:
-        "{LANDCOVER} histogram --tile {wildcards.tile} --src {input} --out {output} 2> {log}"
+        "{LANDCOVER} gapfill --tile {wildcards.tile} --src {input} --out {output.store}"
+        " --histogram {output.histogram} 2> {log}"
 
 
 rule percentiles:
