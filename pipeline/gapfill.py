@@ -541,6 +541,7 @@ def gapfill_tile(
             tile = str(group.attrs.get("tile") or Path(dst).stem)
             tally = HistogramTally([str(d) for d in dst_dates], [str(b) for b in bands], tile)
         k = len(dst_dates) * c
+        counting = histogram is not None  # not the tally: `one` may be shipped to a dask worker
 
         def one(win) -> tuple[int, Any]:
             rs = slice(win.row_off, win.row_off + win.height)
@@ -554,7 +555,7 @@ def gapfill_tile(
             o_count[rs, cs] = count
             n = int(np.count_nonzero(count))
             # no mask needed: a pixel without a clear observation is NODATA on every channel
-            part = window_histogram(filled.reshape(k, -1), None, n) if histogram and n else None
+            part = window_histogram(filled.reshape(k, -1), None, n) if counting and n else None
             return n, part
 
         observed = [0]

@@ -594,6 +594,8 @@ def mosaic_classifier(
     margin = out_dir / "margin.tif"
     if with_margin:
         outputs.append(margin)
+    else:  # one from a run with inference.probabilities would describe another map
+        margin.unlink(missing_ok=True)
     try:
         res = build_mosaic(
             tiles,

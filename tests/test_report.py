@@ -608,6 +608,11 @@ def test_the_national_section_counts_areas_once_and_shows_the_regions(tiny_run, 
     assert [r[0] for r in reg["rows"]] == ["East (E)", "West (W)"]  # the larger first
     assert "class shares per region" in html
     assert "Where each map hesitates" in html and 'alt="national uncertainty"' in html
+    # the same mosaic without inference.probabilities: no stale uncertainty layer is left or shown
+    plain = [TileLayers(t.tile, t.classes, t.confidence, t.clear) for t in layers]
+    assert not mosaic_classifier(cfg, "rf", plain, lay.mosaic_dir("rf"))["margin"]
+    assert not lay.mosaic("rf", "margin").exists()
+    assert "Where each map hesitates" not in build_report(cfg).read_text()
 
 
 def test_the_training_section_says_how_each_model_was_trained(tiny_run):

@@ -211,7 +211,7 @@ def load_mosaics(lay: Layout, models: Sequence[str]) -> dict[str, NationalMosaic
             summary["transform"][0],
             read_rows(regions) if regions.exists() else None,
             optional_json(lay.vector_dir(m) / "index.json", "vector product index"),
-            quicklook(lay.mosaic(m, "margin")) if lay.mosaic(m, "margin").exists() else None,
+            quicklook(lay.mosaic(m, "margin")) if summary.get("margin") else None,
         )
     return out
 
