@@ -383,6 +383,10 @@ def estimate_stage(
     strata = np.array([strata_codes.index(int(s)) for s in df["stratum"]])
     reference = np.array([lut[int(r)] for r in ref])
     sizes = [s["pixels"] for s in design["strata"]]
+    # reference points of each class outside its own stratum: the sample's only view of the class's
+    # omission in the design map; with none, the area interval leaves that omission out
+    own = np.array([strata_codes.index(c) if c in strata_codes else -1 for c in codes])
+    outside_own = np.bincount(reference[strata != own[reference]], minlength=len(codes))
     pixel_ha = float(design["pixel_area_m2"]) / 1e4
     total_ha = float(np.sum(sizes)) * pixel_ha
     result: dict[str, Any] = {
@@ -392,6 +396,7 @@ def estimate_stage(
         "dropped_unlabelled": int(unlabelled.sum()),
         "z": 1.96,
         "classes": names,
+        "reference_outside_own_stratum": {n: int(outside_own[i]) for i, n in enumerate(names)},
         "classifiers": {},
     }
     for model, mosaic in mosaics.items():

@@ -4,6 +4,7 @@ scan), the design's invariants, and labelled samples that do not match their des
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pandas as pd
@@ -171,9 +172,17 @@ def test_the_report_section_shows_the_estimates_beside_the_pixel_counts(tmp_path
     areas = {r[0]: r for r in table(doc, "sample-areas")["rows"]}
     name = cfg.classes[1].name
     est = json.loads(lay.accuracy("estimates").read_text())["classifiers"]["rf"]["per_class"][name]
-    assert areas[name][2] == f"{est['mapped_area_ha']:.1f}" and areas[name][4].startswith(
+    moved = int((pts["stratum"][:10] != cfg.class_codes[1]).sum())  # class-1 labels in other strata
+    assert moved > 0 and areas[name][2] == str(moved)
+    assert areas[name][3] == f"{est['mapped_area_ha']:.1f}" and areas[name][5].startswith(
         f"{est['area_ha']['value']:.1f} ["
     )
+    # every other mapped class was labelled only inside its own stratum: the report names them all
+    # as classes whose omission the sample did not see, and not class 1
+    labelled = set(pts["reference"])  # classes with reference points: an estimated area above 0
+    expect = [c.name for c in cfg.classes if c.code in labelled and c.name != name]
+    said = re.search(r"No reference point outside its own stratum for ([^:]*):", html).group(1).split(", ")
+    assert said == expect and name not in said
     assert est["area_ha"]["value"] > est["mapped_area_ha"]  # the sample found more of class 1 than mapped
     oa = table(doc, "sample-accuracy")["rows"]
     assert [r[0] for r in oa] == ["rf", "fgunet"] and oa[0][2] == "yes" and oa[1][2] == "no (Stehman)"

@@ -433,9 +433,11 @@ def accuracy_sample(cfg: Config, lay: Layout) -> Section | None:
             kind="sample-accuracy",
         ),
     )
+    outside = est.get("reference_outside_own_stratum") or {}
     head = [
         "class",
         "reference points",
+        *(["of them outside its stratum"] if outside else []),
         *(f"{m} pixel count (ha)" for m in models),
         "estimated area (ha), 95 % CI",
     ]
@@ -443,12 +445,24 @@ def accuracy_sample(cfg: Config, lay: Layout) -> Section | None:
     rows = []
     for n in names:
         row = [n, str(first[n]["sample_reference"])]
+        row += [str(outside[n])] if outside else []
         row += [f"{est['classifiers'][m]['per_class'][n]['mapped_area_ha']:.1f}" for m in models]
         row.append(ci(first[n]["area_ha"]))
         if truth:
             row.append(f"{truth[n]:.1f}")
         rows.append(row)
     sec.add(tables.table(head, rows, kind="sample-areas"))
+    unseen = [n for n in names if outside and not outside[n] and (first[n]["area_ha"]["value"] or 0) > 0]
+    if unseen:
+        sec.add(
+            note(
+                f"No reference point outside its own stratum for {', '.join(unseen)}: the sample saw none"
+                " of these classes' pixels mapped as another class. Such omission, if any, is not in their"
+                " area intervals, which can then be too narrow (docs/validation.md, 'Monte Carlo"
+                " coverage'); more points in the strata where such a class may hide narrow the doubt.",
+                True,
+            )
+        )
     sec.add(
         figure(
             figures.area_estimates(
