@@ -20,7 +20,7 @@ from rasterio.windows import Window
 
 from pipeline.errors import PipelineError
 from pipeline.io.atomic import atomic_path
-from pipeline.io.l2a import BANDS, FORMATS, NODATA, Product, find_products, normalise_tile
+from pipeline.io.l2a import BANDS, FORMATS, NODATA, Product, find_products, kept_open, normalise_tile
 from pipeline.io.tilestore import Grid, add_array, create_store, for_each_window, win_slices
 from pipeline.parallel import window_executor
 
@@ -98,25 +98,26 @@ def ingest_tile(
         results = [p.read_window(win) for p in products]
         return np.stack([r for r, _ in results]), np.stack([v for _, v in results])
 
-    write_store(
-        out,
-        tile,
-        products[0].grid,
-        read,
-        {
-            "format": fmt,
-            "dates": [p.date.isoformat() for p in products],
-            "acquired": [p.acquired.isoformat() for p in products],
-            "products": [p.product_id for p in products],
-            # provenance for the QA report: where each date came from
-            "source": str(products_dir),
-            "product_dirs": [p.path.name for p in products],
-            "platforms": [p.platform for p in products],
-            "relative_orbits": [p.relative_orbit for p in products],
-        },
-        threads=threads,
-        dask=dask,
-    )
+    with kept_open():  # each file opened once per thread, not once per window
+        write_store(
+            out,
+            tile,
+            products[0].grid,
+            read,
+            {
+                "format": fmt,
+                "dates": [p.date.isoformat() for p in products],
+                "acquired": [p.acquired.isoformat() for p in products],
+                "products": [p.product_id for p in products],
+                # provenance for the QA report: where each date came from
+                "source": str(products_dir),
+                "product_dirs": [p.path.name for p in products],
+                "platforms": [p.platform for p in products],
+                "relative_orbits": [p.relative_orbit for p in products],
+            },
+            threads=threads,
+            dask=dask,
+        )
 
 
 def import_cube(

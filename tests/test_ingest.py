@@ -313,3 +313,46 @@ def test_missing_orbit_numbers_are_reported(tmp_path: Path, caplog) -> None:
     with caplog.at_level("WARNING"):
         ingest_tile(src, "theia", "T31TCJ", tmp_path / "a.zarr")
     assert "2 products without a relative orbit number" in caplog.text
+
+
+def test_ingest_opens_each_file_once_per_thread_and_closes_it(tmp_path: Path, monkeypatch) -> None:
+    """With the handles kept open, a file is opened once per worker thread instead of once per
+    window (1100 x 600 px: six windows), the store is the same, and nothing stays open."""
+    import rasterio
+
+    from pipeline.io import l2a
+
+    grid = make_grid(1100, 600)
+    src = tmp_path / "src"
+    write_series(src, "theia", grid, [2, 5], win=128)
+    files = {
+        f
+        for p in find_products(src, "theia", "T31TCJ")
+        for f in (*p.band_files.values(), *p.mask_files.values())
+    }
+    ingest_tile(src, "theia", "T31TCJ", tmp_path / "plain.zarr", threads=2)  # reference run
+    real_open, opened = rasterio.open, []
+
+    def counting(path, *a, **k):
+        ds = real_open(path, *a, **k)
+        if Path(path) in files:
+            opened.append(ds)
+        return ds
+
+    monkeypatch.setattr(l2a.rasterio, "open", counting)
+    ingest_tile(src, "theia", "T31TCJ", tmp_path / "kept.zarr", threads=2)
+    per_file = {f: sum(Path(ds.name) == f for ds in opened) for f in files}
+    # once when the products are checked, then once per worker thread (two), not once per window (six)
+    assert max(per_file.values()) <= 3 and min(per_file.values()) >= 1
+    assert all(ds.closed for ds in opened) and l2a._HANDLES is None
+    a = open_store(tmp_path / "plain.zarr", "ingest", ("reflectance", "valid"))
+    b = open_store(tmp_path / "kept.zarr", "ingest", ("reflectance", "valid"))
+    np.testing.assert_array_equal(a["reflectance"][...], b["reflectance"][...])
+    np.testing.assert_array_equal(a["valid"][...], b["valid"][...])
+    # with no handle to spare, files are opened per read, with the same result
+    opened.clear()
+    with l2a.kept_open(limit=0):
+        p = find_products(src, "theia", "T31TCJ")[0]
+        p.read_window(Window(0, 0, 64, 64))
+        p.read_window(Window(64, 0, 64, 64))
+    assert len(opened) >= 2 * len(p.band_files) and all(ds.closed for ds in opened)

@@ -11,6 +11,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import re
+import resource
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import date, datetime
 from pathlib import Path
@@ -265,9 +268,69 @@ def check_domain(values: np.ndarray, path: Path, low: int, high: int, what: str)
     return values
 
 
+class _Handles:
+    """Open datasets kept per thread while a stage reads the same files window after window.
+
+    Ingest reads every band and mask file of every product once per 512-px window: on a full tile
+    (~480 windows x ~1,500 files for a year) opening each file anew (GDAL open, TIFF directory,
+    rasterio's environment) is a large share of the stage. Each thread keeps its own handles (a
+    GDAL dataset is not to be read by two threads at once), at most ``limit`` in all; beyond that,
+    files are opened per read as before."""
+
+    def __init__(self, limit: int) -> None:
+        self.local = threading.local()
+        self.lock = threading.Lock()
+        self.opened: list[Any] = []
+        self.limit = limit
+
+    def get(self, path: Path) -> Any | None:
+        mine = getattr(self.local, "open", None)
+        if mine is None:
+            mine = self.local.open = {}
+        ds = mine.get(path)
+        if ds is None:
+            with self.lock:
+                if len(self.opened) >= self.limit:
+                    return None
+                ds = rasterio.open(path)
+                self.opened.append(ds)
+            mine[path] = ds
+        return ds
+
+    def close(self) -> None:
+        with self.lock:
+            for ds in self.opened:
+                ds.close()
+            self.opened.clear()
+
+
+_HANDLES: _Handles | None = None
+
+
+@contextlib.contextmanager
+def kept_open(limit: int | None = None) -> Iterator[None]:
+    """Within this block, :func:`read_raster` keeps each thread's files open (see :class:`_Handles`);
+    all are closed on leaving it. ``limit``: default a quarter of the process's file-descriptor
+    limit. Windows run on dask workers (other processes) open their files per read."""
+    global _HANDLES
+    if limit is None:
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        limit = 4096 if soft == resource.RLIM_INFINITY else max(0, soft // 4)
+    previous, _HANDLES = _HANDLES, _Handles(limit)
+    try:
+        yield
+    finally:
+        _HANDLES.close()
+        _HANDLES = previous
+
+
 def read_raster(path: Path, win: Window) -> np.ndarray:
     """Read band 1 of ``win``; any GDAL failure (truncated/corrupt file) names the file."""
     try:
+        handles = _HANDLES
+        ds = handles.get(path) if handles is not None else None
+        if ds is not None:
+            return ds.read(1, window=win)
         with rasterio.open(path) as ds:
             return ds.read(1, window=win)
     except rasterio.errors.RasterioError as exc:
