@@ -20,6 +20,7 @@ Nodata: a 10 m pixel whose 4x4 source support touches a nodata 20 m pixel is nod
 from __future__ import annotations
 
 import numpy as np
+from numba import njit
 from rasterio.windows import Window
 
 
@@ -80,10 +81,60 @@ def upsample_block(block: np.ndarray, win10: Window, nodata: int | None = None) 
     ``block`` must be what :func:`source_window` + :func:`pad_edge` give for ``win10``. Output
     dtype is the input dtype (rounded to nearest, clipped to the dtype range; a valid result is
     never allowed to equal ``nodata``).
+
+    int16 blocks (every L2A band) go through one compiled pass (:func:`_upsample_int16`): the same
+    float64 sums in the same order, so the same values as the array version below, which serves
+    the other dtypes (tested equal); ~70 % of ingest's read time was this function's temporaries.
     """
     r0, c0, h, w = int(win10.row_off), int(win10.col_off), int(win10.height), int(win10.width)
     ridx, rw = _taps(r0, h)
     cidx, cw = _taps(c0, w)
+    if block.dtype == np.int16 and block.ndim >= 2 and block.size:
+        lead = block.shape[:-2]
+        flat = np.ascontiguousarray(block).reshape(-1, *block.shape[-2:])
+        out16 = np.empty((flat.shape[0], h, w), np.int16)
+        nd = -(2**31) if nodata is None else int(nodata)
+        _upsample_int16(flat, ridx, rw, cidx, cw, nd, out16)
+        return out16.reshape(*lead, h, w)
+    return _upsample_array(block, ridx, rw, cidx, cw, nodata)
+
+
+@njit(nogil=True, cache=True)
+def _upsample_int16(src, ridx, rw, cidx, cw, nodata, out):  # pragma: no cover - compiled
+    """:func:`_upsample_array` for int16: rows then columns, taps summed in order 0..3 in float64,
+    rounded half to even, clipped to int16 (not onto ``nodata``); a pixel whose 4x4 support holds
+    ``nodata`` is ``nodata`` (``nodata`` outside int16: none)."""
+    n, _, w20 = src.shape
+    h, w = out.shape[1], out.shape[2]
+    tmp = np.empty(w20, np.float64)
+    bad = np.empty(w20, np.bool_)
+    lo = -32768.0 if nodata != -32768 else -32767.0
+    for b in range(n):
+        for i in range(h):
+            r_0, r_1, r_2, r_3 = ridx[i, 0], ridx[i, 1], ridx[i, 2], ridx[i, 3]
+            w_0, w_1, w_2, w_3 = rw[i, 0], rw[i, 1], rw[i, 2], rw[i, 3]
+            for c in range(w20):
+                x0, x1, x2, x3 = src[b, r_0, c], src[b, r_1, c], src[b, r_2, c], src[b, r_3, c]
+                tmp[c] = ((np.float64(x0) * w_0 + np.float64(x1) * w_1) + np.float64(x2) * w_2) + np.float64(
+                    x3
+                ) * w_3
+                bad[c] = x0 == nodata or x1 == nodata or x2 == nodata or x3 == nodata
+            for j in range(w):
+                c_0, c_1, c_2, c_3 = cidx[j, 0], cidx[j, 1], cidx[j, 2], cidx[j, 3]
+                if bad[c_0] or bad[c_1] or bad[c_2] or bad[c_3]:
+                    out[b, i, j] = nodata
+                    continue
+                v = ((tmp[c_0] * cw[j, 0] + tmp[c_1] * cw[j, 1]) + tmp[c_2] * cw[j, 2]) + tmp[c_3] * cw[j, 3]
+                v = min(max(np.rint(v), lo), 32767.0)
+                if v == nodata:
+                    v = nodata + 1 if nodata + 1 <= 32767 else nodata - 1
+                out[b, i, j] = np.int16(v)
+
+
+def _upsample_array(
+    block: np.ndarray, ridx: np.ndarray, rw: np.ndarray, cidx: np.ndarray, cw: np.ndarray, nodata: int | None
+) -> np.ndarray:
+    """:func:`upsample_block` with numpy arrays, for any dtype."""
     src = block.astype(np.float64)
     # rows: (..., h, 4, w20) weighted sum over taps, then columns
     tmp = np.einsum("...hkw,hk->...hw", src[..., ridx, :], rw)
