@@ -82,9 +82,10 @@ def upsample_block(block: np.ndarray, win10: Window, nodata: int | None = None) 
     dtype is the input dtype (rounded to nearest, clipped to the dtype range; a valid result is
     never allowed to equal ``nodata``).
 
-    int16 blocks (every L2A band) go through one compiled pass (:func:`_upsample_int16`): the same
-    float64 sums in the same order, so the same values as the array version below, which serves
-    the other dtypes (tested equal); ~70 % of ingest's read time was this function's temporaries.
+    int16 blocks (every L2A band) go through one compiled pass (:func:`_upsample_int16`), with the
+    array version's values (tested equal): the weights are dyadic (k/128), so every product and
+    sum of int16 values is exact in float64, in any order and with or without FMA, on any CPU.
+    The array version serves the other dtypes; its temporaries were ~70 % of ingest's read time.
     """
     r0, c0, h, w = int(win10.row_off), int(win10.col_off), int(win10.height), int(win10.width)
     ridx, rw = _taps(r0, h)
