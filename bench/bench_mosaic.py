@@ -82,8 +82,8 @@ def write_tiles(root: Path, tile: int, overlap: int, g: int) -> list[tuple[str, 
     return out
 
 
-def timed(cmd: list[str]) -> tuple[float, float]:
-    """(wall seconds, peak RSS in GB) of one command, in its own process."""
+def timed(cmd: list[str]) -> tuple[float, float, float]:
+    """(wall seconds, peak RSS in GB, CPU seconds over all threads) of one command, in its own process."""
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     _, status, usage = os.wait4(proc.pid, 0)
@@ -92,7 +92,7 @@ def timed(cmd: list[str]) -> tuple[float, float]:
         raise RuntimeError(
             f"{cmd[:3]}... failed: {proc.stderr.read().decode()[-2000:] if proc.stderr else ''}"
         )
-    return wall, usage.ru_maxrss / 1e6  # kB -> GB
+    return wall, usage.ru_maxrss / 1e6, usage.ru_utime + usage.ru_stime  # kB -> GB
 
 
 OURS = """
@@ -158,32 +158,35 @@ def main() -> None:
     code = OURS.format(bench=str(Path(__file__).resolve().parent),
                        tiles=json.dumps([[n, str(a), str(b), str(c)] for n, a, b, c in tiles]),
                        out=str(work / "ours"))  # fmt: skip
-    wall, rss = timed([sys.executable, "-c", code])
-    res["ours"] = {"seconds": round(wall, 1), "peak_rss_gb": round(rss, 2)}
+    wall, rss, cpu = timed([sys.executable, "-c", code])
+    res["ours"] = {"seconds": round(wall, 1), "peak_rss_gb": round(rss, 2), "cpu_s": round(cpu, 1)}
 
-    gdal_wall, gdal_rss = 0.0, 0.0
+    gdal_wall, gdal_rss, gdal_cpu = 0.0, 0.0, 0.0
     (work / "gdal").mkdir(exist_ok=True)
     for k, (layer, resampling) in enumerate(
         (("classes", "MODE"), ("confidence", "AVERAGE"), ("clear", "AVERAGE"))
     ):
         vrt = work / "gdal" / f"{layer}.vrt"
-        w1, r1 = timed(["gdalbuildvrt", "-q", str(vrt), *(str(t[1 + k]) for t in tiles)])
-        w2, r2 = timed([
+        w1, r1, c1 = timed(["gdalbuildvrt", "-q", str(vrt), *(str(t[1 + k]) for t in tiles)])
+        w2, r2, c2 = timed([
             "gdal_translate", "-q", "-of", "COG", "-co", "COMPRESS=DEFLATE", "-co", "BLOCKSIZE=512",
             "-co", f"RESAMPLING={resampling}", "-co", "NUM_THREADS=2", "-co", "BIGTIFF=IF_SAFER",
             str(vrt), str(work / "gdal" / f"{layer}.tif"),
         ])  # fmt: skip
         gdal_wall += w1 + w2
+        gdal_cpu += c1 + c2
         gdal_rss = max(gdal_rss, r1, r2)
-    res["gdal"] = {"seconds": round(gdal_wall, 1), "peak_rss_gb": round(gdal_rss, 2)}
+    res["gdal"] = {"seconds": round(gdal_wall, 1), "peak_rss_gb": round(gdal_rss, 2),
+                   "cpu_s": round(gdal_cpu, 1)}  # fmt: skip
     res["ratio_to_gdal"] = round(float(res["ours"]["seconds"]) / gdal_wall, 2)  # type: ignore[index]
 
     if args.vector:
         mosaic = str(work / "ours" / "classes.tif")
-        wall, rss = timed([sys.executable, "-c", OURS_VECTOR.format(mosaic=mosaic)])
+        wall, rss, _ = timed([sys.executable, "-c", OURS_VECTOR.format(mosaic=mosaic)])
         res["vector_ours"] = {"seconds": round(wall, 1), "peak_rss_gb": round(rss, 2)}
-        w1, r1 = timed(["gdal_sieve.py", "-q", "-st", "10", "-4", mosaic, str(work / "gdal" / "sieved.tif")])
-        w2, r2 = timed(["gdal_polygonize.py", "-q", str(work / "gdal" / "sieved.tif"), "-f", "GPKG",
+        sieved = str(work / "gdal" / "sieved.tif")
+        w1, r1, _ = timed(["gdal_sieve.py", "-q", "-st", "10", "-4", mosaic, sieved])
+        w2, r2, _ = timed(["gdal_polygonize.py", "-q", str(work / "gdal" / "sieved.tif"), "-f", "GPKG",
                         str(work / "gdal" / "polygons.gpkg"), "landcover", "class_code"])  # fmt: skip
         res["vector_gdal"] = {"seconds": round(w1 + w2, 1), "peak_rss_gb": round(max(r1, r2), 2),
                               "sieve_s": round(w1, 1), "polygonize_s": round(w2, 1)}  # fmt: skip

@@ -275,6 +275,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--finetune-from", type=Path, help="a first-year model folder: fine-tune it on --workdir")
     ap.add_argument("--label", default="", help="suffix of the model names in the CSV (e.g. ' y2')")
     ap.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="fp32", help="nets.precision")
+    ap.add_argument("--weight-init", choices=["torch", "glorot", "he"], help="nets.weight_init")
     ap.add_argument("--append", action="store_true", help="keep other models' rows of an earlier curves.csv")
     ap.add_argument("--time-mapping", action="store_true", help="only time the predict stage per model")
     args = ap.parse_args(argv)
@@ -294,14 +295,15 @@ def main(argv: list[str] | None = None) -> None:
     for seed in args.seeds:
         for name in args.models:
             print(f"{name} seed {seed}", flush=True)
+            init = {"weight_init": args.weight_init} if args.weight_init else {}
             curve = run_network(
-                cfg, name, seed, args.out, score, args.epochs, args.steps, precision=args.precision
+                cfg, name, seed, args.out, score, args.epochs, args.steps, precision=args.precision, **init
             )
             rows += [r | {"model": r["model"] + args.label} for r in curve]
             if args.finetune_from:
                 ft = run_network(
                     cfg, name, seed, args.out / "finetune", score, args.epochs, args.steps,
-                    init_from=str(args.finetune_from.resolve()), precision=args.precision,
+                    init_from=str(args.finetune_from.resolve()), precision=args.precision, **init,
                 )  # fmt: skip
                 rows += [r | {"model": f"{name} fine-tuned{args.label}"} for r in ft]
         if not args.no_reference:

@@ -83,6 +83,7 @@ STAGE_SETTINGS: dict[str, tuple[str, ...]] = {
                 "precision",
                 "init_from",
                 "head_refit",
+                "weight_init",
             )
         ),
         # nodes x tasks: the global batch and the warm-up's learning-rate scaling (eq. 3)

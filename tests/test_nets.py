@@ -394,3 +394,59 @@ def test_fast_paths_and_fallback_give_the_same_fp32_net(monkeypatch, arch: str) 
         monkeypatch.setenv(capability.FAST_PATHS_ENV, "0")
         plain = net.forward_lowmem(x)
     torch.testing.assert_close(fast, plain, rtol=1e-6, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------------
+# initial weights (nets.weight_init)
+
+
+def _fans(m: torch.nn.Module) -> tuple[int, int]:
+    w = m.weight
+    rf = w[0, 0].numel() if w.ndim > 2 else 1
+    return w.shape[1] * rf, w.shape[0] * rf
+
+
+@pytest.mark.parametrize("how", ["glorot", "he"])
+@pytest.mark.parametrize("arch", ["fgunet", "tsfgunet"])
+def test_initialise_draws_the_stated_variances(arch: str, how: str) -> None:
+    """Every conv/linear weight has the variance of its rule (hand formulas from its fans), every
+    bias is 0; a ConvLSTM's gate conv is Glorot under both rules (its gates are not ReLUs)."""
+    from pipeline.nets.arch import ConvLSTM2d, initialise
+
+    torch.manual_seed(3)
+    net = initialise(build(NetSpec(arch, 12, 2, 5, unet_filters=(16, 32, 64), mlp_filters=(64, 32))), how)
+    gated = {id(c) for cell in net.modules() if isinstance(cell, ConvLSTM2d) for c in cell.modules()}
+    checked = 0
+    for m in net.modules():
+        if not isinstance(m, torch.nn.Conv2d | torch.nn.Linear):
+            continue
+        assert torch.count_nonzero(m.bias) == 0
+        fan_in, fan_out = _fans(m)
+        glorot = how == "glorot" or id(m) in gated
+        want = 2 / (fan_in + fan_out) if glorot else 2 / fan_in
+        bound = (3 * want) ** 0.5  # a uniform law on [-b, b] has variance b^2 / 3
+        w = m.weight.detach().double()
+        assert float(w.abs().max()) <= bound + 1e-6
+        if w.numel() >= 2000:  # the sample variance within 10 % (SE of a uniform's: ~0.9 / sqrt(n))
+            assert abs(float(w.var()) / want - 1) < 0.1, (m, float(w.var()), want)
+            checked += 1
+    assert checked >= 5
+
+
+def test_initialise_torch_keeps_the_defaults_and_is_reproducible() -> None:
+    from pipeline.nets.arch import initialise
+
+    a = small("fgunet", seed=5)
+    b = initialise(small("fgunet", seed=5), "torch")
+    for (k, va), vb in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+        assert torch.equal(va, vb), k
+    torch.manual_seed(9)
+    c = initialise(build(NetSpec("fgunet", 3, 2, 4, **SMALL)), "he")
+    torch.manual_seed(9)
+    d = initialise(build(NetSpec("fgunet", 3, 2, 4, **SMALL)), "he")
+    assert all(
+        torch.equal(x, y) for x, y in zip(c.state_dict().values(), d.state_dict().values(), strict=True)
+    )
+    assert not torch.equal(c.state_dict()["head.classifier.weight"], a.state_dict()["head.classifier.weight"])
+    with pytest.raises(ValueError, match="unknown weight initialisation 'lecun'"):
+        initialise(a, "lecun")

@@ -279,6 +279,32 @@ def test_fine_tune_starts_exactly_from_the_given_model(run, uninterrupted):
     assert load_meta(scratch)["training"]["init_from"] is None
 
 
+def test_weight_init_reaches_the_training(run):
+    """``nets.weight_init: he`` starts from zero biases (unmoved at a learning rate of 1e-12), the
+    default from torch's uniform ones; the default leaves the checkpoints' identity as it was."""
+    from pipeline.nets.checkpoints import training_identity
+    from pipeline.nets.settings import NetSettings
+
+    tmp, scene, patches = run
+    biases = {}
+    for how in ("he", "torch"):
+        out = tmp / f"init-{how}" / "models" / "fgunet"
+        _train(
+            net_config(tmp / f"init-{how}", epochs=1, learning_rate=1e-12, weight_init=how),
+            scene,
+            patches,
+            out,
+        )
+        w = _weights(out)
+        biases[how] = max(w[k].float().abs().max().item() for k in w if k.endswith(".bias"))
+    assert biases["he"] < 1e-8 < 1e-3 < biases["torch"]
+    ident = {
+        h: training_identity(NetSettings.from_config(net_config(tmp, weight_init=h)), 1, 1)
+        for h in ("torch", "he")
+    }
+    assert "weight_init" not in ident["torch"] and ident["he"]["weight_init"] == "he"
+
+
 def _damaged(src: Path, dst: Path) -> Path:
     shutil.copytree(src, dst)
     data = (dst / WEIGHTS).read_bytes()

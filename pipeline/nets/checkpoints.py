@@ -27,6 +27,8 @@ def training_identity(s: NetSettings, seed: int, nodes: int) -> dict[str, Any]:
     # head_refit acts after the last epoch: a finished training is refitted, not retrained
     for k in ("epochs", "device", "keep_checkpoints", "selection_patches", "init_from", "head_refit"):
         d.pop(k)
+    if d["weight_init"] == "torch":  # the default: checkpoints written before the setting existed resume
+        d.pop("weight_init")
     return json.loads(json.dumps(d | {"seed": seed, "nodes": nodes}))
 
 

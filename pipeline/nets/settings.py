@@ -48,6 +48,7 @@ class NetSettings:
     precision: str
     keep_checkpoints: int
     head_refit: bool
+    weight_init: str
     init_from: Any  # None, one model folder, or {classifier: folder}: see init_folder
 
     @classmethod
@@ -79,6 +80,7 @@ class NetSettings:
             precision=str(n["precision"]),
             keep_checkpoints=int(n["keep_checkpoints"]),
             head_refit=bool(n.get("head_refit", False)),
+            weight_init=str(n.get("weight_init", "torch")),
             init_from=n.get("init_from"),
         )
 

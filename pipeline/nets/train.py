@@ -42,7 +42,7 @@ from pipeline.metrics import confusion, scores
 from pipeline.models import derive_seed
 from pipeline.models.features import Normalisation
 from pipeline.nets import capability
-from pipeline.nets.arch import NetSpec, build, count_parameters
+from pipeline.nets.arch import NetSpec, build, count_parameters, initialise
 from pipeline.nets.checkpoints import (
     check_resumable,
     clear_checkpoints,
@@ -163,7 +163,7 @@ def train_network(
     class_w = class_weights(weight_counts, s.max_class_weight)
 
     torch.manual_seed(derive_seed(cfg.seed, f"{name}/init"))  # same initial weights on every process
-    net = build(spec)
+    net = initialise(build(spec), s.weight_init)
     if init is not None:
         net.load_state_dict(init.state_dict)
     net = net.to(device).to(memory_format=torch.channels_last)  # oneDNN's native conv layout
