@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 import rasterio
 from affine import Affine
+from numba import njit
 from pyproj import CRS as ProjCRS
 from pyproj import Proj, Transformer
 from rasterio.crs import CRS
@@ -189,6 +190,113 @@ def take(layers: np.ndarray, idx: np.ndarray, fill: int) -> np.ndarray:
     return out
 
 
+def fuse_block(
+    classes: np.ndarray,
+    confidence: np.ndarray,
+    clear: np.ndarray,
+    extra: np.ndarray | None,
+    centres: Sequence[tuple[float, float]],
+    x: np.ndarray,
+    y: np.ndarray,
+    cells: CellAreas,
+    tally: AreaTally,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
+    """One block of the mosaic in one compiled pass: arbitration (:func:`arbitrate` on :func:`_dist2`),
+    the chosen tile's values of every layer (:func:`take`), and the area and confidence tally
+    (:meth:`AreaTally.add`), with the same results as those numpy functions (tested), ~10x faster.
+
+    ``classes``, ``confidence``, ``clear`` and ``extra`` (the margin, or None): (k, h, w) stacks of
+    the k tiles touching the block, in tile order; ``x`` (w,), ``y`` (h,): the pixel centres'
+    coordinates; ``centres``: the tiles'. A code the tally does not know is counted by numpy.
+    """
+    k, h, w = classes.shape
+    cx = np.array([c[0] for c in centres], np.float64)
+    cy = np.array([c[1] for c in centres], np.float64)
+    bins = len(tally.dense_codes)
+    n_known = int(tally.dense_codes.max()) + 1
+    per_cell = np.zeros((cells.area.size, n_known), np.int64)
+    hist = np.zeros((n_known, 256), np.int64)
+    outs = (
+        np.empty((h, w), classes.dtype),
+        np.empty((h, w), np.uint8),
+        np.empty((h, w), np.uint16),
+        np.empty((h, w) if extra is not None else (0, 0), np.uint8),
+    )
+    ex = extra if extra is not None else np.empty((0, 0, 0), np.uint8)
+    known = _fuse_block(
+        classes, confidence, clear, ex, extra is not None, cx, cy, x, y,
+        cells.rows, cells.cols, cells.area.shape[1], tally.dense_codes, bins, per_cell, hist, *outs,
+    )  # fmt: skip
+    if known:
+        tally.add_counts(per_cell, cells, hist)
+    else:  # a value outside the nomenclature: the pixel-by-pixel tally
+        tally.add(outs[0], cells, outs[1])
+    return outs[0], outs[1], outs[2], outs[3] if extra is not None else None
+
+
+@njit(nogil=True, cache=True)
+def _fuse_block(
+    cls,
+    conf,
+    clear,
+    extra,
+    with_extra,
+    cx,
+    cy,
+    x,
+    y,
+    cell_r,
+    cell_c,
+    cell_cols,
+    dense,
+    bins,
+    per_cell,
+    hist,
+    cls_out,
+    conf_out,
+    clear_out,
+    extra_out,
+):  # pragma: no cover - compiled
+    k, h, w = cls.shape
+    known = True
+    for i in range(h):
+        dy = y[i]
+        row_cells = cell_r[i] * cell_cols
+        for j in range(w):
+            best = 0
+            if k > 1:  # nearest centre among the tiles with data (ties: the first)
+                best = -1
+                bd = np.inf
+                for t in range(k):
+                    if cls[t, i, j] != 0:
+                        d = (x[j] - cx[t]) ** 2 + (dy - cy[t]) ** 2
+                        if d < bd:
+                            bd = d
+                            best = t
+                if best < 0:
+                    best = 0  # no tile has data: tile 0's class is 0 too
+            code = cls[best, i, j]
+            if code == 0:
+                cf = CONFIDENCE_NODATA
+                clear_out[i, j] = CLEAR_NODATA
+                if with_extra:
+                    extra_out[i, j] = CONFIDENCE_NODATA
+            else:
+                cf = conf[best, i, j]
+                clear_out[i, j] = clear[best, i, j]
+                if with_extra:
+                    extra_out[i, j] = extra[best, i, j]
+            cls_out[i, j] = code
+            conf_out[i, j] = cf
+            bn = dense[code] if code < bins else -1
+            if bn < 0:
+                known = False
+            else:
+                per_cell[row_cells + cell_c[j], bn] += 1
+                hist[bn, cf] += 1
+    return known
+
+
 @dataclass(frozen=True)
 class CellAreas:
     """True pixel areas of a window, constant over each ``step`` x ``step`` px cell of the grid's
@@ -293,10 +401,21 @@ class AreaTally:
         per_cell = np.bincount((cells.cell_index() * k + dense).ravel(), minlength=n_cells * k).reshape(
             n_cells, k
         )
-        self.pixels[self._known] += per_cell.sum(0)
-        self.area_m2[self._known] += cells.area.ravel() @ per_cell
+        hist = None
         if confidence is not None:
             hist = np.bincount((dense * 256 + confidence).ravel(), minlength=k * 256).reshape(k, 256)
+        self.add_counts(per_cell, cells, hist)
+
+    @property
+    def dense_codes(self) -> np.ndarray:
+        """Each code's bin (-1: not a known code), the lookup :func:`fuse_block` counts with."""
+        return self._dense
+
+    def add_counts(self, per_cell: np.ndarray, cells: CellAreas, hist: np.ndarray | None) -> None:
+        """Add a block's (cell, code bin) pixel counts and (code bin, confidence) histogram."""
+        self.pixels[self._known] += per_cell.sum(0)
+        self.area_m2[self._known] += cells.area.ravel() @ per_cell
+        if hist is not None:
             hist[:, CONFIDENCE_NODATA] = 0
             self.conf_sum[self._known] += hist @ np.arange(256, dtype=np.float64)
             self.conf_n[self._known] += hist.sum(1)
@@ -494,43 +613,42 @@ def build_mosaic(
                 conf = np.full((h, w), CONFIDENCE_NODATA, np.uint8)
                 clear = np.full((h, w), CLEAR_NODATA, np.uint16)
                 extra = [conf] * len(extra_sinks)
-            elif len(here) == 1:  # most blocks: one tile, nothing to arbitrate
-                s = here[0]
-                cls = s.read(0, win, dtype)
-                empty = cls == 0
-                conf = np.where(empty, CONFIDENCE_NODATA, s.read(1, win, np.uint8)).astype(np.uint8)
-                clear = np.where(empty, CLEAR_NODATA, s.read(2, win, np.uint16)).astype(np.uint16)
-                extra = [
-                    np.where(empty, CONFIDENCE_NODATA, s.read(3, win, np.uint8)).astype(np.uint8)
-                    for _ in extra_sinks
-                ]
-                tally.add(cls, cell_areas(nat, win), conf)
             else:
-                stack_cls = np.stack([s.read(0, win, dtype) for s in here])
-                d2 = _dist2(nat, win, [s.centre for s in here])
-                idx = arbitrate(stack_cls != 0, d2)
-                cls = take(stack_cls, idx, 0)
-                del stack_cls
-                conf = take(np.stack([s.read(1, win, np.uint8) for s in here]), idx, CONFIDENCE_NODATA)
-                clear = take(np.stack([s.read(2, win, np.uint16) for s in here]), idx, CLEAR_NODATA)
-                extra = [
-                    take(np.stack([s.read(3, win, np.uint8) for s in here]), idx, CONFIDENCE_NODATA)
-                    for _ in extra_sinks
-                ]
-                tally.add(cls, cell_areas(nat, win), conf)
+                # one tile (most blocks) or several: one compiled pass arbitrates, picks and tallies
+                x, y = _centres(nat, win)
+                cls, conf, clear, margin_block = fuse_block(
+                    _stack(here, 0, win, dtype), _stack(here, 1, win, np.uint8),
+                    _stack(here, 2, win, np.uint16),
+                    _stack(here, 3, win, np.uint8) if extra_sinks else None,
+                    [s.centre for s in here], x, y, cell_areas(nat, win), tally,
+                )  # fmt: skip
+                extra = [margin_block] if margin_block is not None else []
             cls_sink.write(win, cls)
             conf_sink.write(win, conf)
             clear_sink.write(win, clear)
-            for sink, layer in zip(extra_sinks, extra, strict=True):
-                sink.write(win, layer)
+            for sink, block_layer in zip(extra_sinks, extra, strict=True):
+                sink.write(win, block_layer)
     return MosaicResult(nat, tally, [s.tile for s in sources], reprojected)
+
+
+def _stack(sources: Sequence[_Source], layer: int, win: Window, dtype: Any) -> np.ndarray:
+    """(k, h, w): layer ``layer`` of each source over ``win`` (one source: a view, no copy)."""
+    if len(sources) == 1:
+        return sources[0].read(layer, win, dtype)[None]
+    return np.stack([s.read(layer, win, dtype) for s in sources])
+
+
+def _centres(nat: Grid, win: Window) -> tuple[np.ndarray, np.ndarray]:
+    """The x (columns) and y (rows) coordinates of the pixel centres of ``win``."""
+    res = nat.transform.a
+    x = nat.transform.c + (int(win.col_off) + np.arange(int(win.width)) + 0.5) * res
+    y = nat.transform.f - (int(win.row_off) + np.arange(int(win.height)) + 0.5) * res
+    return x, y
 
 
 def _dist2(nat: Grid, win: Window, centres: Sequence[tuple[float, float]]) -> np.ndarray:
     """(k, h, w) squared distance of each pixel centre of ``win`` to each tile centre."""
-    res = nat.transform.a
-    x = nat.transform.c + (int(win.col_off) + np.arange(int(win.width)) + 0.5) * res
-    y = nat.transform.f - (int(win.row_off) + np.arange(int(win.height)) + 0.5) * res
+    x, y = _centres(nat, win)
     cx = np.array([c[0] for c in centres])[:, None, None]
     cy = np.array([c[1] for c in centres])[:, None, None]
     return (x[None, None, :] - cx) ** 2 + (y[None, :, None] - cy) ** 2

@@ -27,6 +27,7 @@ import numpy as np
 import rasterio
 import rasterio.shutil
 from affine import Affine
+from numba import njit
 from rasterio.enums import Resampling
 from rasterio.windows import Window
 from tqdm import tqdm
@@ -97,6 +98,65 @@ def sum2x2(a: np.ndarray) -> np.ndarray:
     return pad[0::2, 0::2] + pad[0::2, 1::2] + pad[1::2, 0::2] + pad[1::2, 1::2]
 
 
+@njit(nogil=True, cache=True)
+def _mode_level(a, nodata, has_nodata, out):  # pragma: no cover - compiled
+    """:func:`mode2x2` of ``a`` into ``out`` in one pass (the same cells, ties and no-data)."""
+    h, w = a.shape
+    vals = np.empty(4, a.dtype)
+    ok = np.empty(4, np.bool_)
+    for r in range(out.shape[0]):
+        for c in range(out.shape[1]):
+            i, j = 2 * r, 2 * c
+            if i + 1 < h and j + 1 < w:
+                v = a[i, j]
+                if a[i, j + 1] == v and a[i + 1, j] == v and a[i + 1, j + 1] == v:
+                    out[r, c] = v  # a uniform cell (most of a class map): its value, or no-data
+                    continue
+            n = 0
+            for dr in range(2):
+                for dc in range(2):
+                    if i + dr < h and j + dc < w:
+                        vals[n] = a[i + dr, j + dc]
+                        ok[n] = (not has_nodata) or vals[n] != nodata
+                    else:
+                        vals[n] = 0
+                        ok[n] = False
+                    n += 1
+            best, best_count = -1, 0
+            for p in range(4):
+                if ok[p]:
+                    cnt = 0
+                    for q in range(4):
+                        if ok[q] and vals[q] == vals[p]:
+                            cnt += 1
+                    if cnt > best_count:
+                        best, best_count = p, cnt
+            out[r, c] = vals[best] if best >= 0 else nodata
+
+
+@njit(nogil=True, cache=True)
+def _mean_level(a, counts, nodata, has_nodata, fill, total, count, out):  # pragma: no cover - compiled
+    """One AVERAGE level: each 2x2 cell's sum and count of valid values (``counts`` None: ``a`` is the
+    base, valid where not ``nodata``; else ``a`` and ``counts`` are the level below's sums and counts),
+    and its mean rounded half up (``fill`` where none), as :class:`_Pyramid` computes it in numpy."""
+    h, w = a.shape
+    for r in range(out.shape[0]):
+        for c in range(out.shape[1]):
+            s, n = 0, 0
+            for i in range(2 * r, min(2 * r + 2, h)):
+                for j in range(2 * c, min(2 * c + 2, w)):
+                    if counts is None:
+                        if (not has_nodata) or a[i, j] != nodata:
+                            s += a[i, j]
+                            n += 1
+                    else:
+                        s += a[i, j]
+                        n += counts[i, j]
+            total[r, c] = s
+            count[r, c] = n
+            out[r, c] = np.floor(s / n + 0.5) if n > 0 else fill
+
+
 class _Pyramid:
     """Overview levels (factors 2, 4, ...) computed window by window while the base is written:
     MODE from the level below, AVERAGE as the exact mean of the valid base pixels (sums and
@@ -132,23 +192,55 @@ class _Pyramid:
         )
 
     def write(self, window: Window, array: np.ndarray) -> None:
+        """Every level of one window, by the compiled kernels (:func:`mode2x2` and
+        :meth:`levels_numpy` are their references, tested equal); they release the GIL, so the
+        writer threads of several COGs compute their pyramids side by side."""
         r, c = int(window.row_off), int(window.col_off)
+        for f, dst, level in zip(self.factors, self.datasets, self.levels(array), strict=True):
+            dst.write(level, 1, window=Window(c // f, r // f, level.shape[1], level.shape[0]))
+
+    def levels(self, array: np.ndarray) -> list[np.ndarray]:
+        has_nodata = self.nodata is not None
+        nodata = int(self.nodata) if has_nodata else 0  # type: ignore[arg-type]
+        out: list[np.ndarray] = []
+        level, counts = array, None
+        for _ in self.factors:
+            shape = (-(-level.shape[0] // 2), -(-level.shape[1] // 2))
+            if self.kind == "MODE":
+                nxt = np.empty(shape, array.dtype)
+                _mode_level(level, nodata, has_nodata, nxt)
+                level = nxt
+                out.append(nxt)
+                continue
+            total, count, mean = (
+                np.empty(shape, np.int64),
+                np.empty(shape, np.int64),
+                np.empty(shape, self.dtype),
+            )
+            _mean_level(level, counts, nodata, has_nodata, nodata, total, count, mean)
+            level, counts = total, count
+            out.append(mean)
+        return out
+
+    def levels_numpy(self, array: np.ndarray) -> list[np.ndarray]:
+        """:meth:`levels` in numpy (the reference of the compiled kernels)."""
+        out = []
         if self.kind == "MODE":
             level = array
-            for f, dst in zip(self.factors, self.datasets, strict=True):
+            for _ in self.factors:
                 level = mode2x2(level, self.nodata)
-                dst.write(level, 1, window=Window(c // f, r // f, level.shape[1], level.shape[0]))
-            return
+                out.append(level)
+            return out
         valid = np.ones(array.shape, bool) if self.nodata is None else array != self.nodata
         total = np.where(valid, array, 0).astype(np.float64)
         count = valid.astype(np.int64)
-        for f, dst in zip(self.factors, self.datasets, strict=True):
+        for _ in self.factors:
             total, count = sum2x2(total), sum2x2(count)
             with np.errstate(invalid="ignore", divide="ignore"):
                 mean = np.floor(total / count + 0.5)
             fill = 0 if self.nodata is None else self.nodata
-            out = np.where(count > 0, mean, fill).astype(self.dtype)
-            dst.write(out, 1, window=Window(c // f, r // f, out.shape[1], out.shape[0]))
+            out.append(np.where(count > 0, mean, fill).astype(self.dtype))
+        return out
 
     def close(self) -> None:
         for d in self.datasets:
