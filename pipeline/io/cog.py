@@ -143,6 +143,15 @@ def _mean_level(a, counts, nodata, has_nodata, fill, total, count, out):  # prag
     for r in range(out.shape[0]):
         for c in range(out.shape[1]):
             s, n = 0, 0
+            i, j = 2 * r, 2 * c
+            if counts is None and i + 1 < h and j + 1 < w:  # a whole cell of the base (most)
+                v0, v1, v2, v3 = a[i, j], a[i, j + 1], a[i + 1, j], a[i + 1, j + 1]
+                if not has_nodata or (v0 != nodata and v1 != nodata and v2 != nodata and v3 != nodata):
+                    s = np.int64(v0) + np.int64(v1) + np.int64(v2) + np.int64(v3)
+                    total[r, c] = s
+                    count[r, c] = 4
+                    out[r, c] = np.floor(s / 4 + 0.5)
+                    continue
             for i in range(2 * r, min(2 * r + 2, h)):
                 for j in range(2 * c, min(2 * c + 2, w)):
                     if counts is None:
