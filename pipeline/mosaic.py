@@ -203,7 +203,8 @@ def fuse_block(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
     """One block of the mosaic in one compiled pass: arbitration (:func:`arbitrate` on :func:`_dist2`),
     the chosen tile's values of every layer (:func:`take`), and the area and confidence tally
-    (:meth:`AreaTally.add`), with the same results as those numpy functions (tested), ~10x faster.
+    (:meth:`AreaTally.add`), with the same results as those numpy functions (tested), 2-4x faster
+    (docs/benchmarks.md).
 
     ``classes``, ``confidence``, ``clear`` and ``extra`` (the margin, or None): (k, h, w) stacks of
     the k tiles touching the block, in tile order; ``x`` (w,), ``y`` (h,): the pixel centres'
