@@ -278,3 +278,13 @@ def test_compiled_overview_levels_equal_the_numpy_ones(tmp_path, kind, dtype, no
             assert g.dtype == w.dtype and g.shape == w.shape
             np.testing.assert_array_equal(g, w)
     pyr.unlink()
+
+
+def test_float_overview_levels_take_the_numpy_path(tmp_path):
+    from pipeline.io.cog import _Pyramid
+
+    pyr = _Pyramid(tmp_path / "s.tif", make_grid(40, 40), "float32", None, "AVERAGE", [2, 4])
+    a = np.arange(35 * 33, dtype=np.float32).reshape(35, 33) / 7
+    got = pyr.levels(a)
+    assert got[0].dtype == np.float32 and got[0][0, 0] == np.floor((0 + 1 + 33 + 34) / 7 / 4 + 0.5)
+    pyr.unlink()

@@ -209,6 +209,8 @@ class _Pyramid:
             dst.write(level, 1, window=Window(c // f, r // f, level.shape[1], level.shape[0]))
 
     def levels(self, array: np.ndarray) -> list[np.ndarray]:
+        if not np.issubdtype(array.dtype, np.integer):  # the kernels sum integers exactly
+            return self.levels_numpy(array)
         has_nodata = self.nodata is not None
         nodata = int(self.nodata) if has_nodata else 0  # type: ignore[arg-type]
         out: list[np.ndarray] = []
