@@ -29,6 +29,7 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -38,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine  # noqa: E402
 
 from pipeline.bootstrap import PolygonTable, paired_differences, score_intervals  # noqa: E402
-from pipeline.config import load_config  # noqa: E402
+from pipeline.config import Config, load_config  # noqa: E402
 from pipeline.io.tilestore import open_store  # noqa: E402
 from pipeline.metrics import class_indices, confusion, scores  # noqa: E402
 from pipeline.models.features import Normalisation, nodata_mask, pixel_features  # noqa: E402
@@ -106,31 +107,32 @@ def main() -> None:
     codes = cfg.class_codes
     t0 = time.perf_counter()
     sample, _, _, _ = training_sample(cfg, labels, cubes, norm)
-    x_train = np.empty((sample.labels.size, norm.n_features * (1 + 2 * len(args.sizes))), np.float32)
-    for i, t in enumerate(sample.tiles):  # in sample order, as the network's features below
-        at = np.flatnonzero(sample.tile == i)
-        x_train[at] = features_at(cubes[t], norm, sample.row[at], sample.col[at], args.sizes)[0]
+    n_train = sample.labels.size
     y_train = sample.labels
-    x_val: list[np.ndarray] = []
+    # every pixel used (the training sample, then each tile's validation pixels) on tiles' indices,
+    # so that each tile's windows are read, filtered (and run through the network) once
+    px_tile = [np.array([tiles.index(t) for t in sample.tiles], np.int64)[sample.tile]]
+    px_row, px_col = [sample.row.astype(np.int64)], [sample.col.astype(np.int64)]
     y_val: list[np.ndarray] = []
     id_val: list[np.ndarray] = []
-    v_rows: list[np.ndarray] = []
-    v_cols: list[np.ndarray] = []
-    v_tile: list[np.ndarray] = []
-    for t in tiles:
+    for i, t in enumerate(tiles):
         grp = open_store(labels[t], "reference", ("validation", VALIDATION_ID))
         ref, ids = np.asarray(grp["validation"]), np.asarray(grp[VALIDATION_ID])
         rows, cols = np.nonzero(ref)
-        f, ok = features_at(cubes[t], norm, rows, cols, args.sizes)
-        x_val.append(f[ok])
-        y_val.append(ref[rows, cols][ok])
-        id_val.append(ids[rows, cols][ok])
-        v_rows.append(rows[ok])
-        v_cols.append(cols[ok])
-        v_tile.append(np.full(int(ok.sum()), tiles.index(t)))
-    xv, yv, iv = np.concatenate(x_val), np.concatenate(y_val), np.concatenate(id_val)
-    xv_rows, xv_cols = np.concatenate(v_rows), np.concatenate(v_cols)
-    xv_tile = np.concatenate(v_tile)
+        px_tile.append(np.full(rows.size, i, np.int64))
+        px_row.append(rows.astype(np.int64))
+        px_col.append(cols.astype(np.int64))
+        y_val.append(ref[rows, cols])
+        id_val.append(ids[rows, cols])
+    pixels = PixelSet(tiles, np.concatenate(px_tile), np.concatenate(px_row), np.concatenate(px_col))
+    feats = np.empty((pixels.row.size, norm.n_features * (1 + 2 * len(args.sizes))), np.float32)
+    observed = np.empty(pixels.row.size, bool)
+    for i, t in enumerate(tiles):
+        at = np.flatnonzero(pixels.tile == i)
+        feats[at], observed[at] = features_at(cubes[t], norm, pixels.row[at], pixels.col[at], args.sizes)
+    ok = observed[n_train:]  # validation pixels with no observation at all are left out, as in the maps
+    x_train, xv = feats[:n_train], feats[n_train:][ok]
+    yv, iv = np.concatenate(y_val)[ok], np.concatenate(id_val)[ok]
     prep = time.perf_counter() - t0
     n_pix = norm.n_features
     res: dict[str, object] = {
@@ -150,8 +152,8 @@ def main() -> None:
     ]
     if args.network:
         t1 = time.perf_counter()
-        net_train, net_val, parts = network_split(args.network, cfg, cubes, norm, sample, tiles,
-                                                  (xv_tile, xv_rows, xv_cols))  # fmt: skip
+        net_all, parts = network_split(args.network, cfg, cubes, norm, pixels)
+        net_train, net_val = net_all[:n_train], net_all[n_train:][ok]
         res["network"] = {"model": str(args.network), "features_s": round(time.perf_counter() - t1, 1)}
         for part, cols in parts.items():
             runs.append((f"net_{part}", net_train[:, cols], net_val[:, cols]))
@@ -192,33 +194,35 @@ def main() -> None:
         print(f"{name}: kappa {res[name]['kappa']}, {'/'.join(URBAN)} F1 {urban}", file=sys.stderr)  # type: ignore[index]
 
 
-def network_split(
-    model_dir: Path,
-    cfg: object,
-    cubes: dict[str, Path],
-    norm: Normalisation,
-    sample: object,
-    tiles: list[str],
-    val: tuple[np.ndarray, np.ndarray, np.ndarray],
-) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
-    """The network's penultimate features of the training sample and of the validation pixels, and
-    the columns of its U-Net and 1x1-path parts (per group: U-Net outputs, then the 1x1 path's)."""
-    from types import SimpleNamespace
+@dataclass(frozen=True)
+class PixelSet:
+    """Pixels of several tiles, in the form :func:`network_features` reads (a sample's fields)."""
 
+    tiles: list[str]
+    tile: np.ndarray  # index into ``tiles``
+    row: np.ndarray
+    col: np.ndarray
+
+
+def network_split(
+    model_dir: Path, cfg: Config, cubes: dict[str, Path], norm: Normalisation, pixels: PixelSet
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """The network's penultimate features of ``pixels`` (one pass over the windows holding them),
+    and the columns of its U-Net and 1x1-path parts (per group: U-Net outputs, then the 1x1 path's)."""
     from pipeline.models import get  # the model registry
 
     net = get("fgunet").load(model_dir)
-    window = int(cfg["inference"]["window"])  # type: ignore[index]
     margin = net.spec.pool_aligned(net.receptive_radius)  # as fgunet_rf reads its windows
-    x_train = network_features(net, norm, cubes, sample, window, margin)
-    tile, rows, cols = val
-    x_val = network_features(net, norm, cubes, SimpleNamespace(tiles=tiles, tile=tile, row=rows, col=cols),
-                             window, margin)  # fmt: skip
+    x = network_features(net, norm, cubes, pixels, int(cfg["inference"]["window"]), margin)
     feats = net.net.features
     fu, fp = feats.unet.out_channels, feats.pixel.out_channels
-    per = np.arange(x_train.shape[1]) % (fu + fp)
-    return x_train, x_val, {"unet": np.flatnonzero(per < fu), "pixel": np.flatnonzero(per >= fu),
-                            "all": np.arange(x_train.shape[1])}  # fmt: skip
+    per = np.arange(x.shape[1]) % (fu + fp)
+    parts = {
+        "unet": np.flatnonzero(per < fu),
+        "pixel": np.flatnonzero(per >= fu),
+        "all": np.arange(x.shape[1]),
+    }
+    return x, parts
 
 
 if __name__ == "__main__":
