@@ -119,6 +119,11 @@ def run_network(
         rows.append(row | {"cpu_s": round(cpu, 1), "wall_s": round(wall, 1), "kept": kept})
         rows[-1] |= score(model, meta, model_dir)
         print(f"  {name} s{seed} epoch {h['epoch']}: kappa {rows[-1]['kappa']:.4f}", flush=True)
+    if meta["training"].get("head_refit"):  # the model as kept: its last layer refitted
+        model = get(name).load(model_dir)
+        rows.append(rows[-1] | {"model": f"{name} refit", "kept": True} | score(model, meta, model_dir))
+        rows[-1]["epoch"] = rows[-1]["steps"] = ""
+        print(f"  {name} s{seed} refitted: kappa {rows[-1]['kappa']:.4f}", flush=True)
     return rows
 
 
@@ -276,6 +281,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--label", default="", help="suffix of the model names in the CSV (e.g. ' y2')")
     ap.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="fp32", help="nets.precision")
     ap.add_argument("--weight-init", choices=["torch", "glorot", "he"], help="nets.weight_init")
+    ap.add_argument("--unet-aux-loss", type=float, help="nets.unet_aux_loss (fgunet only)")
     ap.add_argument("--append", action="store_true", help="keep other models' rows of an earlier curves.csv")
     ap.add_argument("--time-mapping", action="store_true", help="only time the predict stage per model")
     args = ap.parse_args(argv)
@@ -296,6 +302,8 @@ def main(argv: list[str] | None = None) -> None:
         for name in args.models:
             print(f"{name} seed {seed}", flush=True)
             init = {"weight_init": args.weight_init} if args.weight_init else {}
+            if args.unet_aux_loss is not None and name == "fgunet":
+                init["unet_aux_loss"] = args.unet_aux_loss
             curve = run_network(
                 cfg, name, seed, args.out, score, args.epochs, args.steps, precision=args.precision, **init
             )

@@ -84,6 +84,7 @@ STAGE_SETTINGS: dict[str, tuple[str, ...]] = {
                 "init_from",
                 "head_refit",
                 "weight_init",
+                "unet_aux_loss",
             )
         ),
         # nodes x tasks: the global batch and the warm-up's learning-rate scaling (eq. 3)

@@ -450,3 +450,32 @@ def test_initialise_torch_keeps_the_defaults_and_is_reproducible() -> None:
     assert not torch.equal(c.state_dict()["head.classifier.weight"], a.state_dict()["head.classifier.weight"])
     with pytest.raises(ValueError, match="unknown weight initialisation 'lecun'"):
         initialise(a, "lecun")
+
+
+# ---------------------------------------------------------------------------------------------------
+# deep supervision of the U-Net branch (nets.unet_aux_loss)
+
+
+def test_branch_supervision_reads_the_unet_branch_alone() -> None:
+    """The wrapper's first output is the network's own logits; the second is a 1x1 classifier of
+    the G groups' U-Net features side by side (each group run through the U-Net on its own here),
+    so it does not move when only the 1x1 path's weights change."""
+    from pipeline.nets.arch import BranchSupervised
+
+    net = small("fgunet", groups=3).eval()
+    sup = BranchSupervised(net).eval()
+    x = torch.randn(2, 9, 16, 16)
+    logits, branch = sup(x)
+    torch.testing.assert_close(logits, net(x), rtol=0, atol=0)
+    feats = torch.cat([net.features.unet(x[:, 3 * g : 3 * g + 3]) for g in range(3)], 1)
+    w = sup.branch.weight[:, :, 0, 0]
+    want = torch.einsum("kf,bfhw->bkhw", w, feats) + sup.branch.bias.view(1, -1, 1, 1)
+    torch.testing.assert_close(branch, want, rtol=1e-5, atol=1e-6)
+    with torch.no_grad():
+        for p in net.features.pixel.parameters():
+            p.add_(1.0)
+    new_logits, new_branch = sup(x)
+    assert torch.equal(new_branch, branch) and not torch.allclose(new_logits, logits)
+    for arch in ("unet3", "mlp3", "lstm3", "tsfgunet"):
+        with pytest.raises(ValueError, match="no U-Net branch beside a 1x1 path"):
+            BranchSupervised(small(arch))

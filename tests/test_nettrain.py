@@ -305,6 +305,50 @@ def test_weight_init_reaches_the_training(run):
     assert "weight_init" not in ident["torch"] and ident["he"]["weight_init"] == "he"
 
 
+def test_unet_aux_loss_trains_the_branch_and_resumes_exactly(run, uninterrupted, monkeypatch):
+    """``nets.unet_aux_loss`` changes the training (same seed, draws and dropout: only the loss
+    differs), keeps the model as it was built (the branch classifier is not in the weights file),
+    and its classifier travels in the checkpoints: killed after epoch 1 and started again, the run
+    ends with the uninterrupted run's weights. Off (0), the identity is what it was before."""
+    from pipeline.nets.checkpoints import training_identity
+    from pipeline.nets.settings import NetSettings
+
+    tmp, scene, patches = run
+    cfg = net_config(tmp / "aux-a", unet_aux_loss=0.5)
+    whole = tmp / "aux-a" / "models" / "fgunet"
+    _train(cfg, scene, patches, whole)
+    got, plain = _weights(whole), _weights(uninterrupted[1])
+    assert got.keys() == plain.keys() and all(got[k].shape == plain[k].shape for k in got)
+    assert not _same_weights(got, plain)
+    blob = load_weights(latest_checkpoint(whole.with_name("fgunet.checkpoints")))
+    assert set(blob["branch_state_dict"]) == {"weight", "bias"}
+
+    out = tmp / "aux-b" / "models" / "fgunet"
+    real_save = nettrain.save_checkpoint
+
+    def killed_after_first(ckdir, epoch, *a, **k):
+        path = real_save(ckdir, epoch, *a, **k)
+        if epoch == 1:
+            raise KeyboardInterrupt
+        return path
+
+    monkeypatch.setattr(nettrain, "save_checkpoint", killed_after_first)
+    with pytest.raises(KeyboardInterrupt):
+        _train(net_config(tmp / "aux-b", unet_aux_loss=0.5), scene, patches, out)
+    monkeypatch.setattr(nettrain, "save_checkpoint", real_save)
+    _train(net_config(tmp / "aux-b", unet_aux_loss=0.5), scene, patches, out)
+    assert _same_weights(_weights(out), got)
+    # the kept epoch may be the first: the last epoch's weights tell whether epoch 2 resumed right
+    last = load_weights(latest_checkpoint(out.with_name("fgunet.checkpoints")))
+    assert last["epoch"] == blob["epoch"] == 2
+    assert _same_weights(last["state_dict"], blob["state_dict"])
+    assert _same_weights(last["branch_state_dict"], blob["branch_state_dict"])
+    ident = {
+        w: training_identity(NetSettings.from_config(net_config(tmp, unet_aux_loss=w)), 1, 1) for w in (0, 1)
+    }
+    assert "unet_aux_loss" not in ident[0] and ident[1]["unet_aux_loss"] == 1.0
+
+
 def _damaged(src: Path, dst: Path) -> Path:
     shutil.copytree(src, dst)
     data = (dst / WEIGHTS).read_bytes()
@@ -532,6 +576,16 @@ def test_config_rejects_groups_that_do_not_divide_the_dates(tmp_path):
     raw = yaml.safe_load(yaml.safe_dump(make_config(tmp_path).data))
     raw["nets"] = TINY | {"groups": 2}
     validate(raw)  # RF alone does not care about temporal groups
+
+
+def test_config_rejects_unet_aux_loss_without_a_branched_network(tmp_path):
+    raw = yaml.safe_load(yaml.safe_dump(make_config(tmp_path).data))
+    raw["nets"] = TINY | {"unet_aux_loss": 1.0}
+    raw["classifiers"] = ["rf", "unet3", "mlp3"]
+    with pytest.raises(PipelineError, match="nets/unet_aux_loss.*only fgunet"):
+        validate(raw)
+    raw["classifiers"] = ["rf", "unet3", "fgunet"]
+    validate(raw)
 
 
 @pytest.mark.parametrize(

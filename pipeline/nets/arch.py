@@ -39,6 +39,7 @@ __all__ = [
     "ARCHS",
     "KERNEL",
     "WEIGHT_INITS",
+    "BranchSupervised",
     "Net",
     "NetSpec",
     "build",
@@ -443,6 +444,32 @@ class Net(nn.Module):
     def receptive_radius(self) -> int:
         """:attr:`NetSpec.receptive_radius` (kept as a method: the stitching tests probe it)."""
         return self.spec.receptive_radius
+
+
+class BranchSupervised(nn.Module):
+    """Training-only wrapper: ``net``'s logits plus those of a 1x1 classifier that sees the U-Net
+    branch's features alone (deep supervision of the branch, ``nets.unet_aux_loss``).
+
+    Why: in FG-UNET the 1x1 path fits the spectra first, the loss is then low through it alone and
+    the U-Net branch gets little gradient; on the demo its channels end nearly constant and RF on
+    them alone reaches kappa 0.57 (docs/networks.md, "The U-Net branch"). A loss that only the
+    U-Net's features can lower makes it learn the context. The extra classifier is not part of the
+    model kept: the map, its speed and the parameter counts are those of ``net``.
+    """
+
+    def __init__(self, net: Net) -> None:
+        super().__init__()
+        unet = net.features.unet
+        if unet is None or net.features.pixel is None or not isinstance(net.head, _ConcatHead):
+            raise ValueError(f"{net.spec.arch} has no U-Net branch beside a 1x1 path to supervise")
+        self.net = net
+        self.branch = nn.Conv2d(net.spec.groups * unet.out_channels, net.spec.n_classes, 1)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        net = self.net
+        b, h, w = net._check(x)
+        parts = net.features.parts(x.reshape(b * net.spec.groups, net.spec.in_channels, h, w))
+        return net.head(_cat(parts), b), self.branch(parts[0].reshape(b, -1, h, w))
 
 
 def build(spec: NetSpec) -> Net:

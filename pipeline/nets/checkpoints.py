@@ -20,6 +20,10 @@ from pipeline.io.atomic import atomic_path
 from pipeline.nets.history import HISTORY, PLOT, history_csv, plot_history
 from pipeline.nets.settings import NetSettings
 
+# settings added after checkpoints were first written: at their default they are not part of the
+# identity, so an older checkpoint (which could only have been trained at the default) still resumes
+OMITTED_AT_DEFAULT: dict[str, Any] = {"weight_init": "torch", "unet_aux_loss": 0.0}
+
 
 def training_identity(s: NetSettings, seed: int, nodes: int) -> dict[str, Any]:
     """Settings a resumed run must share with the checkpoint (``epochs`` may grow, others may not)."""
@@ -27,8 +31,9 @@ def training_identity(s: NetSettings, seed: int, nodes: int) -> dict[str, Any]:
     # head_refit acts after the last epoch: a finished training is refitted, not retrained
     for k in ("epochs", "device", "keep_checkpoints", "selection_patches", "init_from", "head_refit"):
         d.pop(k)
-    if d["weight_init"] == "torch":  # the default: checkpoints written before the setting existed resume
-        d.pop("weight_init")
+    for k, default in OMITTED_AT_DEFAULT.items():  # checkpoints written before these existed resume
+        if d[k] == default:
+            d.pop(k)
     return json.loads(json.dumps(d | {"seed": seed, "nodes": nodes}))
 
 
@@ -46,11 +51,13 @@ def save_checkpoint(
     identity: dict[str, Any],
     keep: int,
     best: dict[str, Any] | None = None,
+    branch: torch.nn.Module | None = None,
 ) -> Path:
     """Write ``epoch_NNN.pt`` atomically, then drop all but the ``keep`` newest (never the new one).
 
     ``best`` (epoch, selection kappa, weights of the epoch to keep) travels in every checkpoint, so
-    a resumed run keeps the same epoch as an uninterrupted one."""
+    a resumed run keeps the same epoch as an uninterrupted one. ``branch``: the training-only
+    classifier of ``nets.unet_aux_loss``, which a resumed run needs too (it is not in the model)."""
     ckdir.mkdir(parents=True, exist_ok=True)
     path = ckdir / f"epoch_{epoch:04d}.pt"
     blob = {
@@ -63,6 +70,8 @@ def save_checkpoint(
     }
     if best is not None:
         blob["best"] = best
+    if branch is not None:
+        blob["branch_state_dict"] = {k: v.detach().cpu() for k, v in branch.state_dict().items()}
     with atomic_path(path) as tmp:
         torch.save(blob, tmp)
     with atomic_path(ckdir / HISTORY) as tmp:
@@ -74,13 +83,21 @@ def save_checkpoint(
 
 
 def restore(
-    blob: dict[str, Any], net: torch.nn.Module, opt: torch.optim.Optimizer, path: Path, ckdir: Path
+    blob: dict[str, Any],
+    net: torch.nn.Module,
+    opt: torch.optim.Optimizer,
+    path: Path,
+    ckdir: Path,
+    branch: torch.nn.Module | None = None,
 ) -> tuple[list[dict[str, Any]], int, dict[str, Any] | None]:
-    """Load a checkpoint that :func:`check_resumable` accepted into ``net`` and ``opt``; returns its
+    """Load a checkpoint that :func:`check_resumable` accepted into ``net``, ``opt`` (and ``branch``,
+    see :func:`save_checkpoint`); returns its
     history, epoch and kept epoch. A damaged one (keys missing, tensors of the wrong shape) is one
     line naming the file, never a traceback."""
     try:
         net.load_state_dict(blob["state_dict"])
+        if branch is not None:
+            branch.load_state_dict(blob["branch_state_dict"])
         opt.load_state_dict(blob["optimizer"])
         history, epoch = list(blob["history"]), int(blob["epoch"])
         best = blob.get("best")

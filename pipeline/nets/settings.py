@@ -49,6 +49,7 @@ class NetSettings:
     keep_checkpoints: int
     head_refit: bool
     weight_init: str
+    unet_aux_loss: float
     init_from: Any  # None, one model folder, or {classifier: folder}: see init_folder
 
     @classmethod
@@ -81,6 +82,7 @@ class NetSettings:
             keep_checkpoints=int(n["keep_checkpoints"]),
             head_refit=bool(n.get("head_refit", False)),
             weight_init=str(n.get("weight_init", "torch")),
+            unet_aux_loss=float(n.get("unet_aux_loss", 0.0)),
             init_from=n.get("init_from"),
         )
 
@@ -144,6 +146,7 @@ def init_folder(init_from: Any, name: str) -> Path | None:
 
 
 LINEAR_HEADS = ("fgunet", "unet3", "mlp3")  # last layer: one 1x1 conv over the groups' features
+BRANCHED = ("fgunet",)  # a U-Net branch beside a 1x1 path, concat head: what nets.unet_aux_loss supervises
 
 
 def check_config(data: dict[str, Any], source: str) -> None:
@@ -183,6 +186,12 @@ def check_config(data: dict[str, Any], source: str) -> None:
             source,
             f"invalid config at 'nets/head_refit': {', '.join(other)} in classifiers has no linear last"
             f" layer to refit (only {', '.join(LINEAR_HEADS)})",
+        )
+    if nets.get("unet_aux_loss", 0) > 0 and not any(a in BRANCHED for a in networks):
+        raise PipelineError(
+            source,
+            f"invalid config at 'nets/unet_aux_loss': no network of classifiers ({', '.join(networks)})"
+            f" has a U-Net branch beside a 1x1 path (only {', '.join(BRANCHED)})",
         )
     if nets["patch_stride"] > nets["patch_size"]:
         raise PipelineError(source, "invalid config at 'nets/patch_stride': larger than patch_size")

@@ -42,7 +42,7 @@ from pipeline.metrics import confusion, scores
 from pipeline.models import derive_seed
 from pipeline.models.features import Normalisation
 from pipeline.nets import capability
-from pipeline.nets.arch import NetSpec, build, count_parameters, initialise
+from pipeline.nets.arch import BranchSupervised, NetSpec, build, count_parameters, initialise
 from pipeline.nets.checkpoints import (
     check_resumable,
     clear_checkpoints,
@@ -60,7 +60,7 @@ from pipeline.nets.finetune import Start, starting_point
 from pipeline.nets.history import HISTORY, PLOT, history_csv, plot_history
 from pipeline.nets.loss import class_weights, weighted_sparse_ce
 from pipeline.nets.patches import ClassFirstSampler, PatchRef, channels_per_date, min_pixels, patch_inputs
-from pipeline.nets.settings import NetSettings, epoch_lr
+from pipeline.nets.settings import BRANCHED, NetSettings, epoch_lr
 from pipeline.nets.weights import load_weights, save_weights, weights_blob
 from pipeline.reference import SELECTION
 from pipeline.train import META, base_meta
@@ -166,10 +166,14 @@ def train_network(
     net = initialise(build(spec), s.weight_init)
     if init is not None:
         net.load_state_dict(init.state_dict)
-    net = net.to(device).to(memory_format=torch.channels_last)  # oneDNN's native conv layout
+    # deep supervision of the U-Net branch: a training-only classifier on its features alone
+    supervised = BranchSupervised(net) if s.unet_aux_loss > 0 and name in BRANCHED else None
+    branch = None if supervised is None else initialise(supervised.branch, s.weight_init)
+    trained: torch.nn.Module = net if supervised is None else supervised
+    trained = trained.to(device).to(memory_format=torch.channels_last)  # oneDNN's native conv layout
     if s.patch_size % net.pool_factor:
         raise PipelineError(None, f"nets.patch_size {s.patch_size} is not a multiple of {net.pool_factor}")
-    opt = torch.optim.Adam(net.parameters(), lr=s.learning_rate)
+    opt = torch.optim.Adam(trained.parameters(), lr=s.learning_rate)
     sel_margin = spec.pool_aligned(spec.receptive_radius)
     weights = torch.from_numpy(class_w).to(device)
     lut = code_lut(codes)
@@ -205,7 +209,7 @@ def train_network(
                 dist.barrier()
         else:
             check_resumable(blob, identity, latest, ckdir)
-            history, start, best = restore(blob, net, opt, latest, ckdir)
+            history, start, best = restore(blob, net, opt, latest, ckdir, branch)
             log.info("resuming %s from %s (epoch %d of %d)", name, latest.name, start, s.epochs)
 
     sel_refs: list[PatchRef] = []
@@ -214,12 +218,12 @@ def train_network(
         if not sel_refs:
             log.warning("no model-selection patches (reference.selection_ratio): the last epoch is kept")
     batches = BatchSource(data, sampler, world, s.batch_size, s.augment)
-    model_fwd: torch.nn.Module = net
+    model_fwd = trained
     if world.size > 1:
         from torch.nn.parallel import DistributedDataParallel
 
         model_fwd = DistributedDataParallel(
-            net, device_ids=None if device == "cpu" else [torch.device(device)]
+            trained, device_ids=None if device == "cpu" else [torch.device(device)]
         )
     t_start = time.perf_counter()
     for epoch in range(start, s.epochs):
@@ -229,7 +233,7 @@ def train_network(
             group["lr"] = lr
         rng = np.random.default_rng(derive_seed(cfg.seed, f"{name}/epoch/{epoch}"))  # used by process 0
         torch.manual_seed(derive_seed(cfg.seed, f"{name}/dropout/{epoch}/{world.rank}"))
-        net.train()
+        trained.train()
         total = 0.0
         bar = tqdm(
             range(s.steps_per_epoch),
@@ -242,8 +246,12 @@ def train_network(
             xt = torch.from_numpy(patch_inputs(x, norm, s.indices)).to(device)
             yt = torch.from_numpy(lut[y]).to(device)
             with torch.autocast(kind, dtype=torch.bfloat16, enabled=bf16):  # fp32 weights, bf16 maths
-                logits = model_fwd(xt)
-            loss = weighted_sparse_ce(logits, yt, weights)  # in fp32 (log-softmax of float logits)
+                out = model_fwd(xt)
+            if supervised is None:
+                loss = weighted_sparse_ce(out, yt, weights)  # in fp32 (log-softmax of float logits)
+            else:  # the model's loss plus the U-Net branch's own
+                loss = weighted_sparse_ce(out[0], yt, weights)
+                loss = loss + s.unet_aux_loss * weighted_sparse_ce(out[1], yt, weights)
             seen = loss.detach().clone()
             if world.size > 1:  # every process must see a NaN anywhere, or the others would hang
                 dist.all_reduce(seen)
@@ -280,7 +288,7 @@ def train_network(
             _fmt(row.get("sel_loss")), _fmt(row.get("sel_oa")), _fmt(row.get("sel_kappa")),
             _fmt(row.get("sel_mean_f1")),
         )  # fmt: skip
-        save_checkpoint(ckdir, epoch + 1, net, opt, history, identity, s.keep_checkpoints, best)
+        save_checkpoint(ckdir, epoch + 1, net, opt, history, identity, s.keep_checkpoints, best, branch)
 
     if world.size > 1:
         dist.barrier()
