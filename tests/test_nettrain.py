@@ -324,19 +324,9 @@ def test_unet_aux_loss_trains_the_branch_and_resumes_exactly(run, uninterrupted,
     assert set(blob["branch_state_dict"]) == {"weight", "bias"}
 
     out = tmp / "aux-b" / "models" / "fgunet"
-    real_save = nettrain.save_checkpoint
-
-    def killed_after_first(ckdir, epoch, *a, **k):
-        path = real_save(ckdir, epoch, *a, **k)
-        if epoch == 1:
-            raise KeyboardInterrupt
-        return path
-
-    monkeypatch.setattr(nettrain, "save_checkpoint", killed_after_first)
-    with pytest.raises(KeyboardInterrupt):
-        _train(net_config(tmp / "aux-b", unet_aux_loss=0.5), scene, patches, out)
-    monkeypatch.setattr(nettrain, "save_checkpoint", real_save)
-    _train(net_config(tmp / "aux-b", unet_aux_loss=0.5), scene, patches, out)
+    cfg = net_config(tmp / "aux-b", unet_aux_loss=0.5)
+    _killed_after_epoch_one(monkeypatch, lambda: _train(cfg, scene, patches, out))
+    _train(cfg, scene, patches, out)
     assert _same_weights(_weights(out), got)
     # the kept epoch may be the first: the last epoch's weights tell whether epoch 2 resumed right
     last = load_weights(latest_checkpoint(out.with_name("fgunet.checkpoints")))
@@ -419,23 +409,28 @@ def test_init_from_mapping_names_networks_of_the_run(tmp_path):
     assert s.init_folder("mlp3") == Path("last/mlp3") and s.init_folder("fgunet") is None
 
 
-def test_resume_after_kill_between_epochs_is_exact(run, uninterrupted, monkeypatch):
-    tmp, scene, patches = run
-    cfg = net_config(tmp / "b")
-    out = tmp / "b" / "models" / "fgunet"
+def _killed_after_epoch_one(monkeypatch, training) -> None:
+    """Run ``training`` as a job killed right after it wrote its epoch-1 checkpoint."""
     real_save = nettrain.save_checkpoint
 
     def killed_after_first(ckdir, epoch, *a, **k):
         path = real_save(ckdir, epoch, *a, **k)
         if epoch == 1:
-            raise KeyboardInterrupt  # the job is killed right after writing epoch 1
+            raise KeyboardInterrupt
         return path
 
     monkeypatch.setattr(nettrain, "save_checkpoint", killed_after_first)
     with pytest.raises(KeyboardInterrupt):
-        _train(cfg, scene, patches, out)
-    assert not out.exists()  # no half-trained model folder
+        training()
     monkeypatch.setattr(nettrain, "save_checkpoint", real_save)
+
+
+def test_resume_after_kill_between_epochs_is_exact(run, uninterrupted, monkeypatch):
+    tmp, scene, patches = run
+    cfg = net_config(tmp / "b")
+    out = tmp / "b" / "models" / "fgunet"
+    _killed_after_epoch_one(monkeypatch, lambda: _train(cfg, scene, patches, out))
+    assert not out.exists()  # no half-trained model folder
     _train(cfg, scene, patches, out)
     assert _same_weights(_weights(out), _weights(uninterrupted[1]))
     strip = [
