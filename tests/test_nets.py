@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from pipeline.nets.arch import ARCHS, Net, NetSpec, build, count_parameters, unet_receptive_radius
+from pipeline.nets.spec import BRANCHED, LINEAR_HEADS
 
 SMALL = {"unet_filters": (4, 8, 16), "mlp_filters": (8, 6), "lstm_hidden": 7}
 PAPER = {"in_channels": 30, "groups": 11, "n_classes": 17}
@@ -476,6 +477,18 @@ def test_branch_supervision_reads_the_unet_branch_alone() -> None:
             p.add_(1.0)
     new_logits, new_branch = sup(x)
     assert torch.equal(new_branch, branch) and not torch.allclose(new_logits, logits)
-    for arch in ("unet3", "mlp3", "lstm3", "tsfgunet"):
-        with pytest.raises(ValueError, match="no U-Net branch beside a 1x1 path"):
+    assert BRANCHED == ("fgunet",)  # derived from the layout table
+    for arch in ARCHS:  # the table's derivation agrees with what the modules can do
+        if arch in BRANCHED:
             BranchSupervised(small(arch))
+        else:
+            with pytest.raises(ValueError, match="no U-Net branch beside a 1x1 path"):
+                BranchSupervised(small(arch))
+
+
+def test_linear_heads_are_the_archs_with_a_penultimate_feature_map():
+    """``nets.head_refit`` refits the 1x1 conv over the penultimate map: the list derived from the
+    layout table names exactly the archs whose modules have that map."""
+    assert LINEAR_HEADS == ("fgunet", "unet3", "mlp3")
+    for arch in ARCHS:
+        assert small(arch).has_penultimate == (arch in LINEAR_HEADS), arch

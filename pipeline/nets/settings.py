@@ -145,14 +145,10 @@ def init_folder(init_from: Any, name: str) -> Path | None:
     return None if folder is None else Path(folder)
 
 
-LINEAR_HEADS = ("fgunet", "unet3", "mlp3")  # last layer: one 1x1 conv over the groups' features
-BRANCHED = ("fgunet",)  # a U-Net branch beside a 1x1 path, concat head: what nets.unet_aux_loss supervises
-
-
 def check_config(data: dict[str, Any], source: str) -> None:
     """The ``nets`` settings against the date grid and each network of ``classifiers``."""
     from pipeline.models import HYBRIDS, is_network
-    from pipeline.nets.spec import NetSpec
+    from pipeline.nets.spec import BRANCHED, LINEAR_HEADS, NetSpec
 
     nets = data.get("nets", {})
     networks = [c for c in data["classifiers"] if is_network(c)]

@@ -32,6 +32,11 @@ _LAYOUTS: dict[str, _Layout] = {
     "tsfgunet": _Layout(unet=True, pixel=True, recurrent=True, fusion="last"),
 }
 assert tuple(_LAYOUTS) == ARCHS
+# Derived from the table, so a new architecture gets the settings that fit its layout for free:
+# a last layer that is one 1x1 conv over the groups' features (what ``nets.head_refit`` refits),
+# and a U-Net branch beside a 1x1 path into that layer (what ``nets.unet_aux_loss`` supervises).
+LINEAR_HEADS = tuple(a for a, lay in _LAYOUTS.items() if lay.fusion == "concat")
+BRANCHED = tuple(a for a, lay in _LAYOUTS.items() if lay.unet and lay.pixel and lay.fusion == "concat")
 
 
 def _positive_int(name: str, value: Any) -> None:

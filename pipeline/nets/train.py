@@ -60,7 +60,8 @@ from pipeline.nets.finetune import Start, starting_point
 from pipeline.nets.history import HISTORY, PLOT, history_csv, plot_history
 from pipeline.nets.loss import class_weights, weighted_sparse_ce
 from pipeline.nets.patches import ClassFirstSampler, PatchRef, channels_per_date, min_pixels, patch_inputs
-from pipeline.nets.settings import BRANCHED, NetSettings, epoch_lr
+from pipeline.nets.settings import NetSettings, epoch_lr
+from pipeline.nets.spec import BRANCHED
 from pipeline.nets.weights import load_weights, save_weights, weights_blob
 from pipeline.reference import SELECTION
 from pipeline.train import META, base_meta
