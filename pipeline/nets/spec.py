@@ -33,7 +33,8 @@ _LAYOUTS: dict[str, _Layout] = {
 }
 assert tuple(_LAYOUTS) == ARCHS
 # Derived from the table, so a new architecture gets the settings that fit its layout for free:
-# a last layer that is one 1x1 conv over the groups' features (what ``nets.head_refit`` refits),
+# a last layer that is one 1x1 conv over the G groups' features side by side, the penultimate
+# map (what ``nets.head_refit`` refits; tsfgunet's 1x1 conv reads only its last step),
 # and a U-Net branch beside a 1x1 path into that layer (what ``nets.unet_aux_loss`` supervises).
 LINEAR_HEADS = tuple(a for a, lay in _LAYOUTS.items() if lay.fusion == "concat")
 BRANCHED = tuple(a for a, lay in _LAYOUTS.items() if lay.unet and lay.pixel and lay.fusion == "concat")
