@@ -28,12 +28,10 @@ from __future__ import annotations
 
 import logging
 import platform
-import threading
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import numba
 import numpy as np
 from llvmlite import ir
 from numba import njit, prange
@@ -43,7 +41,7 @@ from numba.extending import intrinsic
 from pipeline.errors import PipelineError
 from pipeline.io.atomic import atomic_path
 from pipeline.io.tilestore import add_array, create_store, dates_of, for_each_window, open_store, store_grid
-from pipeline.parallel import window_executor
+from pipeline.parallel import numba_region, window_executor
 from pipeline.stats import HistogramTally, window_histogram
 
 log = logging.getLogger(__name__)
@@ -61,7 +59,6 @@ _NO_DAY = np.float32(-(2.0**30))  # day of the "last clear date" before the firs
 _AHEAD = 4  # input rows prefetched ahead of the one being copied
 _MAX_DAYS = 32000  # day offsets stay exact and far from _NO_DAY
 _X86 = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686")
-_KERNEL_LOCK = threading.Lock()  # one parallel region at a time (numba's workqueue layer demands it)
 
 
 def _jit(**opts):
@@ -329,7 +326,7 @@ _WORK: list = []  # the last scratch tuple, reused by the next call of the same 
 def _workspace(groups: int, t: int, tn: int, seg: int) -> tuple[np.ndarray, ...]:
     """Kernel scratch, per run: band rows and value fills, mask rows, day fills, interpolation
     numerators / denominators and carries. Kept between calls because fresh pages cost as much as the
-    work; only touched under ``_KERNEL_LOCK``."""
+    work; only touched inside ``numba_region``."""
     key = (groups, t, tn, seg)
     if not _WORK or _WORK[0][0] != key:
         i16 = [np.empty((groups, t, seg), np.int16) for _ in range(3)]
@@ -353,12 +350,6 @@ def _flat(a: np.ndarray) -> tuple[np.ndarray, tuple[int, ...]]:
         )
     a = np.ascontiguousarray(a)
     return a.reshape(-1), tuple(st // item for st in a.strides)
-
-
-def _threads(threads: int | None) -> int:
-    """Numba threads for one call: ``threads`` clamped to the pool numba started with."""
-    pool = numba.config.NUMBA_NUM_THREADS
-    return pool if threads is None else max(1, min(int(threads), pool))
 
 
 def gapfill(
@@ -427,11 +418,9 @@ def gapfill(
     k_prev = (np.searchsorted(days, dst_days, side="right") - 1).astype(np.int64)
     k_next = np.searchsorted(days, dst_days, side="left").astype(np.int64)
     seg = min(cols, block)
-    n = _threads(threads)
     nseg = rows * -(-cols // seg)
-    groups = min(nseg, 4 * n)  # a few runs per thread: some balance, scratch allocated once per run
-    with _KERNEL_LOCK:
-        numba.set_num_threads(n)
+    with numba_region(threads) as n:
+        groups = min(nseg, 4 * n)  # a few runs per thread: some balance, scratch allocated once per run
         work = _workspace(groups, t, dst.shape[0], seg)
         _gapfill_kernel(v, vst[:3], m, mst[:2], days, dst_days, k_prev, k_next, o, seg, groups, work)
     return out
@@ -555,7 +544,7 @@ def gapfill_tile(
             o_count[rs, cs] = count
             n = int(np.count_nonzero(count))
             # no mask needed: a pixel without a clear observation is NODATA on every channel
-            part = window_histogram(filled.reshape(k, -1), None, n) if counting and n else None
+            part = window_histogram(filled.reshape(k, -1), None, n, threads) if counting and n else None
             return n, part
 
         observed = [0]

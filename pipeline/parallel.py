@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Executor, ThreadPoolExecutor
 from typing import Any
@@ -22,6 +23,30 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 CLUSTERS = ("threads", "local", "slurm")
+
+# One numba parallel region at a time in this process: numba's workqueue threading layer (the one
+# available everywhere) aborts when two threads launch parallel kernels at once, and two regions
+# that each want every core would only displace each other's threads. Re-entrant, so a kernel
+# region may call another.
+_NUMBA_LOCK = threading.RLock()
+
+
+@contextlib.contextmanager
+def numba_region(threads: int | None) -> Iterator[int]:
+    """Hold the process's numba parallel region, with ``threads`` numba threads (None: all);
+    yields the count used. Window workers call their parallel kernels inside it, so a window's
+    kernels take the cores in turn while the other workers decode and encode (GIL-free codecs)."""
+    import numba
+
+    pool = numba.config.NUMBA_NUM_THREADS
+    n = pool if threads is None else max(1, min(int(threads), pool))
+    with _NUMBA_LOCK:
+        before = numba.get_num_threads()
+        numba.set_num_threads(n)
+        try:
+            yield n
+        finally:
+            numba.set_num_threads(before)
 
 
 @contextlib.contextmanager

@@ -206,21 +206,35 @@ def test_load_rejects_bad_file(tmp_path: Path) -> None:
 # --- the histograms counted inside the gapfill pass -------------------------------------------
 
 
-def test_window_histogram_counts_what_bincount_counts() -> None:
+@pytest.mark.parametrize("threads", [1, 2, 8])
+def test_window_histogram_counts_what_bincount_counts(threads: int) -> None:
+    """The single-threaded kernel and the parallel region (channels dealt over the threads, more
+    threads asked than numba has or than there are channels) count what np.bincount counts."""
     rng = np.random.default_rng(11)
-    vals = rng.integers(-300, 9000, (5, 4000)).astype(np.int16)
+    vals = rng.integers(-300, 9000, (5, 4001)).astype(np.int16)  # few equal neighbours: one histogram
     vals[:, ::7] = NODATA  # never counted
     vals[2, 3] = -32768  # extremes of int16 are counted
     vals[4, 9] = 32767
-    keep = rng.random(4000) < 0.8
-    n, lo, counts = window_histogram(vals, keep)
+    vals[3] = NODATA  # a channel with nothing to count
+    keep = rng.random(4001) < 0.8
+    keep[[3, 9]] = True
+    n, lo, counts = window_histogram(vals, keep, threads=threads)
     assert n == int(keep.sum()) and lo == -32768 and counts.dtype == np.uint32
+    assert counts.shape == (5, 32767 - lo + 1)
     for k in range(5):
         v = vals[k, keep]
         v = v[v != NODATA].astype(np.int64)
         oracle = np.bincount(v - lo, minlength=counts.shape[1])
         np.testing.assert_array_equal(counts[k], oracle)
-    assert window_histogram(vals, np.zeros(4000, bool)) is None
+    assert counts[3].sum() == 0
+    assert window_histogram(vals, np.zeros(4001, bool), threads=threads) is None
+    assert window_histogram(np.full((3, 10), NODATA, np.int16), threads=threads) is None
+    # runs of equal values: the four-way count, with a tail of 397 % 4
+    smooth = np.repeat(rng.integers(100, 120, (6, 50)), 8, axis=1)[:, :397].astype(np.int16)
+    n, lo, counts = window_histogram(smooth, None, 77, threads=threads)
+    assert (n, lo) == (77, int(smooth.min()))
+    for k in range(6):
+        np.testing.assert_array_equal(counts[k], np.bincount(smooth[k] - lo, minlength=counts.shape[1]))
 
 
 def _oracle(cubes: list[tuple[np.ndarray, np.ndarray]], q: float) -> list[float]:
