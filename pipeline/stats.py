@@ -69,10 +69,10 @@ def _row_counts(row, base, dst, sub):  # pragma: no cover - compiled
 
     Where neighbouring values are often equal (smooth or constant areas, runs of NODATA), each
     increment would wait on the previous one to the same bin: four sub-histograms filled in turn
-    then count 1.7x faster. Real L2A reflectance rarely repeats a neighbour's value (2-3 % of
+    then count ~1.8x faster. Real L2A reflectance rarely repeats a neighbour's value (2-3 % of
     neighbours on a Belgian WorldCereal patch, median step 40 DN), and there one histogram is
-    1.2x faster than four (its bins stay in L1). A probe of the row's first values chooses; both
-    count the same."""
+    1.2-1.3x faster than four (its bins stay in L1; docs/benchmarks/gapfill_and_percentiles.md).
+    A probe of the row's first values chooses; both count the same."""
     n = row.shape[0]
     probe = min(n, 4096)
     same = 0
