@@ -15,6 +15,7 @@ any value equal to NODATA.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -154,22 +155,19 @@ def window_histogram(
         n_pixels = vals.shape[1]
     k = vals.shape[0]
     lows, highs = np.empty(k, np.int16), np.empty(k, np.int16)
-    if threads > 1 and k > 1:
-        with numba_region(threads) as n:
-            _window_range_parallel(vals, lows, highs)
-            lo, hi = int(lows.min(initial=32767)), int(highs.max(initial=-32768))
-            if lo > hi:  # NODATA only
-                return None
-            counts = np.empty((k, hi - lo + 1), np.uint32)
-            sub = np.empty((min(4 * n, k), 4, counts.shape[1] + 1), np.uint32)
-            _window_counts_parallel(vals, lo, counts, sub)
-    else:
-        _window_range(vals, lows, highs)
+    parallel = threads > 1 and k > 1
+    find_range, count = (
+        (_window_range_parallel, _window_counts_parallel) if parallel else (_window_range, _window_counts)
+    )
+    with numba_region(threads) if parallel else contextlib.nullcontext(1) as n:
+        find_range(vals, lows, highs)
         lo, hi = int(lows.min(initial=32767)), int(highs.max(initial=-32768))
-        if lo > hi:
+        if lo > hi:  # NODATA only
             return None
         counts = np.empty((k, hi - lo + 1), np.uint32)
-        _window_counts(vals, lo, counts, np.empty((1, 4, counts.shape[1] + 1), np.uint32))
+        count(
+            vals, lo, counts, np.empty((min(4 * n, k) if parallel else 1, 4, counts.shape[1] + 1), np.uint32)
+        )
     return n_pixels, lo, counts
 
 
