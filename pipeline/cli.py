@@ -10,7 +10,10 @@ from __future__ import annotations
 import argparse
 import errno
 import logging
+import os
+import resource
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -28,9 +31,18 @@ def _demo(cfg: Config, args: argparse.Namespace) -> None:
     generate(cfg)
 
 
+#: GDAL's block cache for ingest, in MB. Ingest keeps every product file open for the stage
+#: (``kept_open``), so GDAL's default cache (5 % of the node's RAM: 6 GB on a 120 GB node) fills with
+#: blocks never read again: +1 GB of RSS for a 2048 px tile here, ~6 GB on such a node, past the
+#: job's 8 GB request. 256 MB ran as fast (docs/benchmarks/national_cost.md). Set before the
+#: process reads its first block, which is when GDAL reads it; a user's own GDAL_CACHEMAX wins.
+INGEST_GDAL_CACHE_MB = 256
+
+
 def _ingest(cfg: Config, args: argparse.Namespace) -> None:
     from pipeline.ingest import ingest_tile
 
+    os.environ.setdefault("GDAL_CACHEMAX", str(INGEST_GDAL_CACHE_MB))
     spec = _tile_spec(cfg, args.tile)
     out = args.out or Layout(cfg.workdir).ingest(args.tile)
     ingest_tile(
@@ -465,6 +477,24 @@ OS_FAULTS = {
 }
 
 
+def usage_line(
+    stage: str, wall_s: float, own: resource.struct_rusage, children: resource.struct_rusage
+) -> str:
+    """The stage's cost as the kernel counted it, for the log: what a job really used.
+
+    Snakemake's benchmark files sample the process tree every 30 s, so they miss a job's last
+    seconds and short peaks; ``getrusage`` counts every thread's CPU time and the exact peak RSS.
+    Children (worker processes the stage waited for) add their CPU; their peak is the largest one.
+    """
+    user = own.ru_utime + children.ru_utime
+    system = own.ru_stime + children.ru_stime
+    peak_mib = max(own.ru_maxrss, children.ru_maxrss) / 1024  # KiB on Linux
+    return (
+        f"landcover {stage}: wall {wall_s:.1f} s, CPU {user + system:.1f} s "
+        f"(user {user:.1f} s, system {system:.1f} s), peak RSS {peak_mib:.0f} MiB"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser, stages = _parser()
     args = parser.parse_args(argv)
@@ -472,6 +502,7 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    t0 = time.perf_counter()
     try:
         cfg = load_config(args.config or args.run_config or Path("config.yaml"))
         check_workdir(cfg.workdir)
@@ -484,6 +515,8 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {exc.filename or Path.cwd()}: {exc.strerror}", file=sys.stderr)
         return 2
+    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    log.info(usage_line(args.stage, time.perf_counter() - t0, own, kids))
     return 0
 
 

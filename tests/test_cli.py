@@ -2,19 +2,24 @@
 
 from __future__ import annotations
 
+import logging
+import os
+import re
+import resource
 import subprocess
 import sys
 
 import pytest
 import yaml
 
-from pipeline.cli import main
+from pipeline.cli import INGEST_GDAL_CACHE_MB, main, usage_line
 from tests.conftest import REPO
 
 
 def _config(tmp_path, **inputs) -> str:
     raw = yaml.safe_load((REPO / "config.yaml").read_text())
     raw["run"]["workdir"] = str(tmp_path / "run")
+    del raw["demo"]  # the user's own inputs (the demo's section would refuse other tile paths first)
     raw["inputs"].update(inputs)
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(raw))
@@ -41,7 +46,7 @@ def test_missing_products_folder_is_one_line_and_no_output(tmp_path, capsys):
     out = tmp_path / "T31TCJ.zarr"
     assert main(["ingest", "--config", cfg, "--tile", "T31TCJ", "--out", str(out)]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("error: ") and str(missing) in err and "\n" not in err
+    assert err.startswith(f"error: {missing}") and "\n" not in err, err
     assert not out.exists()
 
 
@@ -60,3 +65,39 @@ def test_unknown_tile(tmp_path, capsys):
     cfg = _config(tmp_path)
     assert main(["ingest", "--config", cfg, "--tile", "T99XXX"]) == 2
     assert "T99XXX is not listed" in capsys.readouterr().err
+
+
+def _rusage(utime: float, stime: float, maxrss_kib: int) -> resource.struct_rusage:
+    return resource.struct_rusage((utime, stime, maxrss_kib) + (0,) * 13)
+
+
+def test_usage_line_adds_children_cpu_and_takes_the_larger_peak():
+    line = usage_line("gapfill", 12.34, _rusage(1.5, 0.5, 2048), _rusage(0.25, 0.25, 4096))
+    # 1.5 + 0.5 + 0.25 + 0.25 = 2.5 CPU-s; peak max(2, 4) MiB, not their sum
+    assert line == "landcover gapfill: wall 12.3 s, CPU 2.5 s (user 1.8 s, system 0.8 s), peak RSS 4 MiB"
+
+
+def test_a_finished_stage_logs_what_it_used(tmp_path, caplog):
+    from tests.test_cube import _cube_config, synthetic_cube, to_datasets, write_cube
+
+    cfg = _cube_config(tmp_path, write_cube(tmp_path / "cube", to_datasets(synthetic_cube())), scl="SCL")
+    before = resource.getrusage(resource.RUSAGE_SELF)
+    with caplog.at_level(logging.INFO, logger="pipeline"):
+        assert main(["import", "--config", str(cfg), "--tile", "T31TCJ"]) == 0
+    m = re.search(r"landcover import: wall ([\d.]+) s, CPU ([\d.]+) s .* peak RSS (\d+) MiB", caplog.text)
+    assert m, caplog.text
+    # the process's own counters only grow: CPU at least what this process had used, peak at least its peak
+    assert float(m[2]) >= before.ru_utime + before.ru_stime - 0.05
+    assert int(m[3]) >= before.ru_maxrss // 1024 - 1
+
+
+@pytest.mark.parametrize("user", [None, "1024"])
+def test_ingest_bounds_gdals_block_cache_unless_the_user_set_it(tmp_path, monkeypatch, user):
+    # ingest keeps every product file open: GDAL's default cache (5 % of RAM) would fill with its blocks
+    if user is None:
+        monkeypatch.delenv("GDAL_CACHEMAX", raising=False)
+    else:
+        monkeypatch.setenv("GDAL_CACHEMAX", user)
+    cfg = _config(tmp_path, tiles={"T31TCJ": {"format": "theia", "path": str(tmp_path / "absent")}})
+    assert main(["ingest", "--config", cfg, "--tile", "T31TCJ", "--out", str(tmp_path / "x.zarr")]) == 2
+    assert os.environ["GDAL_CACHEMAX"] == (user or str(INGEST_GDAL_CACHE_MB))

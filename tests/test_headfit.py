@@ -21,9 +21,10 @@ from pipeline.io.tilestore import SHARD
 from pipeline.models import get
 from pipeline.models.pixel import training_sample
 from pipeline.nets.features import network_features
-from pipeline.nets.headfit import ABSENT_LOGIT, fit_linear_head
+from pipeline.nets.headfit import ABSENT_LOGIT, capped, fit_linear_head
 from pipeline.nets.patches import index_patches
 from pipeline.nets.weights import WEIGHTS
+from pipeline.sampling import PixelSample
 from pipeline.train import load_meta, train
 from tests.test_hybrid import _norm
 from tests.test_nettrain import net_config
@@ -116,3 +117,38 @@ def test_refit_is_refused_for_a_network_without_a_linear_last_layer(tmp_path):
     raw["nets"]["head_refit"] = True
     with pytest.raises(PipelineError, match="head_refit.*lstm3"):
         validate(json.loads(json.dumps(raw)))
+
+
+def _sample(per_class: dict[int, int]) -> PixelSample:
+    labels = np.concatenate([np.full(n, c, np.uint8) for c, n in per_class.items()])
+    n = labels.size
+    return PixelSample(
+        features=np.arange(n * 3, dtype=np.int16).reshape(n, 3),
+        labels=labels,
+        tile=np.arange(n) % 2,
+        row=np.arange(n) + 100,
+        col=np.arange(n) + 200,
+        tiles=["A", "B"],
+        available=dict(per_class),
+        counts=dict(per_class),
+    )
+
+
+def test_the_refit_sample_is_capped_per_class_and_keeps_its_pixels_aligned():
+    s = _sample({11: 2, 12: 7, 31: 4})
+    c = capped(s, 4, seed=3)
+    assert c.counts == {11: 2, 12: 4, 31: 4}
+    assert [int((c.labels == k).sum()) for k in (11, 12, 31)] == [2, 4, 4]
+    # every kept pixel is the same pixel of the original (features, tile, row and col move together)
+    i = c.row - 100
+    np.testing.assert_array_equal(s.features[i], c.features)
+    np.testing.assert_array_equal(s.labels[i], c.labels)
+    np.testing.assert_array_equal(s.tile[i], c.tile)
+    np.testing.assert_array_equal(s.col[i], c.col)
+    assert np.all(np.diff(i) > 0)  # order kept, no pixel twice
+    assert set(i[c.labels == 12]) <= set(range(2, 9))
+    # seeded: the same draw again; another seed, another draw of class 12
+    np.testing.assert_array_equal(capped(s, 4, seed=3).row, c.row)
+    assert any(not np.array_equal(capped(s, 4, seed=k).row, c.row) for k in range(4, 10))
+    # within the cap: the sample itself (the demo's refit is unchanged)
+    assert capped(s, 7, seed=3) is s

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -24,10 +25,16 @@ import torch
 from pipeline.config import Config
 from pipeline.io.tilestore import SHARD
 from pipeline.models.features import Normalisation
+from pipeline.sampling import PixelSample
 
 log = logging.getLogger(__name__)
 
 C_REG = 1.0  # inverse L2 strength (scikit-learn's default), on standardised features
+#: Pixels per class the refit uses at most. A linear layer of K x F weights needs far fewer pixels
+#: than a forest, and L-BFGS time grows with them: at a national RF sample (30,000 per class, 347k
+#: pixels) the refit ran > 11 min on 2 cores where the demo's 2,000 per class take < 1 min
+#: (docs/benchmarks/national_cost.md). The RF's own sample is unchanged.
+HEAD_PER_CLASS = 5000
 ABSENT_LOGIT = -1e4  # a class without sampled pixels: never the argmax, ~0 probability
 
 
@@ -53,6 +60,31 @@ def fit_linear_head(
     return w, b
 
 
+def capped(sample: PixelSample, per_class: int, seed: int) -> PixelSample:
+    """At most ``per_class`` pixels of each class: a seeded draw without replacement, order kept.
+
+    A sample within the cap is returned as it is, so the demo's refit (2,000 per class) is unchanged.
+    """
+    keep = []
+    rng = np.random.default_rng(seed)
+    for code in dict.fromkeys(sample.labels.tolist()):  # classes in the sample's (code) order
+        at = np.flatnonzero(sample.labels == code)
+        keep.append(np.sort(rng.choice(at, per_class, replace=False)) if at.size > per_class else at)
+    idx = np.concatenate(keep) if keep else np.empty(0, np.int64)
+    if idx.size == sample.labels.size:
+        return sample
+    counts = {c: min(n, per_class) for c, n in sample.counts.items()}
+    return replace(
+        sample,
+        features=sample.features[idx],
+        labels=sample.labels[idx],
+        tile=sample.tile[idx],
+        row=sample.row[idx],
+        col=sample.col[idx],
+        counts=counts,
+    )
+
+
 def refit_head(
     cfg: Config,
     name: str,
@@ -63,8 +95,8 @@ def refit_head(
     labels: Mapping[str, Path],
 ) -> dict[str, Any]:
     """Replace ``net``'s last layer (in place) by :func:`fit_linear_head` on its features of the
-    RF's class-balanced training sample (same seed and pixels as ``rf`` and ``fgunet_rf``); the
-    provenance for ``model.json``."""
+    RF's class-balanced training sample (same seed and pixels as ``rf`` and ``fgunet_rf``, at most
+    :data:`HEAD_PER_CLASS` of each class); the provenance for ``model.json``."""
     from pipeline.models import get
     from pipeline.models.pixel import training_sample
     from pipeline.nets.features import network_features
@@ -73,6 +105,7 @@ def refit_head(
     codes = cfg.class_codes
     clf = get(name)(net, codes, indices)  # eval mode, channels-last: the map's arithmetic path
     sample, seed, per_class, _ = training_sample(cfg, labels, gapfilled, norm)
+    sample = capped(sample, HEAD_PER_CLASS, seed)
     margin = clf.spec.pool_aligned(clf.receptive_radius)
     # the store's shard grid, not inference.window: that is a mapping setting, and the features
     # (margin >= receptive radius) do not depend on the window, so a new window must not retrain
@@ -89,6 +122,7 @@ def refit_head(
         "C": C_REG,
         "sample_seed": seed,
         "samples_per_class": per_class,
+        "refit_per_class_cap": HEAD_PER_CLASS,
         "pixels": int(x.shape[0]),
         "features": int(x.shape[1]),
         "cpu_s": round(cpu, 1),
