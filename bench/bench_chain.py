@@ -1,22 +1,28 @@
 """The whole chain, stage by stage, on demo tiles of growing size, extrapolated to a full tile. Not a test.
 
 What a national map costs is core-hours per tile per stage, times the tiles, plus the stages run
-once per country. This script runs the real workflow (`snakemake` on the Snakefile, every rule's
-own `benchmark:` file) on the demo country generated at each ``--sizes`` (two tiles, the MGRS
-overlap scaled to the size), with the paper's date grid (33 dates x 10 bands = 330 features,
-G = 11) and a national-sized RF sample (``--samples-per-class`` x 17 classes). Jobs run one at a
-time, each on all cores, so that a stage's figures are its own.
+once per country. This script runs the real workflow (`snakemake` on the Snakefile) on the demo
+country generated at each ``--sizes`` (two tiles, the MGRS overlap scaled to the size), with the
+paper's date grid (33 dates x 10 bands = 330 features, G = 11) and a national-sized RF sample
+(``--samples-per-class`` x 17 classes). Jobs run one at a time, each on all cores, so that a
+stage's figures are its own.
 
-Per stage it reports wall seconds, CPU seconds and peak RSS (Snakemake's benchmark files, the
-process tree), and per store the bytes on disk. Per-tile stages are fitted as
-``cpu = a + b * pixels`` over the sizes (two or more), and extrapolated to a 10980 px tile;
-the stages run once per country (percentiles, training, mosaic, report) are reported as measured.
+Per job it reads wall seconds, CPU seconds and peak RSS from the usage line every stage logs at
+exit (``getrusage``; Snakemake's sampled benchmark files are the fallback), and per store the bytes
+on disk. Per-tile stages are fitted as ``a + b * pixels`` over the sizes and taken at 10980²;
+the single jobs over the whole mosaic (mosaic, vector, report, ...) the same per tile, times
+``--tiles``; training and the other stages that depend on the sample, as measured. Then
+:func:`project` spreads ``--tiles`` tiles over ``--nodes`` nodes of the seed's cluster under the
+schema's SLURM requests, and checks each rule's projected job against its default runtime and
+memory. Method and results: docs/benchmarks/national_cost.md.
 
-    python bench/bench_chain.py [--quick] [--sizes 1024 2048] [--samples-per-class 30000]
+    python bench/bench_chain.py [--quick] [--sizes 1024 2048] [--samples-per-class 32000]
                                 [--references 2] [--steps 25] [--workdir DIR] [--keep]
+                                [--tiles 110] [--nodes 1 2 5 11 20 50] [--markdown FILE]
+    python bench/bench_chain.py --summarise --workdir DIR     # the tables again from kept runs
 
-JSON lines: one per stage and size, one per store and size, then one per stage with the fit and
-the full-tile figures; ``--markdown FILE`` also writes the table for docs/benchmarks.md.
+JSON lines: one per job and size, one per store and size, one per stage at full size, then the
+projection; ``--markdown FILE`` also writes the tables for docs/benchmarks/national_cost.md.
 """
 
 from __future__ import annotations
@@ -288,7 +294,7 @@ def project(full: dict[str, dict], args: argparse.Namespace, threads: int, measu
     node_mb = args.node_mem_gb * 1000
     jobs, checks = [], []
     for name, f in full.items():
-        if name == "train fgunet":
+        if name in ("train fgunet", "demo"):  # the network's training: below; the demo is no stage
             continue
         base = name.split()[0]
         count = 1
@@ -327,25 +333,28 @@ def project(full: dict[str, dict], args: argparse.Namespace, threads: int, measu
     core_h = sum(j["cpu_s"] * j["count"] for j in jobs) / 3600
     rows = []
     for nodes in args.nodes:
-        wall = 0.0
-        for phase in PHASES.values():
+        phases = {}
+        for label, phase in PHASES.items():
             js = [j for j in jobs if j["base"] in phase]
             node_s = sum(j["wall"] * j["count"] / j["per_node"] for j in js)
             chain = sum(j["wall"] * (j["count"] / args.tiles) for j in js if j["base"] != "predict") + max(
                 (j["wall"] for j in js if j["base"] == "predict"), default=0.0
             )
-            wall += max(node_s / nodes, chain)
+            phases[label] = max(node_s / nodes, chain)
         train = [j for j in jobs if j["base"] in ("train", "train_reference")]
         waves = -(-sum(j["count"] for j in train) // (nodes * max(1, min(j["per_node"] for j in train))))
-        wall += waves * max(j["wall"] for j in train)
-        once = [
-            j
-            for j in jobs
-            if j["base"] not in ("train", "train_reference")
-            and not any(j["base"] in p for p in PHASES.values())
-        ]
-        wall += sum(j["wall"] for j in once)
-        rows.append({"nodes": nodes, "wall_h": round(wall / 3600, 2)})
+        phases["training: rf + QA references"] = waves * max(j["wall"] for j in train)
+        inner = set().union(*PHASES.values(), {"train", "train_reference"})
+        phases["once per country: mosaic, vector, report, ..."] = sum(
+            j["wall"] for j in jobs if j["base"] not in inner
+        )
+        rows.append(
+            {
+                "nodes": nodes,
+                "wall_h": round(sum(phases.values()) / 3600, 2),
+                **{k: round(v / 3600, 2) for k, v in phases.items()},
+            }
+        )
     return {
         "tiles": args.tiles,
         "references": refs,
@@ -407,8 +416,11 @@ def summarise(workdir: Path, threads: int, args: argparse.Namespace) -> None:
             )
         )
         lines.append(f"| {store} | {' / '.join(f'{y / 1e6:.1f}' for _, y in pts)} | {full_b / 1e9:.2f} GB |")
-    lines += ["", "| nodes | wall h |", "|---|---|"] + [
-        f"| {w['nodes']} | {w['wall_h']} |" for w in proj["walls"]
+    keys = [k for k in proj["walls"][0] if k not in ("nodes", "wall_h")]
+    lines += ["", "| nodes | wall h | " + " | ".join(keys) + " |", "|---" * (len(keys) + 2) + "|"]
+    lines += [
+        f"| {w['nodes']} | {w['wall_h']} | " + " | ".join(str(w[k]) for k in keys) + " |"
+        for w in proj["walls"]
     ]
     args.markdown.write_text("\n".join(lines) + "\n")
 
@@ -417,7 +429,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sizes", type=int, nargs="+", default=[1024, 2048])
     p.add_argument("--quick", action="store_true", help="sizes 384 and 512, a small sample: a shakedown")
-    p.add_argument("--samples-per-class", type=int, default=30000, help="RF sample (x 17 classes)")
+    p.add_argument("--samples-per-class", type=int, default=32000, help="RF sample (x 17 classes)")
     p.add_argument("--references", type=int, default=2, help="QA reference RFs (paper: 10)")
     p.add_argument("--steps", type=int, default=25, help="FG-UNET training steps (its cost per step)")
     p.add_argument("--classifiers", nargs="+", default=["rf", "fgunet"])
