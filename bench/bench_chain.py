@@ -31,7 +31,6 @@ import argparse
 import csv
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -42,6 +41,9 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine  # noqa: E402
+
+from pipeline.layout import Layout  # noqa: E402
+from pipeline.usage import read_usage  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 FULL = 10980
@@ -118,9 +120,6 @@ def run_chain(workdir: Path, size: int, args: argparse.Namespace, threads: int) 
     return time.perf_counter() - t0
 
 
-USAGE = re.compile(r"landcover \S+: wall ([\d.]+) s, CPU ([\d.]+) s .* peak RSS (\d+) MiB")
-
-
 def stage_rows(workdir: Path) -> list[dict]:
     """Every job's wall s, CPU s and peak RSS (MB), from the usage line its stage logs at exit.
 
@@ -130,10 +129,9 @@ def stage_rows(workdir: Path) -> list[dict]:
     rows = []
     for tsv in sorted((workdir / "benchmarks").glob("*/*.tsv")):
         rule, key = tsv.parent.name, tsv.stem
-        logfile = workdir / "logs" / (f"{rule}.log" if key == "run" else f"{rule}_{key}.log")
-        m = USAGE.search(logfile.read_text()) if logfile.exists() else None
-        if m:
-            wall, cpu, rss, source = float(m[1]), float(m[2]), float(m[3]) * 1.048576, "getrusage"
+        used = read_usage(Layout(workdir).log(rule, key))
+        if used:
+            wall, cpu, rss, source = used.wall_s, used.cpu_s, used.peak_mib * 1.048576, "getrusage"
         else:
             with open(tsv) as f:
                 rec = next(csv.DictReader(f, delimiter="\t"))

@@ -11,7 +11,6 @@ import argparse
 import errno
 import logging
 import os
-import resource
 import sys
 import time
 from collections.abc import Callable
@@ -21,6 +20,7 @@ from pipeline.config import Config, load_config
 from pipeline.errors import PipelineError
 from pipeline.io.atomic import check_workdir
 from pipeline.layout import Layout
+from pipeline.usage import usage_now
 
 log = logging.getLogger("pipeline")
 
@@ -477,24 +477,6 @@ OS_FAULTS = {
 }
 
 
-def usage_line(
-    stage: str, wall_s: float, own: resource.struct_rusage, children: resource.struct_rusage
-) -> str:
-    """The stage's cost as the kernel counted it, for the log: what a job really used.
-
-    Snakemake's benchmark files sample the process tree every 30 s, so they miss a job's last
-    seconds and short peaks; ``getrusage`` counts every thread's CPU time and the exact peak RSS.
-    Children (worker processes the stage waited for) add their CPU; their peak is the largest one.
-    """
-    user = own.ru_utime + children.ru_utime
-    system = own.ru_stime + children.ru_stime
-    peak_mib = max(own.ru_maxrss, children.ru_maxrss) / 1024  # KiB on Linux
-    return (
-        f"landcover {stage}: wall {wall_s:.1f} s, CPU {user + system:.1f} s "
-        f"(user {user:.1f} s, system {system:.1f} s), peak RSS {peak_mib:.0f} MiB"
-    )
-
-
 def main(argv: list[str] | None = None) -> int:
     parser, stages = _parser()
     args = parser.parse_args(argv)
@@ -515,8 +497,7 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {exc.filename or Path.cwd()}: {exc.strerror}", file=sys.stderr)
         return 2
-    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    log.info(usage_line(args.stage, time.perf_counter() - t0, own, kids))
+    log.info(usage_now(args.stage, time.perf_counter() - t0))
     return 0
 
 

@@ -158,6 +158,10 @@ class Layout:
     def benchmarks(self) -> Path:
         return self.workdir / "benchmarks"
 
+    def log(self, rule: str, key: str = "run") -> Path:
+        """A job's log (its stderr; the stage's usage line ends it): named like its benchmark."""
+        return self.workdir / "logs" / (f"{rule}.log" if key == "run" else f"{rule}_{key}.log")
+
     def benchmark(self, rule: str, key: str = "run") -> Path:
         """Snakemake ``benchmark:`` file of one job; ``key``: its wildcards ("run" for run-wide rules)."""
         return self.benchmarks() / rule / f"{key}.tsv"

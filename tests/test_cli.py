@@ -12,7 +12,7 @@ import sys
 import pytest
 import yaml
 
-from pipeline.cli import INGEST_GDAL_CACHE_MB, main, usage_line
+from pipeline.cli import INGEST_GDAL_CACHE_MB, main
 from tests.conftest import REPO
 
 
@@ -65,16 +65,6 @@ def test_unknown_tile(tmp_path, capsys):
     cfg = _config(tmp_path)
     assert main(["ingest", "--config", cfg, "--tile", "T99XXX"]) == 2
     assert "T99XXX is not listed" in capsys.readouterr().err
-
-
-def _rusage(utime: float, stime: float, maxrss_kib: int) -> resource.struct_rusage:
-    return resource.struct_rusage((utime, stime, maxrss_kib) + (0,) * 13)
-
-
-def test_usage_line_adds_children_cpu_and_takes_the_larger_peak():
-    line = usage_line("gapfill", 12.34, _rusage(1.5, 0.5, 2048), _rusage(0.25, 0.25, 4096))
-    # 1.5 + 0.5 + 0.25 + 0.25 = 2.5 CPU-s; peak max(2, 4) MiB, not their sum
-    assert line == "landcover gapfill: wall 12.3 s, CPU 2.5 s (user 1.8 s, system 0.8 s), peak RSS 4 MiB"
 
 
 def test_a_finished_stage_logs_what_it_used(tmp_path, caplog):

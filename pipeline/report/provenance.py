@@ -22,6 +22,7 @@ from pipeline.config import Config
 from pipeline.errors import PipelineError
 from pipeline.io.tilestore import open_store
 from pipeline.layout import Layout
+from pipeline.usage import read_usage
 
 DISTRIBUTION = "landcover-pipeline"
 UNKNOWN = "unknown"
@@ -112,7 +113,9 @@ def _float(v: str | None) -> float | None:
 def benchmarks(lay: Layout) -> list[Job]:
     """Every ``benchmarks/<rule>/<key>.tsv`` written by Snakemake's ``benchmark:``; [] outside Snakemake.
 
-    A file holds a header and one line per repeat; the first line counts.
+    A file holds a header and one line per repeat; the first line counts. CPU time and peak memory
+    come from the usage line at the end of the job's log where there is one: Snakemake samples
+    them every 30 s, the stage's own ``getrusage`` counts them exactly (:mod:`pipeline.usage`).
     """
     root = lay.benchmarks()
     jobs = []
@@ -124,13 +127,15 @@ def benchmarks(lay: Layout) -> list[Job]:
             row = None
         if row is None or _float(row.get("s")) is None:
             continue
+        rule, key = path.parent.name, path.stem
+        used = read_usage(lay.log(rule, key))
         jobs.append(
             Job(
-                path.parent.name,
-                path.stem,
+                rule,
+                key,
                 float(row["s"]),
-                _float(row.get("max_rss")),
-                _float(row.get("cpu_time")),
+                used.peak_mib if used else _float(row.get("max_rss")),
+                used.cpu_s if used else _float(row.get("cpu_time")),
             )
         )
     return jobs

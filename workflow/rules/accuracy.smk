@@ -19,7 +19,7 @@ rule design:
         csv=str(LAYOUT.accuracy("points_csv")),
         design=str(LAYOUT.accuracy("design")),
     log:
-        str(LAYOUT.workdir / "logs" / "design.log"),
+        str(LAYOUT.log("design")),
     benchmark:
         str(LAYOUT.benchmark("design"))
     resources:
@@ -40,7 +40,7 @@ if "demo" in RUN_CONFIG and not LABELLED:
             labelled=str(LAYOUT.accuracy("labelled")),
             truth=str(LAYOUT.accuracy("truth")),
         log:
-            str(LAYOUT.workdir / "logs" / "interpret.log"),
+            str(LAYOUT.log("interpret")),
         resources:
             **job_resources("accuracy"),
         params:
@@ -58,7 +58,7 @@ rule estimate:
     output:
         str(LAYOUT.accuracy("estimates")),
     log:
-        str(LAYOUT.workdir / "logs" / "estimate.log"),
+        str(LAYOUT.log("estimate")),
     benchmark:
         str(LAYOUT.benchmark("estimate"))
     resources:

@@ -28,7 +28,7 @@ rule patches:
         train=str(LAYOUT.patches("{tile}", "train")),
         selection=str(LAYOUT.patches("{tile}", "selection")),
     log:
-        str(LAYOUT.workdir / "logs" / "patches_{tile}.log"),
+        str(LAYOUT.log("patches", "{tile}")),
     benchmark:
         str(LAYOUT.benchmark("patches", "{tile}"))
     resources:
@@ -47,7 +47,7 @@ rule train:
         # before it runs and after it fails, and the folder must outlive a failed retrain
         str(LAYOUT.model_receipt("{model}")),
     log:
-        str(LAYOUT.workdir / "logs" / "train_{model}.log"),
+        str(LAYOUT.log("train", "{model}")),
     benchmark:
         str(LAYOUT.benchmark("train", "{model}"))
     wildcard_constraints:
@@ -75,7 +75,7 @@ rule predict:
         map=str(LAYOUT.class_map("{model}", "{tile}")),
         confidence=str(LAYOUT.confidence("{model}", "{tile}")),
     log:
-        str(LAYOUT.workdir / "logs" / "predict_{model}_{tile}.log"),
+        str(LAYOUT.log("predict", "{model}_{tile}")),
     benchmark:
         str(LAYOUT.benchmark("predict", "{model}_{tile}"))
     resources:
@@ -108,7 +108,7 @@ if PROBABILITIES:
         wildcard_constraints:
             model="|".join(CLASSIFIERS),
         log:
-            str(LAYOUT.workdir / "logs" / "predict_{model}_{tile}.log"),
+            str(LAYOUT.log("predict", "{model}_{tile}")),
         benchmark:
             str(LAYOUT.benchmark("predict", "{model}_{tile}"))
         resources:
@@ -128,7 +128,7 @@ if PROBABILITIES:
         output:
             str(LAYOUT.suggestions("{model}")),
         log:
-            str(LAYOUT.workdir / "logs" / "suggest_{model}.log"),
+            str(LAYOUT.log("suggest", "{model}")),
         resources:
             **job_resources("accuracy"),
         params:
@@ -144,7 +144,7 @@ rule validate:
     output:
         str(LAYOUT.metrics("{model}", "{tile}")),
     log:
-        str(LAYOUT.workdir / "logs" / "validate_{model}_{tile}.log"),
+        str(LAYOUT.log("validate", "{model}_{tile}")),
     benchmark:
         str(LAYOUT.benchmark("validate", "{model}_{tile}"))
     resources:
@@ -162,7 +162,7 @@ rule summarise:
     output:
         str(LAYOUT.overall_metrics("{model}")),
     log:
-        str(LAYOUT.workdir / "logs" / "summarise_{model}.log"),
+        str(LAYOUT.log("summarise", "{model}")),
     benchmark:
         str(LAYOUT.benchmark("summarise", "{model}"))
     resources:
@@ -180,7 +180,7 @@ rule compare:
         md=str(LAYOUT.comparison("md")),
         csv=report(str(LAYOUT.comparison("csv")), caption="../report/comparison.rst", category="Metrics"),
     log:
-        str(LAYOUT.workdir / "logs" / "compare.log"),
+        str(LAYOUT.log("compare")),
     benchmark:
         str(LAYOUT.benchmark("compare"))
     resources:
@@ -202,7 +202,7 @@ rule train_reference:
     output:
         str(LAYOUT.model_receipt(LAYOUT.reference_model("{fold}"))),
     log:
-        str(LAYOUT.workdir / "logs" / "train_reference_{fold}.log"),
+        str(LAYOUT.log("train_reference", "{fold}")),
     benchmark:
         str(LAYOUT.benchmark("train_reference", "{fold}"))
     wildcard_constraints:

@@ -8,7 +8,7 @@ if "demo" in RUN_CONFIG:
             reference=RUN_CONFIG["inputs"]["reference"],
             regions=[RUN_CONFIG["inputs"]["regions"]] if RUN_CONFIG["inputs"]["regions"] else [],
         log:
-            str(LAYOUT.workdir / "logs" / "demo.log"),
+            str(LAYOUT.log("demo")),
         benchmark:
             str(LAYOUT.benchmark("demo"))
         resources:

@@ -24,7 +24,7 @@ rule mosaic:
         summary=str(LAYOUT.mosaic("{model}", "summary")),
         **({"margin": str(LAYOUT.mosaic("{model}", "margin"))} if PROBABILITIES else {}),
     log:
-        str(LAYOUT.workdir / "logs" / "mosaic_{model}.log"),
+        str(LAYOUT.log("mosaic", "{model}")),
     benchmark:
         str(LAYOUT.benchmark("mosaic", "{model}"))
     threads: 2
@@ -54,7 +54,7 @@ rule regions:
         ),
         layer=str(LAYOUT.mosaic("{model}", "regions_layer")),
     log:
-        str(LAYOUT.workdir / "logs" / "regions_{model}.log"),
+        str(LAYOUT.log("regions", "{model}")),
     benchmark:
         str(LAYOUT.benchmark("regions", "{model}"))
     resources:
@@ -73,7 +73,7 @@ rule vector:
     output:
         directory(str(LAYOUT.vector_dir("{model}"))),
     log:
-        str(LAYOUT.workdir / "logs" / "vector_{model}.log"),
+        str(LAYOUT.log("vector", "{model}")),
     benchmark:
         str(LAYOUT.benchmark("vector", "{model}"))
     resources:

@@ -7,7 +7,7 @@ rule ingest:
     output:
         directory(str(LAYOUT.ingest("{tile}"))),
     log:
-        str(LAYOUT.workdir / "logs" / "ingest_{tile}.log"),
+        str(LAYOUT.log("ingest", "{tile}")),
     benchmark:
         str(LAYOUT.benchmark("ingest", "{tile}"))
     resources:
@@ -28,7 +28,7 @@ rule gapfill:
         # the cube's exact histograms, counted while each window is in memory (no second read)
         histogram=str(LAYOUT.histogram("{tile}")),
     log:
-        str(LAYOUT.workdir / "logs" / "gapfill_{tile}.log"),
+        str(LAYOUT.log("gapfill", "{tile}")),
     benchmark:
         str(LAYOUT.benchmark("gapfill", "{tile}"))
     resources:
@@ -46,7 +46,7 @@ rule percentiles:
     output:
         str(LAYOUT.percentiles()),
     log:
-        str(LAYOUT.workdir / "logs" / "percentiles.log"),
+        str(LAYOUT.log("percentiles")),
     benchmark:
         str(LAYOUT.benchmark("percentiles"))
     resources:
@@ -63,7 +63,7 @@ rule validity:
     output:
         str(LAYOUT.validity("{tile}")),
     log:
-        str(LAYOUT.workdir / "logs" / "validity_{tile}.log"),
+        str(LAYOUT.log("validity", "{tile}")),
     benchmark:
         str(LAYOUT.benchmark("validity", "{tile}"))
     resources:

@@ -16,7 +16,7 @@ rule qa:
             labels={"tile": "{tile}"},
         ),
     log:
-        str(LAYOUT.workdir / "logs" / "qa_{tile}.log"),
+        str(LAYOUT.log("qa", "{tile}")),
     benchmark:
         str(LAYOUT.benchmark("qa", "{tile}"))
     threads: 2

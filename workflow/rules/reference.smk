@@ -8,7 +8,7 @@ rule split:
     output:
         str(LAYOUT.split()),
     log:
-        str(LAYOUT.workdir / "logs" / "split.log"),
+        str(LAYOUT.log("split")),
     benchmark:
         str(LAYOUT.benchmark("split"))
     resources:
@@ -26,7 +26,7 @@ rule rasterise:
     output:
         directory(str(LAYOUT.labels("{tile}"))),
     log:
-        str(LAYOUT.workdir / "logs" / "rasterise_{tile}.log"),
+        str(LAYOUT.log("rasterise", "{tile}")),
     benchmark:
         str(LAYOUT.benchmark("rasterise", "{tile}"))
     resources:

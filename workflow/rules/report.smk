@@ -17,7 +17,7 @@ rule report:
     output:
         report(str(LAYOUT.report()), caption="../report/qa_report.rst", category="QA report"),
     log:
-        str(LAYOUT.workdir / "logs" / "report.log"),
+        str(LAYOUT.log("report")),
     benchmark:
         str(LAYOUT.benchmark("report"))
     resources:
@@ -42,7 +42,7 @@ rule catalogue:
     output:
         directory(str(LAYOUT.catalogue().parent)),
     log:
-        str(LAYOUT.workdir / "logs" / "catalogue.log"),
+        str(LAYOUT.log("catalogue")),
     benchmark:
         str(LAYOUT.benchmark("catalogue"))
     resources:
