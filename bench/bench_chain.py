@@ -7,9 +7,10 @@ paper's date grid (33 dates x 10 bands = 330 features, G = 11) and a national-si
 (``--samples-per-class`` x 17 classes). Jobs run one at a time, each on all cores, so that a
 stage's figures are its own.
 
-Per job it reads wall seconds, CPU seconds and peak RSS from the usage line every stage logs at
-exit (``getrusage``; Snakemake's sampled benchmark files are the fallback), and per store the bytes
-on disk. Per-tile stages are fitted as ``a + b * pixels`` over the sizes and taken at 10980²;
+Per job it reads wall seconds (Snakemake's), CPU seconds and peak RSS (the usage line every stage
+logs at exit, ``getrusage``; Snakemake's sampled figures where there is none), as the QA report
+does, and per store the bytes on disk. Per-tile stages are fitted as ``a + b * pixels`` over
+the sizes and taken at 10980²;
 the single jobs over the whole mosaic (mosaic, vector, report, ...) the same per tile, times
 ``--tiles``; training and the other stages that depend on the sample, as measured. Then
 :func:`project` spreads ``--tiles`` tiles over ``--nodes`` nodes of the seed's cluster under the
@@ -28,7 +29,6 @@ projection; ``--markdown FILE`` also writes the tables for docs/benchmarks/natio
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import shutil
@@ -42,8 +42,9 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine  # noqa: E402
 
+from pipeline.config import validate  # noqa: E402
 from pipeline.layout import Layout  # noqa: E402
-from pipeline.usage import read_usage  # noqa: E402
+from pipeline.report.provenance import benchmarks  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 FULL = 10980
@@ -121,34 +122,22 @@ def run_chain(workdir: Path, size: int, args: argparse.Namespace, threads: int) 
 
 
 def stage_rows(workdir: Path) -> list[dict]:
-    """Every job's wall s, CPU s and peak RSS (MB), from the usage line its stage logs at exit.
+    """Every job's wall s (Snakemake's, start-up included), CPU s and peak RSS (MB).
 
-    That line is the kernel's count (``getrusage``: every thread, the exact peak). Snakemake's
-    benchmark files sample the process tree every 30 s, so they are the fallback only.
+    CPU and peak come from the usage line each stage logs at exit (``getrusage``: every thread,
+    the exact peak), Snakemake's sampled figures only where there is none: the QA report's reader.
     """
-    rows = []
-    for tsv in sorted((workdir / "benchmarks").glob("*/*.tsv")):
-        rule, key = tsv.parent.name, tsv.stem
-        used = read_usage(Layout(workdir).log(rule, key))
-        if used:
-            wall, cpu, rss, source = used.wall_s, used.cpu_s, used.peak_mib * 1.048576, "getrusage"
-        else:
-            with open(tsv) as f:
-                rec = next(csv.DictReader(f, delimiter="\t"))
-            rss = float(rec["max_rss"]) if rec["max_rss"] != "NA" else 0.0
-            wall, cpu, source = float(rec["s"]), float(rec["cpu_time"]), "snakemake (sampled)"
-        rows.append(
-            {
-                "rule": rule,
-                "key": key,
-                "per_tile": rule in TILE_RULES,
-                "wall_s": wall,
-                "cpu_s": cpu,
-                "max_rss_mb": rss,
-                "source": source,
-            }
-        )
-    return rows
+    return [
+        {
+            "rule": j.rule,
+            "key": j.key,
+            "per_tile": j.rule in TILE_RULES,
+            "wall_s": j.seconds,
+            "cpu_s": j.cpu_seconds or 0.0,
+            "max_rss_mb": (j.max_rss_mb or 0.0) * 1.048576,  # MiB -> MB
+        }
+        for j in benchmarks(Layout(workdir))
+    ]
 
 
 def du(paths: list[Path]) -> int:
@@ -176,13 +165,10 @@ def group(rows: list[dict]) -> dict[str, dict]:
         if r["rule"] in ("predict", "validate", "train"):
             model = r["key"].rsplit("_", 1)[0] if r["per_tile"] else r["key"]
             name = f"{r['rule']} {'rfref' if model.startswith('rfref') else model}"
-        g = out.setdefault(
-            name, {"per_tile": r["per_tile"], "wall_s": 0.0, "cpu_s": 0.0, "max_rss_mb": 0.0, "n": 0}
-        )
+        g = out.setdefault(name, {"per_tile": r["per_tile"], "wall_s": 0.0, "cpu_s": 0.0, "max_rss_mb": 0.0})
         g["wall_s"] += r["wall_s"]
         g["cpu_s"] += r["cpu_s"]
         g["max_rss_mb"] = max(g["max_rss_mb"], r["max_rss_mb"])
-        g["n"] += 1
     return out
 
 
@@ -263,13 +249,9 @@ def extrapolate(runs: dict[int, dict], tiles: int) -> dict[str, dict]:
 
 def schema_resources() -> dict[str, dict]:
     """The schema's per-rule SLURM requests (what `--profile slurm` asks for when config.yaml is silent)."""
-    schema = json.loads((REPO / "workflow" / "schema" / "config.schema.json").read_text())
-    props = schema["properties"]["resources"]["properties"]
-    return {
-        k: {kk: vv["default"] for kk, vv in v.get("properties", {}).items() if "default" in vv}
-        for k, v in props.items()
-        if isinstance(v, dict) and "properties" in v
-    }
+    raw = yaml.safe_load((REPO / "config.yaml").read_text())
+    raw.pop("resources", None)  # the demo's small requests: the defaults are sized for full tiles
+    return validate(raw)["resources"]
 
 
 PHASES = {
@@ -298,10 +280,10 @@ def project(full: dict[str, dict], args: argparse.Namespace, threads: int, measu
         count = 1
         if f["kind"] == "tile":
             count = args.tiles
-        if name in ("predict rfref",) or base == "train_reference":
+        if name in ("predict rfref", "train_reference"):
             f = {**f, "cpu_s": f["cpu_s"] / measured_refs, "wall_s": f["wall_s"] / measured_refs}
             count *= refs
-        req = res.get(RESOURCE_KEY.get(name, base), {"cpus_per_task": 1, "mem_mb": 4000, "runtime": 60})
+        req = res[RESOURCE_KEY.get(name, base)]
         c = req["cpus_per_task"]
         eff = min(1.0, f["cpu_s"] / (threads * f["wall_s"])) if f["wall_s"] > 0 else 1.0
         wall_c = f["cpu_s"] / (c * eff) if c > 1 else f["cpu_s"] / min(1.0, eff * threads)
